@@ -1,0 +1,201 @@
+"""The classic Python surface ChatGLM users know:
+
+    from glmstack import load
+    model, tokenizer = load("path-or-name", device="auto")
+    response, history = model.chat(tokenizer, "你好", history=[])
+    for response, history in model.stream_chat(tokenizer, "Tell me more", history):
+        ...
+
+History is either ChatGLM-6B/2 style `[(query, response), ...]` or ChatGLM3 style
+`[{"role": ..., "content": ...}, ...]`, and comes back in the form it was given.
+
+Context policy: when the rendered prompt does not leave room for the reply (`max_new_tokens`, default 256,
+capped at a quarter of the context), the oldest history turns are dropped — the system prompt is always kept.
+If the system prompt and the current query alone do not fit, `ContextLengthError` is raised.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmstack.engine.chat_format import ChatFormat, chat_format_for
+from glmstack.engine.errors import ContextLengthError
+from glmstack.engine.generation import generate_stream
+from glmstack.engine.loading import LoadedModel, load_model, resolve_model_path
+from glmstack.engine.tokenizer import Tokenizer, load_tokenizer_json, tokenizer_from_gguf
+from glmstack.protocol import GenerationEvent, SamplingParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPLY_RESERVE = 256
+
+History = list[tuple[str, str]] | list[dict[str, Any]]
+
+
+class ChatModel:
+    """A loaded model plus what it needs to chat: tokenizer and chat format."""
+
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, chat_format: ChatFormat, name: str) -> None:
+        self.loaded = loaded
+        self.module = loaded.module
+        self.config = loaded.module.config
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.name = name
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.context_length)
+
+    def __repr__(self) -> str:
+        return (f"ChatModel({self.name!r}, arch={type(self.module).__name__}, device={self.device}, "
+                f"dtype={self.dtype}, context={self.context_length})")
+
+    # ---- raw generation --------------------------------------------------------------------------------
+
+    def stream_generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                        stop_token_ids: set[int] | None = None) -> Iterator[GenerationEvent]:
+        stops = set(self.chat_format.stop_token_ids) if stop_token_ids is None else set(stop_token_ids)
+        return generate_stream(self.module, self.tokenizer, prompt_ids, params, context_length=self.context_length,
+                               stop_token_ids=stops, device=self.device, dtype=self.dtype)
+
+    def generate(self, prompt: str, params: SamplingParams | None = None) -> str:
+        """Plain completion of raw text (no chat template)."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True, allow_special=False)
+        return "".join(e.text for e in self.stream_generate(ids, params or SamplingParams(do_sample=False)))
+
+    # ---- chat ------------------------------------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict[str, Any]], reserve: int) -> tuple[list[int], list[dict[str, Any]]]:
+        """Render messages to prompt ids, dropping the oldest non-system turns until `reserve` tokens fit."""
+        messages = list(messages)
+        budget = self.context_length - reserve
+        while True:
+            ids = self.chat_format.render(messages).token_ids
+            if len(ids) <= budget:
+                return ids, messages
+            first_turn = next((i for i, m in enumerate(messages) if m.get("role") != "system"), None)
+            last_user = max(i for i, m in enumerate(messages) if m.get("role") != "system")
+            if first_turn is None or first_turn >= last_user:
+                raise ContextLengthError(
+                    len(ids), self.context_length,
+                    f"prompt is {len(ids)} tokens; with {reserve} tokens reserved for the reply it does not fit "
+                    f"the {self.context_length}-token context even with all history dropped",
+                )
+            # drop the oldest turn: the first non-system message and everything up to the next user message
+            end = first_turn + 1
+            while end < last_user and messages[end].get("role") != "user":
+                end += 1
+            log.info("context full: dropping %d oldest history message(s)", end - first_turn)
+            del messages[first_turn:end]
+
+    def stream_chat(
+        self,
+        tokenizer: Tokenizer | None,
+        query: str,
+        history: History | None = None,
+        *,
+        system: str | None = None,
+        role: str = "user",
+        max_length: int | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = True,
+        top_p: float = 0.8,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        **_ignored: Any,
+    ) -> Iterator[tuple[str, History]]:
+        """Yields (response so far, history including this turn), ChatGLM style."""
+        history = list(history or [])
+        tuple_style = _is_tuple_history(history)
+        messages = _to_messages(history, tuple_style)
+        if system is not None:
+            messages = [m for m in messages if m.get("role") != "system"]
+            messages.insert(0, {"role": "system", "content": system})
+        messages.append({"role": role, "content": query})
+        reserve = min(max_new_tokens or DEFAULT_REPLY_RESERVE, self.context_length // 4)
+        prompt_ids, _ = self.render_chat(messages, reserve)
+        if max_length is not None:
+            if max_length <= len(prompt_ids):
+                raise ContextLengthError(len(prompt_ids), max_length,
+                                         f"prompt is {len(prompt_ids)} tokens, not below max_length={max_length}")
+            max_new_tokens = min(max_new_tokens or max_length, max_length - len(prompt_ids))
+        params = SamplingParams(max_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                top_p=top_p, top_k=top_k, stop=list(stop or []), seed=seed)
+        response = ""
+        for event in self.stream_generate(prompt_ids, params):
+            if event.text:
+                response += event.text
+                yield response, _with_turn(history, tuple_style, role, query, response)
+        yield response, _with_turn(history, tuple_style, role, query, response)
+
+    def chat(self, tokenizer: Tokenizer | None, query: str, history: History | None = None,
+             **kwargs: Any) -> tuple[str, History]:
+        response, new_history = "", _with_turn(list(history or []), _is_tuple_history(history or []), "user",
+                                               query, "")
+        for response, new_history in self.stream_chat(tokenizer, query, history, **kwargs):
+            pass
+        return response, new_history
+
+
+def _is_tuple_history(history: Sequence[Any]) -> bool:
+    if not history:
+        return True
+    if all(isinstance(h, (tuple, list)) and len(h) == 2 for h in history):
+        return True
+    if all(isinstance(h, dict) and "role" in h for h in history):
+        return False
+    raise ValueError("history must be a list of (query, response) pairs or of {'role', 'content'} dicts")
+
+
+def _to_messages(history: Sequence[Any], tuple_style: bool) -> list[dict[str, Any]]:
+    if not tuple_style:
+        return [copy.deepcopy(dict(h)) for h in history]
+    messages: list[dict[str, Any]] = []
+    for query, response in history:
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+    return messages
+
+
+def _with_turn(history: list[Any], tuple_style: bool, role: str, query: str, response: str) -> History:
+    if tuple_style:
+        return [tuple(h) for h in history] + [(query, response)]
+    return copy.deepcopy(history) + [{"role": role, "content": query}, {"role": "assistant", "content": response}]
+
+
+def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
+    ckpt = loaded.checkpoint
+    custom = getattr(loaded.arch_module, "load_tokenizer", None)
+    if custom is not None:
+        return custom(ckpt)
+    if ckpt.format == "gguf":
+        return tokenizer_from_gguf(ckpt.gguf_reader)
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    return load_tokenizer_json(folder)
+
+
+def load(
+    name_or_path: str | Path | None = None,
+    *,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    progress: bool = False,
+) -> tuple[ChatModel, Tokenizer]:
+    """Load a model by path or name (see `resolve_model_path`); returns `(model, tokenizer)`."""
+    path = resolve_model_path(None if name_or_path is None else str(name_or_path))
+    loaded = load_model(path, device=device, dtype=dtype, progress=progress)
+    tokenizer = load_tokenizer(loaded)
+    custom_format = getattr(loaded.arch_module, "chat_format_for", None)
+    chat_format = custom_format(tokenizer, loaded.module.config) if custom_format else chat_format_for(tokenizer)
+    name = path.stem if path.is_file() else path.name
+    return ChatModel(loaded, tokenizer, chat_format, name), tokenizer
