@@ -17,6 +17,7 @@ If the system prompt and the current query alone do not fit, `ContextLengthError
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -97,6 +98,20 @@ class ChatModel:
             log.info("context full: dropping %d oldest history message(s)", end - first_turn)
             del messages[first_turn:end]
 
+    def stream_messages(self, messages: list[dict[str, Any]], params: SamplingParams,
+                        max_length: int | None = None) -> Iterator[GenerationEvent]:
+        """Chat on OpenAI-style messages: render, fit the context (dropping old turns), generate."""
+        reserve = min(params.max_tokens or DEFAULT_REPLY_RESERVE, self.context_length // 4)
+        prompt_ids, _ = self.render_chat(messages, reserve)
+        if max_length is not None:
+            # ChatGLM's max_length counts prompt and reply together
+            if max_length <= len(prompt_ids):
+                raise ContextLengthError(len(prompt_ids), max_length,
+                                         f"prompt is {len(prompt_ids)} tokens, not below max_length={max_length}")
+            params = dataclasses.replace(
+                params, max_tokens=min(params.max_tokens or max_length, max_length - len(prompt_ids)))
+        return self.stream_generate(prompt_ids, params)
+
     def stream_chat(
         self,
         tokenizer: Tokenizer | None,
@@ -123,17 +138,10 @@ class ChatModel:
             messages = [m for m in messages if m.get("role") != "system"]
             messages.insert(0, {"role": "system", "content": system})
         messages.append({"role": role, "content": query})
-        reserve = min(max_new_tokens or DEFAULT_REPLY_RESERVE, self.context_length // 4)
-        prompt_ids, _ = self.render_chat(messages, reserve)
-        if max_length is not None:
-            if max_length <= len(prompt_ids):
-                raise ContextLengthError(len(prompt_ids), max_length,
-                                         f"prompt is {len(prompt_ids)} tokens, not below max_length={max_length}")
-            max_new_tokens = min(max_new_tokens or max_length, max_length - len(prompt_ids))
         params = SamplingParams(max_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                 top_p=top_p, top_k=top_k, stop=list(stop or []), seed=seed)
         response = ""
-        for event in self.stream_generate(prompt_ids, params):
+        for event in self.stream_messages(messages, params, max_length=max_length):
             if event.text:
                 response += event.text
                 yield response, _with_turn(history, tuple_style, role, query, response)
@@ -141,11 +149,11 @@ class ChatModel:
 
     def chat(self, tokenizer: Tokenizer | None, query: str, history: History | None = None,
              **kwargs: Any) -> tuple[str, History]:
-        response, new_history = "", _with_turn(list(history or []), _is_tuple_history(history or []), "user",
-                                               query, "")
-        for response, new_history in self.stream_chat(tokenizer, query, history, **kwargs):
+        last: tuple[str, History] | None = None
+        for last in self.stream_chat(tokenizer, query, history, **kwargs):  # noqa: B007 - we want the final one
             pass
-        return response, new_history
+        assert last is not None  # stream_chat always yields the finished turn
+        return last
 
 
 def _is_tuple_history(history: Sequence[Any]) -> bool:
@@ -179,7 +187,7 @@ def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
     if custom is not None:
         return custom(ckpt)
     if ckpt.format == "gguf":
-        return tokenizer_from_gguf(ckpt.gguf_reader)
+        return tokenizer_from_gguf(ckpt.config)  # GGUF metadata, already parsed and validated
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     return load_tokenizer_json(folder)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from glmstack.engine.errors import ModelFileError, ModelNotFoundError, UnsupportedArchitectureError
+from glmstack.engine.gguf_file import GGUFFile
 from glmstack.engine.models import registry
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit
+# A renamer may return "<parameter>#<piece>": that tensor is one piece of a parameter the checkpoint stores
+# split, and the model's join_pieces(parameter, {piece: tensor}) builds the parameter once it has them all.
+PIECE_SEPARATOR = "#"
 
 
 # ---- where models live ---------------------------------------------------------------------------------
@@ -162,7 +166,7 @@ class Checkpoint:
     format: str  # "gguf" | "safetensors" | "bin"
     config: dict[str, Any]
     files: list[Path]
-    gguf_reader: Any = None
+    gguf: GGUFFile | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -234,33 +238,8 @@ def _shards_from_index(index: Path) -> list[Path]:
 
 
 def _open_gguf(path: Path) -> Checkpoint:
-    from gguf import GGUFReader
-
-    size = path.stat().st_size
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the gguf parser raises many kinds of errors on damaged files
-        raise ModelFileError(path, f"corrupt or truncated GGUF ({type(exc).__name__}: {exc})") from None
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size:
-            raise ModelFileError(path, f"tensor {tensor.name} ends at byte {end}, past the end of the file "
-                                 f"({size} bytes): file is truncated")
-    return Checkpoint(path, "gguf", gguf_metadata(reader), [path], gguf_reader=reader)
-
-
-def gguf_metadata(reader: Any) -> dict[str, Any]:
-    """Scalar and small-array metadata as plain Python values. The tokenizer's big arrays are left to the
-    tokenizer builder, which reads them straight from the reader."""
-    meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and len(fld.data) > 1:
-            continue
-        try:
-            meta[key] = fld.contents()
-        except Exception:  # an odd field type should not stop us from reading the rest
-            continue
-    return meta
+    gguf = GGUFFile(path)  # validates every count, length and offset before anything else reads the file
+    return Checkpoint(path, "gguf", gguf.metadata, [path], gguf=gguf)
 
 
 # ---- tensors -------------------------------------------------------------------------------------------
@@ -337,17 +316,9 @@ def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, Callable[[], torch.Ten
                 if isinstance(tensor, torch.Tensor):
                     yield name, (lambda t=tensor: t)
     else:
-        from gguf.quants import dequantize
-
-        for tensor in ckpt.gguf_reader.tensors:
-            def load(t: Any = tensor) -> torch.Tensor:
-                try:
-                    array = dequantize(t.data, t.tensor_type)
-                except Exception as exc:
-                    raise ModelFileError(ckpt.path, f"tensor {t.name}: cannot decode {t.tensor_type.name} "
-                                         f"({exc})") from None
-                return torch.from_numpy(array.copy())
-            yield tensor.name, load
+        assert ckpt.gguf is not None
+        for info in ckpt.gguf.tensors:
+            yield info.name, (lambda i=info: ckpt.gguf.load(i))
 
 
 # ---- building the model --------------------------------------------------------------------------------
@@ -368,7 +339,8 @@ def build_model(ckpt: Checkpoint) -> tuple[ModuleType, nn.Module]:
     if ckpt.format == "gguf":
         arch = str(ckpt.config.get("general.architecture", ""))
         arch_module = registry.resolve_gguf(arch)
-        tensor_names = {t.name for t in ckpt.gguf_reader.tensors}
+        # name -> shape; models test membership ("has a bias?") and read shapes the metadata omits
+        tensor_names = {t.name: t.shape for t in ckpt.gguf.tensors}
         config = arch_module.Model.config_class.from_gguf(ckpt.config, arch, tensor_names)
     else:
         arch_module = registry.resolve_hf(ckpt.config)
@@ -398,6 +370,7 @@ def load_model(
     expected = dict(model.state_dict(keep_vars=True))
     loaded: dict[str, torch.Tensor] = {}
     rename = model.gguf_tensor_name if ckpt.format == "gguf" else model.hf_tensor_name
+    pieces: dict[str, dict[str, torch.Tensor]] = {}
     tensors = list(iter_tensors(ckpt))
     bar = _progress(len(tensors), f"Loading {ckpt.path.name}", progress)
     try:
@@ -406,12 +379,22 @@ def load_model(
             name = rename(raw_name)
             if name is None:
                 continue
+            name, _, piece = name.partition(PIECE_SEPARATOR)
             if name not in expected:
                 log.warning("%s: ignoring unexpected tensor %s", ckpt.path, raw_name)
                 continue
             tensor = load()
             if ckpt.format == "gguf":
                 tensor = model.from_gguf_tensor(name, tensor)
+            if piece:
+                # One of our parameters stored as several tensors (transformers' q_proj/k_proj/v_proj for a
+                # fused query_key_value): gather them; the model joins them once all are there.
+                pieces.setdefault(name, {})[piece] = tensor
+                joined = model.join_pieces(name, pieces[name])
+                if joined is None:
+                    continue
+                del pieces[name]
+                tensor = joined
             if hasattr(model, "convert_tensor"):
                 tensor = model.convert_tensor(name, tensor)
             want = expected[name].shape
@@ -422,7 +405,8 @@ def load_model(
     finally:
         bar.close()
     tied = getattr(model.config, "tie_word_embeddings", False)
-    missing = [n for n in expected if n not in loaded and not (tied and n == "lm_head.weight")]
+    head = getattr(model, "output_weight_name", "lm_head.weight")  # what tie_weights() fills when tied
+    missing = [n for n in expected if n not in loaded and not (tied and n == head)]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ModelFileError(ckpt.path, f"checkpoint is missing {len(missing)} tensors the config requires: {shown}")

