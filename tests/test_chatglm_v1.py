@@ -232,3 +232,19 @@ def test_missing_tensor_is_named(tmp_path: Path) -> None:
     del sd["transformer.layers.1.attention.dense.bias"]
     with pytest.raises(ModelFileError, match=r"missing 1 tensors.*layers\.1\.attention\.dense\.bias"):
         load_model(write_checkpoint(tmp_path / "m", sd, "safetensors"), device="cpu", dtype="float32")
+
+
+def test_long_prompt_prefills_in_one_forward(tmp_path: Path, monkeypatch) -> None:
+    """The generation loop must not chunk a v1 prompt: its prefix attends bidirectionally."""
+    from glmstack.engine import generation
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)  # would split the prompt for any chunked model
+    model = load_model(
+        write_checkpoint(tmp_path / "m", v1_weights(), "safetensors"), device="cpu", dtype="float32"
+    ).module
+    ids = [30, 12, 9, 44, 7, 19, 25, 11, 13, GMASK, SOP]
+    cache = new_cache(model, torch.device("cpu"), torch.float32, capacity=4)
+    last = generation.prefill(model, ids, cache, torch.device("cpu"))
+    with torch.no_grad():
+        full = model(torch.tensor([ids]), torch.arange(len(ids))[None])
+    assert (last - full[0, -1]).abs().max().item() <= TOL

@@ -105,7 +105,8 @@ HF_TO_GGUF = {
 
 
 def write_gguf(model: transformers.PreTrainedModel, path: Path, arch: str,
-               quant: gguf.GGMLQuantizationType | None = None) -> dict[str, np.ndarray]:
+               quant: gguf.GGMLQuantizationType | None = None,
+               rope_freqs: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Write a GGUF the way llama.cpp's convert_hf_to_gguf.py does (permuting Llama q/k rows). Returns the
     HF-named weights as the file really holds them (after any quantization round trip)."""
     cfg = model.config
@@ -120,6 +121,8 @@ def write_gguf(model: transformers.PreTrainedModel, path: Path, arch: str,
     writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     writer.add_vocab_size(cfg.vocab_size)
     effective: dict[str, np.ndarray] = {}
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -198,3 +201,26 @@ def test_cached_decode_equals_full_forward(tmp_path: Path, ids: torch.Tensor) ->
         for t in range(9, ids.shape[1]):
             pieces.append(model(ids[:, t : t + 1], torch.tensor([[t]]), cache))
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= TOL
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+
+
+def test_llama3_rope_scaling_safetensors_and_gguf(tmp_path: Path) -> None:
+    """Llama 3.1 scaling: from config.json's rope_scaling, and from a GGUF's rope_freqs divisors."""
+    from glmstack.engine.models.llama import LlamaConfig, rope_inv_freq
+
+    ref = tiny_llama(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)
+    ids = torch.randint(0, 160, (1, 100), generator=torch.Generator().manual_seed(5))  # beyond 32 positions
+    ref.save_pretrained(tmp_path / "st")
+    assert (our_logits(tmp_path / "st", ids) - reference_logits(ref, ids)).abs().max().item() <= TOL
+
+    cfg = LlamaConfig.from_hf(ref.config.to_dict())
+    scaled = rope_inv_freq(cfg)
+    plain = rope_inv_freq(LlamaConfig.from_hf({**ref.config.to_dict(), "rope_scaling": None,
+                                              "rope_parameters": {"rope_theta": 500000.0}}))
+    assert not torch.allclose(scaled, plain)
+    path = tmp_path / "l3.gguf"
+    write_gguf(ref, path, "llama", rope_freqs=(plain / scaled).numpy())
+    assert (our_logits(path, ids) - reference_logits(ref, ids)).abs().max().item() <= TOL

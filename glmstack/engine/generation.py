@@ -30,10 +30,14 @@ def new_cache(model: nn.Module, device: torch.device, dtype: torch.dtype, capaci
 
 @torch.inference_mode()
 def prefill(model: nn.Module, ids: Sequence[int], cache: DenseKVCache, device: torch.device) -> torch.Tensor:
-    """Run the prompt through the model in chunks; returns the last position's logits [V]."""
+    """Run the prompt through the model in chunks; returns the last position's logits [V].
+
+    A model whose prompt attends bidirectionally (ChatGLM-6B's prefix) sets `prefill_chunk = None` and gets
+    the whole prompt in one forward."""
     logits = None
-    for start in range(0, len(ids), PREFILL_CHUNK):
-        chunk = torch.tensor([list(ids[start : start + PREFILL_CHUNK])], device=device)
+    step = getattr(model, "prefill_chunk", PREFILL_CHUNK) or len(ids)
+    for start in range(0, len(ids), step):
+        chunk = torch.tensor([list(ids[start : start + step])], device=device)
         pos = torch.arange(cache.length, cache.length + chunk.shape[1], device=device)[None]
         logits = model(chunk, pos, cache, last_only=True)
     assert logits is not None

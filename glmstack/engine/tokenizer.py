@@ -85,13 +85,15 @@ class StreamDecoder:
         return self._advance(final=False)
 
     def flush(self) -> str:
-        """Whatever is still held back at the end of generation (may end in U+FFFD if the model
-        really produced an incomplete character)."""
+        """Whatever is still held back at the end of generation. Generation can stop in the middle of a
+        multi-byte character (max_tokens); those dangling bytes are dropped rather than shown as U+FFFD."""
         return self._advance(final=True)
 
     def _advance(self, *, final: bool) -> str:
         emitted = self._decode(self._ids[self._prefix_offset : self._read_offset])
         text = self._decode(self._ids[self._prefix_offset :])
+        if final:
+            text = text.rstrip("\ufffd")
         if len(text) <= len(emitted) or (text.endswith("\ufffd") and not final):
             return ""
         # Drop ids no future window needs, so a long generation keeps a short list.

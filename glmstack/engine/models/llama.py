@@ -37,6 +37,8 @@ class LlamaConfig:
     mlp_bias: bool = False
     # GGUF stores Llama's q/k rows permuted for llama.cpp's adjacent-pair rotary; Qwen2 (NeoX rotary) is not.
     gguf_permuted_qk: bool = True
+    # Llama 3.1 GGUFs carry the rope scaling as per-frequency divisors (`rope_freqs.weight`), not metadata.
+    rope_factors: bool = False
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
@@ -93,6 +95,7 @@ class LlamaConfig:
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
             o_bias="blk.0.attn_output.bias" in tensor_names,
             gguf_permuted_qk=arch != "qwen2",
+            rope_factors="rope_freqs.weight" in tensor_names,
         )
 
     @property
@@ -231,10 +234,15 @@ class LlamaForCausalLM(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        if config.rope_factors:
+            self.register_buffer("rope_factors", torch.ones(config.head_dim // 2))
 
     def init_buffers(self, device: torch.device) -> None:
         """Recompute non-persistent buffers after loading onto `device` from the meta device."""
-        self.inv_freq = rope_inv_freq(self.config).to(device)
+        inv_freq = rope_inv_freq(self.config).to(device)
+        if self.config.rope_factors:
+            inv_freq = inv_freq / self.rope_factors.float()
+        self.inv_freq = inv_freq
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -326,7 +334,7 @@ def _gguf_name(name: str) -> str | None:
         if rest in _GGUF_LAYER_NAMES:
             return f"model.layers.{index}.{_GGUF_LAYER_NAMES[rest]}"
     if name == "rope_freqs.weight":
-        return None  # llama3 rope factors; recomputed from metadata
+        return "rope_factors"
     return name  # unknown names surface as "unexpected tensor" errors in the loader
 
 
