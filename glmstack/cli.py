@@ -178,7 +178,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
-                print(f"  {k}: {v}")
+                shown = f"{v / 1e9:.2f} GB ({v:,} bytes)" if key.startswith("memory") else v
+                print(f"  {k}: {shown}")
+        elif key.endswith("parameters") and isinstance(value, int):
+            print(f"{key}: {value / 1e9:.2f}B ({value:,})")
         else:
             print(f"{key}: {value}")
     return 0
