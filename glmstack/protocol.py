@@ -54,3 +54,39 @@ class GenerationEvent:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     usage: Usage = field(default_factory=Usage)
     time_to_first_token: float | None = None
+
+
+@dataclass
+class GenerateRequest:
+    """One generation the platform asks of the engine: chat `messages` (rendered with the model's own chat
+    format) or raw `prompt_ids`."""
+
+    request_id: str
+    params: SamplingParams
+    messages: list[dict] | None = None
+    prompt_ids: list[int] | None = None
+    tools: list[dict] | None = None
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    architecture: str
+    context_length: int
+    device: str
+    dtype: str
+    quantization: str | None = None
+
+
+class EngineRequestError(Exception):
+    """A request the engine refuses; `kind` tells the platform which documented error to answer with."""
+
+    kind = "invalid_request"
+
+
+class PromptTooLongError(EngineRequestError):
+    kind = "prompt_too_long"
+
+
+class EngineOverloadedError(EngineRequestError):
+    kind = "overloaded"

@@ -3,6 +3,8 @@ to its error envelope. No HTTP here."""
 
 from __future__ import annotations
 
+from glmstack.protocol import PromptTooLongError
+
 
 class EngineError(Exception):
     """Base for every error the engine raises on bad input (not on bugs)."""
@@ -25,7 +27,7 @@ class UnsupportedArchitectureError(EngineError):
     pass
 
 
-class ContextLengthError(EngineError):
+class ContextLengthError(EngineError, PromptTooLongError):
     """The prompt cannot fit into the model's context window even after dropping old history."""
 
     def __init__(self, prompt_tokens: int, context_length: int, message: str | None = None):

@@ -67,6 +67,19 @@ class ChatFormat(ABC):
     ) -> ChatPrompt: ...
 
 
+def message_text(message: dict) -> str:
+    """A message's content as one string: None is "", a list of OpenAI content parts is its text parts joined.
+    For formats that build prompts in code; Jinja templates get the message as it is."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+        return "".join(str(part.get("text", "")) for part in content)
+    raise ChatTemplateError("message content must be a string or a list of text parts")
+
+
 class TemplateChatFormat(ChatFormat):
     """The Jinja chat template that came with the model (`tokenizer.chat_template`), rendered like HF's
     `apply_chat_template`."""

@@ -1,0 +1,138 @@
+"""The engine as the platform sees it: submit a `GenerateRequest`, await `GenerationEvent`s, abort any time.
+
+The model runs on one background thread (torch releases the GIL inside kernels, so the event loop stays
+responsive); events cross to the asyncio side through `loop.call_soon_threadsafe`. An abort — a client that
+hung up — is noticed by the worker before its next step, and everything the request held is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmstack.engine.api import ChatModel
+from glmstack.protocol import (
+    EngineOverloadedError,
+    GenerateRequest,
+    GenerationEvent,
+    ModelInfo,
+)
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+@dataclass
+class _Job:
+    request: GenerateRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    aborted: threading.Event = field(default_factory=threading.Event)
+
+
+class AsyncEngine:
+    def __init__(self, model: ChatModel, *, max_waiting: int = 256) -> None:
+        self.model = model
+        self.max_waiting = max_waiting
+        self._inbox: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+        self._running: str | None = None
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._work, name="glmstack-engine", daemon=True)
+        self._thread.start()
+
+    # ---- what the platform calls -----------------------------------------------------------------------
+
+    def info(self) -> ModelInfo:
+        m = self.model
+        return ModelInfo(name=m.name, architecture=type(m.module).__name__, context_length=m.context_length,
+                         device=str(m.device), dtype=str(m.dtype).removeprefix("torch."),
+                         quantization=getattr(m.module, "quantization", None))
+
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
+        return len(self.model.chat_format.render(messages).token_ids)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"waiting": len(self._jobs) - (self._running is not None), "running": int(self._running is not None)}
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream events for `request`. Cancelling the consumer (client disconnect) aborts the request."""
+        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if len(self._jobs) >= self.max_waiting:
+                raise EngineOverloadedError(f"engine queue is full ({self.max_waiting} requests)")
+            if request.request_id in self._jobs:
+                request.request_id = f"{request.request_id}-{next(self._ids)}"
+            self._jobs[request.request_id] = job
+        self._inbox.put(job)
+        try:
+            while True:
+                item = await job.events.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.aborted.set()  # no-op after a normal finish; frees the slot after a disconnect
+            with self._lock:
+                self._jobs.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(request_id)
+        if job is not None:
+            job.aborted.set()
+
+    def shutdown(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=5)
+
+    # ---- the worker thread -----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._inbox.get()
+            if job is None:
+                return
+            if job.aborted.is_set():
+                continue
+            with self._lock:
+                self._running = job.request.request_id
+            try:
+                self._run(job)
+            except BaseException as exc:  # delivered to the awaiting coroutine, never kills the worker
+                self._send(job, exc)
+            finally:
+                with self._lock:
+                    self._running = None
+            self._send(job, _DONE)
+
+    def _run(self, job: _Job) -> None:
+        req = job.request
+        if req.messages is not None:
+            events = self.model.stream_messages(req.messages, req.params)
+        elif req.prompt_ids is not None:
+            events = self.model.stream_generate(req.prompt_ids, req.params)
+        else:
+            raise ValueError("request has neither messages nor prompt_ids")
+        for event in events:
+            if job.aborted.is_set():
+                log.info("request %s aborted", req.request_id)
+                return
+            self._send(job, event)
+
+    @staticmethod
+    def _send(job: _Job, item: object) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            job.aborted.set()
