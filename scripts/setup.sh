@@ -18,7 +18,9 @@ if [ "${GLMSTACK_TORCH:-}" != "skip" ]; then
   "${PIP[@]}" "torch==2.13.0"
 fi
 case "${1:-}" in
-  test) "${PIP[@]}" -e ".[test]" ;;
+  test) "${PIP[@]}" -e ".[test]"
+        # official Z.ai SDK; --no-deps because its pyjwt range excludes the one zhipuai pins (see pyproject)
+        "${PIP[@]}" --no-deps "zai-sdk==0.2.3" ;;
   bench) "${PIP[@]}" -e ".[bench]" ;;
   *) "${PIP[@]}" -e . ;;
 esac

@@ -68,8 +68,6 @@ def load_glm_tokenizer(folder: Path, config: dict[str, Any], *, role_tokens: boo
     """
     folder = Path(folder)
     tokenizer_config = _read_json(folder / "tokenizer_config.json")
-    template = tokenizer_config.get("chat_template")
-    template = template if isinstance(template, str) else None
     if (folder / "tokenizer.json").is_file():
         return load_tokenizer_json(folder)
     model = folder / "tokenizer.model"
@@ -78,12 +76,16 @@ def load_glm_tokenizer(folder: Path, config: dict[str, Any], *, role_tokens: boo
             return GLM4Tokenizer.from_file(model, tokenizer_config=tokenizer_config)
         if role_tokens is None:
             role_tokens = _has_chatglm3_roles(folder, tokenizer_config)
+        template = tokenizer_config.get("chat_template")
+        template = template if isinstance(template, str) else None
         return ChatGLM2Tokenizer.from_file(model, role_tokens=role_tokens, chat_template=template)
     ice_text = folder / "ice_text.model"
     if ice_text.is_file():
         sp = sentencepiece.SentencePieceProcessor(model_file=str(ice_text))
         return ChatGLMv1Tokenizer(sp, id_offset=_v1_id_offset(sp, config, tokenizer_config))
-    raise ModelFileError(folder, "no GLM tokenizer here (expected tokenizer.json, tokenizer.model or ice_text.model)")
+    raise ModelFileError(
+        folder, "no GLM tokenizer here (expected tokenizer.json, tokenizer.model or ice_text.model)"
+    )
 
 
 def is_tiktoken_rank_file(path: Path) -> bool:
@@ -115,12 +117,14 @@ def _v1_id_offset(
     sp: sentencepiece.SentencePieceProcessor, config: dict[str, Any], tokenizer_config: dict[str, Any]
 ) -> int:
     # The March-2023 ChatGLM-6B put 20000 image tokens in front of the text vocab (all text ids +20000); the
-    # "slim" revision has num_image_tokens 0. Same ice_text.model either way (spec 1.1).
-    if isinstance(tokenizer_config.get("num_image_tokens"), int):
-        return tokenizer_config["num_image_tokens"]
+    # "slim" revision has num_image_tokens 0 (spec 1.1). ice_text.model holds only the text pieces either way,
+    # so the offset is where config.json puts [gMASK] (the spec's source of truth), else the tokenizer
+    # config's num_image_tokens.
     gmask = config.get("gmask_token_id")
     if isinstance(gmask, int):
         return max(gmask - sp.PieceToId("[gMASK]"), 0)
+    if isinstance(tokenizer_config.get("num_image_tokens"), int):
+        return tokenizer_config["num_image_tokens"]
     return 0
 
 
@@ -281,7 +285,9 @@ class ChatGLM2Tokenizer(Tokenizer):
         self._special_pattern = _alternation([name for name in names if name not in ("sop", "eop")])
 
     @classmethod
-    def from_file(cls, path: Path, *, role_tokens: bool, chat_template: str | None = None) -> ChatGLM2Tokenizer:
+    def from_file(
+        cls, path: Path, *, role_tokens: bool, chat_template: str | None = None
+    ) -> ChatGLM2Tokenizer:
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         return cls(sp, role_tokens=role_tokens, chat_template=chat_template)
 

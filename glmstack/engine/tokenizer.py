@@ -7,7 +7,8 @@ here, both producing an `HFTokenizer` around the `tokenizers` library:
     load_tokenizer_json("path/to/model")       # tokenizer.json (+ tokenizer_config.json) from a HF repo
     tokenizer_from_gguf("model.gguf")          # the vocabulary llama.cpp stores in GGUF metadata
 
-GLM's own tokenizers (sentencepiece ice_text.model, tiktoken for GLM-4) are further subclasses elsewhere.
+GLM's own tokenizers (sentencepiece ice_text.model / tokenizer.model, tiktoken for GLM-4) are subclasses in
+glm_tokenizers.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 `：` is the full-width colon. The whole prompt is one piece of text encoded with special tokens off, so
 nothing a user types becomes a control token; the GLM marks are added by id. Neither model has a system
-prompt, roles beyond question/answer, or tools: system messages are left out (with a warning), tools are an
+prompt, roles beyond question/answer, or tools: system messages are left out (logged), tools are an
 error. The answer cue `答：` belongs to the round, so `add_generation_prompt` changes nothing here.
 """
 
@@ -33,7 +33,9 @@ def question_answer_rounds(messages: list[dict], name: str) -> tuple[list[tuple[
             dropped_system = True
         elif role == "user":
             if question is not None:
-                raise ChatTemplateError(f"{name} needs user and assistant messages in turn (two user messages)")
+                raise ChatTemplateError(
+                    f"{name} needs user and assistant messages in turn (two user messages)"
+                )
             question = message_text(message)
         elif role == "assistant":
             if question is None:
@@ -43,7 +45,7 @@ def question_answer_rounds(messages: list[dict], name: str) -> tuple[list[tuple[
         else:
             raise ChatTemplateError(f"{name} has no {role!r} role (only user and assistant)")
     if dropped_system:
-        log.warning("%s has no system prompt; the system message was left out", name)
+        log.info("%s has no system prompt; the system message was left out", name)
     return rounds, question
 
 

@@ -75,7 +75,9 @@ def message_text(message: dict) -> str:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" for part in content
+    ):
         return "".join(str(part.get("text", "")) for part in content)
     raise ChatTemplateError("message content must be a string or a list of text parts")
 
