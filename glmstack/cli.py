@@ -3,6 +3,8 @@
     glmstack chat [--model M] [-p "question"]   interactive chat, or one answer and exit
     glmstack models                             what models can be found
     glmstack inspect MODEL                      architecture, size, context, memory per precision
+    glmstack keys create|list|revoke            API keys (see glmstack/store/cli.py)
+    glmstack usage [--key ID]                   requests and tokens per key and model
 
 Errors on bad input print one line (`glmstack: error: ...`) and exit with status 2; `--debug` shows the
 traceback instead.
@@ -16,6 +18,8 @@ import os
 import sys
 import time
 from typing import Any
+
+from glmstack.store import cli as store_cli
 
 EXIT_USAGE = 2
 
@@ -46,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="architecture, parameters, context and memory of a model")
     inspect.add_argument("model", help="model path or name (a config.json alone is enough)")
+
+    store_cli.add_subcommands(sub)
     return parser
 
 
@@ -53,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.command in store_cli.COMMANDS:
+        return store_cli.run(args)
     from glmstack.engine.errors import EngineError
 
     try:

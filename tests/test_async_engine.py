@@ -12,12 +12,10 @@ from glmstack.protocol import GenerateRequest, SamplingParams
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def engine():
-    from glmstack import load
-
-    model, _ = load(device="cpu")
-    eng = AsyncEngine(model)
+@pytest.fixture(scope="module", params=[True, False], ids=["batched", "sequential"])
+def engine(request, bundled):
+    model, _ = bundled
+    eng = AsyncEngine(model, batched=request.param)
     yield eng
     eng.shutdown()
 
@@ -60,11 +58,15 @@ def test_disconnect_aborts_and_frees_the_slot(engine) -> None:
             if got == 3:
                 break  # the client hung up
         await stream.aclose()
+        def idle() -> bool:
+            stats = engine.stats()
+            return stats["waiting"] == 0 and stats["running"] == 0 and stats.get("kv_blocks_in_use", 0) == 0
+
         for _ in range(100):
-            if engine.stats() == {"waiting": 0, "running": 0}:
+            if idle():
                 break
             await asyncio.sleep(0.05)
-        assert engine.stats() == {"waiting": 0, "running": 0}
+        assert idle(), engine.stats()
         # the next request is served
         text = "".join([e.text async for e in engine.generate(chat("next", "Say hi.", max_tokens=4))])
         assert text

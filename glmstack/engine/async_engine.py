@@ -3,6 +3,9 @@
 The model runs on one background thread (torch releases the GIL inside kernels, so the event loop stays
 responsive); events cross to the asyncio side through `loop.call_soon_threadsafe`. An abort — a client that
 hung up — is noticed by the worker before its next step, and everything the request held is released.
+
+Models the paged engine supports run through `EngineCore` (continuous batching, prefix reuse); the few that
+cannot (ChatGLM-6B's bidirectional prefix) are served one request at a time by the reference loop.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from glmstack.engine.api import ChatModel
+from glmstack.engine.api import DEFAULT_REPLY_RESERVE, ChatModel
+from glmstack.engine.core import EngineCore, RequestTooLargeError
 from glmstack.protocol import (
     EngineOverloadedError,
     GenerateRequest,
     GenerationEvent,
     ModelInfo,
+    PromptTooLongError,
 )
 
 log = logging.getLogger(__name__)
@@ -37,7 +42,8 @@ class _Job:
 
 
 class AsyncEngine:
-    def __init__(self, model: ChatModel, *, max_waiting: int = 256) -> None:
+    def __init__(self, model: ChatModel, *, max_waiting: int = 256, batched: bool | None = None,
+                 **core_options: Any) -> None:
         self.model = model
         self.max_waiting = max_waiting
         self._inbox: queue.Queue[_Job | None] = queue.Queue()
@@ -45,7 +51,11 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._running: str | None = None
         self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._work, name="glmstack-engine", daemon=True)
+        if batched is None:
+            batched = getattr(model.module, "supports_paged", True)
+        self.core = EngineCore(model, **core_options) if batched else None
+        target = self._work_batched if self.core is not None else self._work
+        self._thread = threading.Thread(target=target, name="glmstack-engine", daemon=True)
         self._thread.start()
 
     # ---- what the platform calls -----------------------------------------------------------------------
@@ -60,8 +70,13 @@ class AsyncEngine:
         return len(self.model.chat_format.render(messages).token_ids)
 
     def stats(self) -> dict[str, int]:
+        """Queue and KV figures for /metrics and the tests: requests known to the engine, by state."""
         with self._lock:
-            return {"waiting": len(self._jobs) - (self._running is not None), "running": int(self._running is not None)}
+            if self.core is None:
+                return {"waiting": len(self._jobs) - (self._running is not None),
+                        "running": int(self._running is not None)}
+            return {**self.core.stats(), "waiting": len(self._jobs) - len(self.core.scheduler.running),
+                    "running": len(self.core.scheduler.running)}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
         """Stream events for `request`. Cancelling the consumer (client disconnect) aborts the request."""
@@ -96,7 +111,79 @@ class AsyncEngine:
         self._inbox.put(None)
         self._thread.join(timeout=5)
 
-    # ---- the worker thread -----------------------------------------------------------------------------
+    # ---- the worker thread: batched ---------------------------------------------------------------------
+
+    def _work_batched(self) -> None:
+        assert self.core is not None
+        active: dict[str, _Job] = {}
+        while True:
+            # Block only when idle; otherwise take whatever arrived and keep stepping.
+            try:
+                job = self._inbox.get(block=not self.core.has_work())
+                while True:
+                    if job is None:
+                        return
+                    self._admit(job, active)
+                    job = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            for request_id, job in list(active.items()):
+                if job.aborted.is_set():
+                    log.info("request %s aborted", request_id)
+                    with self._lock:
+                        self.core.abort(request_id)
+                    del active[request_id]
+                    self._send(job, _DONE)
+            if not self.core.has_work():
+                continue
+            try:
+                with self._lock:
+                    events = self.core.step()
+            except Exception as exc:  # a bug must not kill the worker: fail every request in flight
+                log.exception("engine step failed")
+                for request_id, job in list(active.items()):
+                    with self._lock:
+                        self.core.abort(request_id)
+                    self._send(job, exc)
+                    self._send(job, _DONE)
+                active.clear()
+                continue
+            for request_id, event in events:
+                job = active.get(request_id)
+                if job is None:
+                    continue
+                self._send(job, event)
+                if event.finish_reason is not None:
+                    del active[request_id]
+                    self._send(job, _DONE)
+
+    def _admit(self, job: _Job, active: dict[str, _Job]) -> None:
+        assert self.core is not None
+        req = job.request
+        if job.aborted.is_set():
+            self._send(job, _DONE)
+            return
+        try:
+            if req.messages is not None:
+                reserve = min(req.params.max_tokens or DEFAULT_REPLY_RESERVE, self.model.context_length // 4)
+                prompt_ids, _ = self.model.render_chat(req.messages, reserve)
+            elif req.prompt_ids is not None:
+                prompt_ids = list(req.prompt_ids)
+            else:
+                raise ValueError("request has neither messages nor prompt_ids")
+            with self._lock:
+                self.core.add_request(req.request_id, prompt_ids, req.params)
+        except RequestTooLargeError as exc:
+            self._send(job, PromptTooLongError(str(exc)))
+            self._send(job, _DONE)
+            return
+        except Exception as exc:
+            self._send(job, exc)
+            self._send(job, _DONE)
+            return
+        active[req.request_id] = job
+
+    # ---- the worker thread: one request at a time --------------------------------------------------------
 
     def _work(self) -> None:
         while True:

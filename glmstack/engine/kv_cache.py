@@ -8,6 +8,7 @@ context window up front.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class DenseKVCache:
@@ -74,3 +75,28 @@ class DenseKVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    cache: object | None,
+    mask: torch.Tensor | None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention for one layer, wherever the keys live. q: [B, H, T, D], k/v: [B, Hkv, T, D] (new tokens).
+
+    - no cache: plain causal attention over these tokens;
+    - a `DenseKVCache`: append, then attend over the whole cached sequence (`mask` covers the prefix);
+    - a paged batch (runner.PagedAttentionBatch): it writes the slots and attends per sequence itself.
+    """
+    attend = getattr(cache, "attend", None)
+    if attend is not None:
+        return attend(layer, q, k, v, scale=scale)
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # type: ignore[attr-defined]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          enable_gqa=q.shape[1] != k.shape[1], scale=scale)

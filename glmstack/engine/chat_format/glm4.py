@@ -60,6 +60,8 @@ COGVIEW = (
 # template picks, when it has one.
 SELF_INTRO_CHATGLM = SELF_INTRO.replace("名为 GLM-4 的", "名为 ChatGLM 的")
 BUILTIN_TOOLS = {"python": PYTHON, "simple_browser": SIMPLE_BROWSER, "cogview": COGVIEW}
+# What ends a GLM-4 answer (generation_config.json's eos_token_id): a new user turn, eos, or a tool call.
+STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 
 def tools_system_text(tools: list[dict], self_intro: str = SELF_INTRO) -> str:
@@ -100,11 +102,7 @@ class GLM4ChatFormat(ChatFormat):
         super().__init__(tokenizer)
         self.prefix_ids = [require_token(tokenizer, "[gMASK]"), require_token(tokenizer, "<sop>")]
         self.role_ids = {role: require_token(tokenizer, f"<|{role}|>") for role in ROLES}
-        self.stop_token_ids = {
-            require_token(tokenizer, "<|endoftext|>"),
-            self.role_ids["user"],
-            self.role_ids["observation"],
-        }
+        self.stop_token_ids = {require_token(tokenizer, token) for token in STOP_TOKENS}
         template = tokenizer.chat_template or ""
         default_intro = SELF_INTRO_CHATGLM if SELF_INTRO_CHATGLM in template else SELF_INTRO
         self.self_intro = self_intro if self_intro is not None else default_intro

@@ -20,15 +20,21 @@ import importlib
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmstack.engine.chat_format import ChatFormat, glm_chat_format_for_model
 from glmstack.engine.errors import UnsupportedArchitectureError
-from glmstack.engine.kv_cache import DenseKVCache
+from glmstack.engine.glm_tokenizers import load_glm_checkpoint_tokenizer
+from glmstack.engine.kv_cache import DenseKVCache, cached_attention
 from glmstack.engine.models.llama import RMSNorm
+from glmstack.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from glmstack.engine.loading import Checkpoint
 
 
 def resolve(config: dict[str, Any]) -> ModuleType:
@@ -208,17 +214,8 @@ class SelfAttention(nn.Module):
         k = k.view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_interleaved_rotary(q, cos, sin), apply_interleaved_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
         # Query head j reads KV group j // (heads / groups), which is what enable_gqa does.
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and seqlen > 1,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        out = cached_attention(q, k, v, layer, cache, mask)
         return self.dense(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -302,8 +299,10 @@ class ChatGLMForCausalLM(nn.Module):
         positions: torch.Tensor,
         cache: DenseKVCache | None = None,
         last_only: bool = False,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [B, T] (positions count from 0 at `[gMASK]`). Returns logits [B, T, V]."""
+        """input_ids, positions: [B, T] (positions count from 0 at `[gMASK]`). Returns logits [B, T, V]
+        (only the last position with `last_only`, only `logit_rows` when given)."""
         x = self.transformer.embedding.word_embeddings(input_ids)
         # Angles in fp32, then cos/sin in the model dtype, as the reference does.
         angles = positions[..., None].float() * self.inv_freq  # [B, T, R/2]
@@ -317,6 +316,8 @@ class ChatGLMForCausalLM(nn.Module):
             cache.advance(input_ids.shape[1])
         if last_only:
             x = x[:, -1:]
+        elif logit_rows is not None:
+            x = x[:, logit_rows]
         return self.transformer.output_layer(self.transformer.encoder.final_layernorm(x))
 
     # ---- checkpoint formats -------------------------------------------------------------------------
@@ -401,3 +402,16 @@ _GGUF_LAYER_MODULES = {
 
 
 Model = ChatGLMForCausalLM
+
+
+# ---- tokenizer and chat format: the hooks `api.load` looks for ------------------------------------------
+
+
+def load_tokenizer(ckpt: Checkpoint) -> Tokenizer:
+    return load_glm_checkpoint_tokenizer(ckpt)
+
+
+def chat_format_for(tokenizer: Tokenizer, config: ChatGLMConfig) -> ChatFormat:
+    # ChatGLM2, ChatGLM3 and GLM-4-9B-chat share this network; their prompt formats differ, and only the
+    # tokenizer's special tokens tell which one this is.
+    return glm_chat_format_for_model(tokenizer, config)

@@ -17,15 +17,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmstack.engine.chat_format import ChatFormat, glm_chat_format_for_model
 from glmstack.engine.errors import UnsupportedArchitectureError
+from glmstack.engine.glm_tokenizers import load_glm_checkpoint_tokenizer
 from glmstack.engine.kv_cache import DenseKVCache
 from glmstack.engine.models.llama import apply_rotary
+from glmstack.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from glmstack.engine.loading import Checkpoint
 
 # GLMBlock(num_layers=28) is a constructor default the reference never overrides: every ChatGLM-6B-shaped
 # model, whatever its depth, uses sqrt(2 * 28).
@@ -211,6 +217,9 @@ class Transformer(nn.Module):
 class ChatGLMv1ForCausalLM(nn.Module):
     config_class = ChatGLMv1Config
     # The bidirectional prefix needs the whole prompt in one forward; generation must not chunk the prefill.
+    # The batched paged engine cannot express v1's per-sequence bidirectional prefix; the async engine
+    # serves v1 through the one-sequence reference loop instead.
+    supports_paged = False
     prefill_chunk: int | None = None
 
     def __init__(self, config: ChatGLMv1Config) -> None:
@@ -275,3 +284,14 @@ class ChatGLMv1ForCausalLM(nn.Module):
 
 
 Model = ChatGLMv1ForCausalLM
+
+
+# ---- tokenizer and chat format: the hooks `api.load` looks for ------------------------------------------
+
+
+def load_tokenizer(ckpt: Checkpoint) -> Tokenizer:
+    return load_glm_checkpoint_tokenizer(ckpt)  # ice_text.model, with its id offset from config.json
+
+
+def chat_format_for(tokenizer: Tokenizer, config: ChatGLMv1Config) -> ChatFormat:
+    return glm_chat_format_for_model(tokenizer, config)

@@ -11,10 +11,19 @@ into our THUDM-style names, which is also what the 0414 originals used. GGUF: ll
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from glmstack.engine.chat_format import ChatFormat, GLM4ChatFormat, TemplateChatFormat
+from glmstack.engine.chat_format.glm4 import STOP_TOKENS
+from glmstack.engine.glm_tokenizers import load_glm_checkpoint_tokenizer
 from glmstack.engine.kv_cache import DenseKVCache
 from glmstack.engine.models.chatglm import ChatGLMConfig, ChatGLMForCausalLM, GLMBlock, make_norm
+from glmstack.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from glmstack.engine.loading import Checkpoint
 
 
 class Glm4Block(GLMBlock):
@@ -42,3 +51,25 @@ class Glm4ForCausalLM(ChatGLMForCausalLM):
 
 
 Model = Glm4ForCausalLM
+
+
+# ---- tokenizer and chat format: the hooks `api.load` looks for ------------------------------------------
+
+
+def load_tokenizer(ckpt: Checkpoint) -> Tokenizer:
+    return load_glm_checkpoint_tokenizer(ckpt)  # tokenizer.json for 0414 checkpoints, GGUF metadata for .gguf
+
+
+def chat_format_for(tokenizer: Tokenizer, config: ChatGLMConfig) -> ChatFormat:
+    """The model's own chat template: 0414's differs from GLM-4-9B-chat's (system messages first, its own tools
+    block), so the built-in GLM-4 format is only the fallback for a checkpoint without one.
+
+    The template writes no end-of-turn token and tokenizer_config.json names only `<|endoftext|>` as eos, but
+    the model ends a turn with `<|user|>` or `<|observation|>` (generation_config.json lists all three):
+    without them here it would go on to write the user's next turn itself."""
+    if not tokenizer.chat_template:
+        return GLM4ChatFormat(tokenizer)
+    chat_format = TemplateChatFormat(tokenizer)
+    stop_ids = (tokenizer.token_to_id(token) for token in STOP_TOKENS)
+    chat_format.stop_token_ids |= {token_id for token_id in stop_ids if token_id is not None}
+    return chat_format

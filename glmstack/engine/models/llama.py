@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmstack.engine.kv_cache import DenseKVCache
+from glmstack.engine.kv_cache import DenseKVCache, cached_attention
 
 
 @dataclass
@@ -183,12 +183,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        out = cached_attention(q, k, v, layer, cache, mask)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -254,8 +249,10 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         cache: DenseKVCache | None = None,
         last_only: bool = False,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [B, T]. Returns logits [B, T, V] (or [B, 1, V] with last_only).
+        """input_ids, positions: [B, T]. Returns logits [B, T, V] (or [B, 1, V] with last_only, or
+        [B, len(logit_rows), V] for just those positions — the batched runner's sampling rows).
 
         With a cache, the new keys are appended after what it already holds, and attention is causal over
         the whole cached sequence; without one this is a plain full-sequence forward.
@@ -273,6 +270,8 @@ class LlamaForCausalLM(nn.Module):
             cache.advance(input_ids.shape[1])
         if last_only:
             x = x[:, -1:]
+        elif logit_rows is not None:
+            x = x[:, logit_rows]
         return self.lm_head(self.model.norm(x))
 
     # ---- checkpoint formats -------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""The serving engine's step loop: requests in, token events out, one batched forward pass per step.
+
+    scheduler.py  decides who runs and with how many tokens (continuous batching, chunked prefill)
+    runner.py     runs those tokens as one batch over the paged KV cache
+    core.py       (this) samples, detokenizes, applies stop strings, emits events, frees what finished
+
+Synchronous and single-threaded on purpose: `AsyncEngine` calls `step()` from its worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from glmstack.engine.api import ChatModel
+from glmstack.engine.block_allocator import BlockAllocator
+from glmstack.engine.runner import ModelRunner, PagedKVCache
+from glmstack.engine.sampling import StopStringMatcher, make_generator, sample_token
+from glmstack.engine.scheduler import RequestTooLargeError, Scheduler, Sequence
+from glmstack.engine.tokenizer import StreamDecoder
+from glmstack.protocol import GenerationEvent, SamplingParams, Usage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_CACHE_MB = 512
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    decoder: StreamDecoder
+    matcher: StopStringMatcher
+    generator: torch.Generator | None
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def event(self, text: str, token_ids: list[int], finish: str | None = None) -> GenerationEvent:
+        usage = Usage(prompt_tokens=len(self.seq.prompt_ids), completion_tokens=len(self.seq.output_ids))
+        return GenerationEvent(text, token_ids, finish_reason=finish, usage=usage,
+                               time_to_first_token=self.first_token_at)
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model: ChatModel,
+        *,
+        kv_cache_bytes: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_batch_tokens: int = 512,
+        max_running: int = 64,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.model = model
+        cfg = model.module.config
+        if kv_cache_bytes is None:
+            kv_cache_bytes = int(os.environ.get("GLMSTACK_KV_CACHE_MB", DEFAULT_KV_CACHE_MB)) * 1024 * 1024
+        value_dim = getattr(cfg, "value_head_dim", None) or cfg.head_dim
+        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads,
+                                                 (cfg.head_dim + value_dim) // 2, model.dtype)
+        num_blocks = max(1, kv_cache_bytes // per_block)
+        self.kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                               dtype=model.dtype, device=model.device, value_head_dim=value_dim)
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.scheduler = Scheduler(self.allocator, context_length=model.context_length,
+                                   max_batch_tokens=max_batch_tokens, max_running=max_running,
+                                   enable_prefix_caching=enable_prefix_caching)
+        self.runner = ModelRunner(model.module, self.kv, model.device)
+        self.requests: dict[str, _Request] = {}
+        self.steps = 0
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    stop_token_ids: set[int] | None = None) -> None:
+        """Queue a request. Raises RequestTooLargeError if it can never fit the context or KV budget."""
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        stops = set(self.model.chat_format.stop_token_ids if stop_token_ids is None else stop_token_ids)
+        stops |= set(params.stop_token_ids)
+        budget = params.max_tokens or (self.model.context_length - len(prompt_ids))
+        seq = Sequence(request_id, list(prompt_ids), max(budget, 1), frozenset(stops))
+        self.scheduler.add(seq)
+        self.requests[request_id] = _Request(
+            seq, params, self.model.tokenizer.stream_decoder(skip_special_tokens=True),
+            StopStringMatcher(params.stop), make_generator(params, self.model.device))
+
+    def abort(self, request_id: str) -> None:
+        if self.requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "kv_blocks_total": self.allocator.num_blocks,
+            "kv_blocks_in_use": self.allocator.num_in_use,
+            "prefix_cache_hit_tokens": self.allocator.hits,
+        }
+
+    # ---- one step -------------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[str, GenerationEvent]]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        logits = self.runner.execute(plan)
+        sampling = [c for c in plan.chunks if c.samples]
+        sampled: dict[str, int] = {}
+        for row, chunk in enumerate(sampling):
+            req = self.requests[chunk.seq.seq_id]
+            sampled[chunk.seq.seq_id] = sample_token(logits[row], req.params, req.generator)
+        self.scheduler.update(plan, sampled)
+        self.steps += 1
+        events = []
+        now = time.perf_counter()
+        for chunk in sampling:
+            seq = chunk.seq
+            req = self.requests[seq.seq_id]
+            if req.first_token_at is None:
+                req.first_token_at = now - req.started
+            event = self._event_for(req, sampled[seq.seq_id])
+            if event is not None:
+                events.append((seq.seq_id, event))
+                if event.finish_reason is not None:
+                    del self.requests[seq.seq_id]
+        return events
+
+    def _event_for(self, req: _Request, token: int) -> GenerationEvent | None:
+        seq = req.seq
+        stopped_by_token = seq.finish_reason == "stop"
+        text = ""
+        if not stopped_by_token:
+            text, hit = req.matcher.push(req.decoder.push(token))
+            if hit:
+                self.scheduler.finish(seq, "stop")
+                return req.event(text, [token], "stop")
+        if seq.finish_reason is None:
+            return req.event(text, [token]) if text else req.event("", [token])
+        tail, hit = req.matcher.push(req.decoder.flush())
+        tail += "" if hit else req.matcher.flush()
+        return req.event(text + tail, [] if stopped_by_token else [token], seq.finish_reason)
+
+
+__all__ = ["EngineCore", "RequestTooLargeError"]

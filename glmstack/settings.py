@@ -1,0 +1,87 @@
+"""One Settings object for the whole platform, read from GLMSTACK_* environment variables.
+
+The CLI builds it (`Settings.from_env()`, then `dataclasses.replace` for its flags) and passes it in; nothing
+else reads the environment. Standard library only, so any part of glmstack can import it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+QUANTIZE_CHOICES = ("int8", "int4")
+_MiB = 1024 * 1024
+
+
+@dataclass
+class Settings:
+    home: Path
+    database_url: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str | None = None            # None: the engine's default model
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str | None = None         # None | "int8" | "int4"
+    max_body_bytes: int = 4 * _MiB
+    max_concurrency_per_key: int = 4    # a key's own concurrency_limit overrides this
+    max_queue: int = 64
+    max_tokens_cap: int | None = None   # None: only the model's context length limits a reply
+    max_messages: int = 256
+    safety_dir: Path | None = None      # None: the word lists shipped with glmstack
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from `env` (default: os.environ). Empty variables count as unset. Raises ValueError naming
+        the variable when a value does not parse."""
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = env.get(f"GLMSTACK_{name}", "").strip()
+            return value or None
+
+        def get_optional_int(name: str, *, minimum: int) -> int | None:
+            raw = get(name)
+            if raw is None:
+                return None
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ValueError(f"GLMSTACK_{name} must be an integer, got {raw!r}") from None
+            if value < minimum:
+                raise ValueError(f"GLMSTACK_{name} must be at least {minimum}, got {value}")
+            return value
+
+        def get_int(name: str, default: int, *, minimum: int) -> int:
+            value = get_optional_int(name, minimum=minimum)
+            return default if value is None else value
+
+        home = Path(get("HOME") or Path.home() / ".glmstack").expanduser().absolute()
+        quantize = get("QUANTIZE")
+        if quantize is not None and quantize.lower() == "none":
+            quantize = None
+        if quantize is not None and quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"GLMSTACK_QUANTIZE must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+        safety_dir = get("SAFETY_DIR")
+        defaults = cls(home=home, database_url="")
+        return cls(
+            home=home,
+            database_url=get("DATABASE_URL") or f"sqlite:///{home / 'glmstack.db'}",
+            host=get("HOST") or defaults.host,
+            port=get_int("PORT", defaults.port, minimum=0),
+            model=get("MODEL"),
+            device=get("DEVICE") or defaults.device,
+            dtype=get("DTYPE") or defaults.dtype,
+            quantize=quantize,
+            max_body_bytes=get_int("MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1),
+            max_concurrency_per_key=get_int("MAX_CONCURRENCY_PER_KEY", defaults.max_concurrency_per_key,
+                                            minimum=1),
+            max_queue=get_int("MAX_QUEUE", defaults.max_queue, minimum=0),
+            max_tokens_cap=get_optional_int("MAX_TOKENS_CAP", minimum=1),
+            max_messages=get_int("MAX_MESSAGES", defaults.max_messages, minimum=1),
+            safety_dir=Path(safety_dir).expanduser() if safety_dir else None,
+            log_level=(get("LOG_LEVEL") or defaults.log_level).upper(),
+        )

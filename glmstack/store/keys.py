@@ -1,0 +1,135 @@
+"""API keys in the platform's documented `{id}.{secret}` form.
+
+The id is public (it travels in every JWT); the secret is shown once at creation and stored twice: as a
+SHA-256 hash, which plain Bearer keys are checked against, and sealed with the master key, because the
+HS256 JWT scheme needs the secret itself to verify a signature (see tables.api_keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import string
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy import Row, func, insert, select, update
+
+from glmstack.store.db import Database
+from glmstack.store.tables import api_keys
+
+log = logging.getLogger(__name__)
+
+# Neither half may contain the "." that separates them. Ids are letters and digits only, so one never starts
+# with "-" and reads as an option on the command line (`glmstack keys revoke ID`); secrets are token_urlsafe.
+ID_ALPHABET = string.ascii_letters + string.digits
+ID_LENGTH = 16       # ~95 random bits
+SECRET_BYTES = 32    # 43 characters, 256 random bits
+MAX_NAME_LENGTH = 200
+# Compared against when the id is unknown, so that path costs the same hash-and-compare as a wrong secret.
+_NO_SUCH_HASH = "0" * 64
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+    concurrency_limit: int | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def hash_secret(secret: str) -> str:
+    # Plain SHA-256, not a slow password hash: the secret is 256 random bits, so there is nothing to
+    # brute-force, and this runs on every request.
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _record(row: Row) -> KeyRecord:
+    return KeyRecord(id=row.id, name=row.name, created_at=_utc(row.created_at), revoked_at=_utc(row.revoked_at),
+                     concurrency_limit=row.concurrency_limit)
+
+
+_RECORD_COLUMNS = (api_keys.c.id, api_keys.c.name, api_keys.c.created_at, api_keys.c.revoked_at,
+                   api_keys.c.concurrency_limit)
+
+
+class KeyStore:
+    def __init__(self, db: Database, sealer: Fernet):
+        self._db = db
+        self._sealer = sealer
+
+    def create(self, name: str = "", *, concurrency_limit: int | None = None) -> tuple[KeyRecord, str]:
+        """A new key. Returns its record and the full `id.secret` key, which is never retrievable again."""
+        if len(name) > MAX_NAME_LENGTH:
+            raise ValueError(f"key name is longer than {MAX_NAME_LENGTH} characters")
+        if concurrency_limit is not None and concurrency_limit < 1:
+            raise ValueError(f"concurrency limit must be at least 1, got {concurrency_limit}")
+        key_id = "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
+        secret = secrets.token_urlsafe(SECRET_BYTES)
+        record = KeyRecord(id=key_id, name=name, created_at=datetime.now(UTC), revoked_at=None,
+                           concurrency_limit=concurrency_limit)
+        with self._db.write() as conn:
+            conn.execute(insert(api_keys).values(
+                id=key_id, name=name, secret_hash=hash_secret(secret),
+                sealed_secret=self._sealer.encrypt(secret.encode("utf-8")).decode("ascii"),
+                created_at=record.created_at, concurrency_limit=concurrency_limit,
+            ))
+        return record, f"{key_id}.{secret}"
+
+    def revoke(self, key_id: str) -> bool:
+        """True if an active key was revoked; False if the id is unknown or already revoked."""
+        with self._db.write() as conn:
+            result = conn.execute(update(api_keys)
+                                  .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                                  .values(revoked_at=datetime.now(UTC)))
+        return result.rowcount == 1
+
+    def list(self) -> list[KeyRecord]:
+        """Every key, revoked ones included, oldest first."""
+        with self._db.read() as conn:
+            rows = conn.execute(select(*_RECORD_COLUMNS).order_by(api_keys.c.created_at, api_keys.c.id))
+            return [_record(row) for row in rows]
+
+    def count_active(self) -> int:
+        with self._db.read() as conn:
+            return conn.execute(select(func.count()).select_from(api_keys)
+                                .where(api_keys.c.revoked_at.is_(None))).scalar_one()
+
+    def verify_secret(self, key_id: str, secret: str) -> KeyRecord | None:
+        """The key's record if `secret` is its secret and it is not revoked; None otherwise."""
+        with self._db.read() as conn:
+            row = conn.execute(select(*_RECORD_COLUMNS, api_keys.c.secret_hash)
+                               .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))).first()
+        expected = row.secret_hash if row is not None else _NO_SUCH_HASH
+        matches = hmac.compare_digest(hash_secret(secret).encode("ascii"), expected.encode("ascii"))
+        return _record(row) if row is not None and matches else None
+
+    def signing_secret(self, key_id: str) -> str | None:
+        """The secret of an active key, for verifying the HS256 JWTs it signs; None if unknown or revoked."""
+        with self._db.read() as conn:
+            sealed = conn.execute(select(api_keys.c.sealed_secret)
+                                  .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))).scalar()
+        if sealed is None:
+            return None
+        try:
+            return self._sealer.decrypt(sealed.encode("ascii")).decode("utf-8")
+        except InvalidToken:
+            # The master key changed (secret.key replaced or a different GLMSTACK_HOME): plain Bearer keys
+            # still work through the hash, JWTs for this key cannot be verified.
+            log.warning("cannot unseal the secret of key %s: the master key does not match", key_id)
+            return None

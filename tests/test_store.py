@@ -1,0 +1,355 @@
+"""The store: migrations, API keys, usage accounting and the `glmstack keys` / `glmstack usage` commands, on
+SQLite and on PostgreSQL (the `database_url` fixture in conftest.py runs each test on both)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import stat
+import string
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from cryptography.fernet import Fernet, InvalidToken
+
+from glmstack.store import KeyRecord, Store, StoreUnavailableError, UsageRow
+from glmstack.store.db import create_db_engine, migrate
+from glmstack.store.tables import metadata
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def store(database_url: str, home: Path):
+    with Store(database_url, home=home) as store:
+        yield store
+
+
+def _rows(database_url: str, table: str) -> list[sa.Row]:
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.text(f"SELECT * FROM {table}")))
+    finally:
+        engine.dispose()
+
+
+# ---- migrations -----------------------------------------------------------------------------------------
+
+
+def test_migrations_create_the_schema_and_are_idempotent(database_url: str, home: Path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    migrate(database_url)
+    migrate(database_url)
+    Store(database_url, home=home).close()
+
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+            with warnings.catch_warnings():
+                # SQLite cannot reflect the expression index on usage; PostgreSQL compares it too.
+                warnings.simplefilter("ignore")
+                assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path):
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db' / 'glmstack.db'}")  # creates the directory
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
+
+
+# ---- keys -----------------------------------------------------------------------------------------------
+
+
+def test_key_lifecycle(store: Store):
+    record, full_key = store.keys.create("laptop", concurrency_limit=3)
+    key_id, secret = full_key.split(".")
+    assert record.id == key_id and record.name == "laptop" and record.concurrency_limit == 3
+    assert len(key_id) == 16 and set(key_id) <= set(string.ascii_letters + string.digits)
+    assert len(secret) >= 32 and set(secret) <= set(string.ascii_letters + string.digits + "-_")
+    assert record.created_at.tzinfo is not None and record.revoked_at is None
+
+    assert store.keys.verify_secret(key_id, secret) == record
+    assert store.keys.signing_secret(key_id) == secret
+    assert store.keys.verify_secret(key_id, secret[:-1]) is None
+    assert store.keys.verify_secret(key_id, "") is None
+    assert store.keys.verify_secret("nosuchkey0000000", secret) is None
+    assert store.keys.signing_secret("nosuchkey0000000") is None
+
+    other, _ = store.keys.create()
+    assert [k.id for k in store.keys.list()] == [key_id, other.id]
+    assert store.keys.count_active() == 2
+
+    assert store.keys.revoke(key_id) is True
+    assert store.keys.revoke(key_id) is False
+    assert store.keys.revoke("nosuchkey0000000") is False
+    assert store.keys.verify_secret(key_id, secret) is None
+    assert store.keys.signing_secret(key_id) is None
+    assert store.keys.count_active() == 1
+    revoked = next(k for k in store.keys.list() if k.id == key_id)
+    assert revoked.revoked_at is not None and revoked.revoked_at >= revoked.created_at
+
+
+def test_key_input_is_validated(store: Store):
+    with pytest.raises(ValueError, match="concurrency"):
+        store.keys.create(concurrency_limit=0)
+    with pytest.raises(ValueError, match="name"):
+        store.keys.create("x" * 201)
+
+
+def test_secret_is_stored_hashed_and_sealed_under_the_master_key(database_url: str, store: Store, home: Path):
+    _, full_key = store.keys.create("ci")
+    key_id, secret = full_key.split(".")
+
+    [row] = _rows(database_url, "api_keys")
+    assert secret not in {str(value) for value in row}
+    assert row.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
+
+    key_file = home / "secret.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert Fernet(key_file.read_bytes()).decrypt(row.sealed_secret.encode()).decode() == secret
+    with pytest.raises(InvalidToken):
+        Fernet(Fernet.generate_key()).decrypt(row.sealed_secret.encode())
+
+    # Another server home has another master key: plain keys still verify (by hash), JWT secrets do not unseal.
+    with Store(database_url, home=home.parent / "elsewhere") as stranger:
+        assert stranger.keys.verify_secret(key_id, secret) is not None
+        assert stranger.keys.signing_secret(key_id) is None
+
+
+def test_master_key_is_created_once_even_by_racing_processes(tmp_path: Path):
+    from glmstack.store.master_key import load_master_key
+
+    path = tmp_path / "home" / "secret.key"
+    start = threading.Barrier(8)
+    keys: list[Fernet] = []
+
+    def load() -> None:
+        start.wait()
+        keys.append(load_master_key(path))
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    token = keys[0].encrypt(b"x")
+    assert len(keys) == 8 and all(k.decrypt(token) == b"x" for k in keys)
+    assert load_master_key(path).decrypt(token) == b"x"
+    assert [p.name for p in path.parent.iterdir()] == ["secret.key"]  # no temporary files left behind
+
+
+# ---- usage ----------------------------------------------------------------------------------------------
+
+
+def test_usage_accumulates_per_key_and_model(database_url: str, store: Store):
+    a, _ = store.keys.create("a")
+    b, _ = store.keys.create("b")
+    store.usage.record(a.id, "glm-4", 10, 20)
+    store.usage.record(a.id, "glm-4", 1, 2)
+    store.usage.record(a.id, "glm-4-flash", 5, 0)
+    store.usage.record(b.id, "glm-4", 7, 8)
+    store.usage.record(None, "glm-4", 3, 4)
+    store.usage.record(None, "glm-4", 3, 4)
+
+    assert store.usage.report() == sorted([
+        UsageRow(None, "glm-4", 2, 6, 8),
+        UsageRow(a.id, "glm-4", 2, 11, 22),
+        UsageRow(a.id, "glm-4-flash", 1, 5, 0),
+        UsageRow(b.id, "glm-4", 1, 7, 8),
+    ], key=lambda r: (r.key_id or "", r.model))
+    assert store.usage.report(a.id) == [UsageRow(a.id, "glm-4", 2, 11, 22), UsageRow(a.id, "glm-4-flash", 1, 5, 0)]
+    assert store.usage.report(a.id)[0].total_tokens == 33
+    assert store.usage.report("nosuchkey0000000") == []
+    # Upserts, not appends: one row per (key, model, day), the keyless requests included.
+    assert len(_rows(database_url, "usage")) == 4
+
+
+def test_concurrent_usage_writes_do_not_fail(database_url: str, home: Path):
+    """32 threads x 50 writes through four Stores (four engines, as if four processes) on one database: on
+    SQLite every write waits its turn (BEGIN IMMEDIATE + busy timeout) instead of "database is locked"."""
+    threads_n, writes = 32, 50
+    stores = [Store(database_url, home=home) for _ in range(4)]
+    key, _ = stores[0].keys.create()
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads_n)
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            for _ in range(writes):
+                stores[i % len(stores)].usage.record(key.id if i % 2 else None, "glm-4", 2, 3)
+        except BaseException as e:  # collected and re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        half = threads_n // 2 * writes
+        assert stores[0].usage.report() == [UsageRow(None, "glm-4", half, 2 * half, 3 * half),
+                                            UsageRow(key.id, "glm-4", half, 2 * half, 3 * half)]
+    finally:
+        for s in stores:
+            s.close()
+
+
+# ---- outages --------------------------------------------------------------------------------------------
+
+
+def test_unreachable_postgres_fails_fast_with_a_typed_error(home: Path):
+    # A server that accepts the TCP connection and then never answers: only the connect timeout ends it.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            Store(f"postgresql://glmstack:x@127.0.0.1:{port}/glmstack", home=home)
+        assert time.monotonic() - started < 10
+
+
+class _Plug:
+    """A TCP relay to the database, so that a test can pull the plug on a store that is already open."""
+
+    def __init__(self, host: str, port: int):
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self._open:
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def pull(self) -> None:
+        self._open = False
+        self._listener.close()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_postgres_outage_after_start_is_reported_not_hung(database_url: str, home: Path):
+    url = sa.engine.make_url(database_url)
+    if url.get_backend_name() != "postgresql":
+        pytest.skip("a network outage is a PostgreSQL matter")
+    plug = _Plug(url.host or "127.0.0.1", url.port or 5432)
+    store = Store(url.set(host="127.0.0.1", port=plug.port).render_as_string(hide_password=False), home=home)
+    try:
+        key, full_key = store.keys.create()
+        assert store.healthy()
+        plug.pull()
+        started = time.monotonic()
+        assert not store.healthy()
+        with pytest.raises(StoreUnavailableError):
+            store.keys.verify_secret(key.id, full_key.split(".")[1])
+        with pytest.raises(StoreUnavailableError):
+            store.usage.record(key.id, "glm-4", 1, 1)
+        assert time.monotonic() - started < 10
+    finally:
+        plug.pull()
+        store.close()
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+
+
+def _glmstack(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "glmstack.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_keys_and_usage_commands(database_url: str, home: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLMSTACK_")}
+    env["GLMSTACK_HOME"] = str(home)
+    if database_url.startswith("postgresql"):
+        env["GLMSTACK_DATABASE_URL"] = database_url
+    else:
+        database_url = f"sqlite:///{home / 'glmstack.db'}"  # the default: SQLite in GLMSTACK_HOME
+
+    created = _glmstack(env, "keys", "create", "--name", "ci", "--concurrency", "3")
+    assert created.returncode == 0, created.stderr
+    full_key = created.stdout.strip()
+    key_id, secret = full_key.split(".")
+    assert "shown again" in created.stderr
+
+    with Store(database_url, home=home) as store:
+        assert store.keys.verify_secret(key_id, secret) == KeyRecord(
+            key_id, "ci", store.keys.list()[0].created_at, None, 3)
+        store.usage.record(key_id, "glm-4", 12, 30)
+
+    listed = _glmstack(env, "keys", "list")
+    assert listed.returncode == 0 and key_id in listed.stdout and "active" in listed.stdout
+
+    usage = _glmstack(env, "usage", "--key", key_id)
+    assert usage.returncode == 0, usage.stderr
+    assert usage.stdout.splitlines()[1].split() == [key_id, "glm-4", "1", "12", "30", "42"]
+
+    assert _glmstack(env, "keys", "revoke", key_id).returncode == 0
+    again = _glmstack(env, "keys", "revoke", key_id)
+    assert again.returncode == 1 and "no active key" in again.stderr
+    assert "revoked" in _glmstack(env, "keys", "list").stdout
+
+
+def test_command_reports_an_unreachable_database_in_one_line(home: Path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GLMSTACK_HOME": str(home),
+           "GLMSTACK_DATABASE_URL": f"postgresql://glmstack:x@127.0.0.1:{port}/glmstack"}
+    result = _glmstack(env, "keys", "list")
+    assert result.returncode == 1
+    assert result.stderr.startswith("glmstack: error: database unavailable") and "Traceback" not in result.stderr
+
+
+def test_store_and_settings_never_import_torch():
+    code = ("import sys, glmstack.cli, glmstack.settings; glmstack.cli.build_parser(); "
+            "assert 'sqlalchemy' not in sys.modules, 'building the CLI parser loaded SQLAlchemy'; "
+            "from glmstack.store import Store, KeyRecord, UsageRow; "
+            "assert 'torch' not in sys.modules, 'the store imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
