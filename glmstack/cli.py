@@ -5,6 +5,7 @@
     glmstack inspect MODEL                      architecture, size, context, memory per precision
     glmstack keys create|list|revoke            API keys (see glmstack/store/cli.py)
     glmstack usage [--key ID]                   requests and tokens per key and model
+    glmstack serve [--host H] [--port P]        the HTTP API (see glmstack/api/serve.py)
 
 Errors on bad input print one line (`glmstack: error: ...`) and exit with status 2; `--debug` shows the
 traceback instead.
@@ -19,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from glmstack.api import serve
 from glmstack.store import cli as store_cli
 
 EXIT_USAGE = 2
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="model path or name (a config.json alone is enough)")
 
     store_cli.add_subcommands(sub)
+    serve.add_subcommands(sub)
     return parser
 
 
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from glmstack.engine.errors import EngineError
 
     try:
+        if args.command == "serve":
+            return serve.run(args)
         if args.command == "chat":
             return cmd_chat(args)
         if args.command == "models":

@@ -64,7 +64,8 @@ class Settings:
         if quantize is not None and quantize.lower() == "none":
             quantize = None
         if quantize is not None and quantize not in QUANTIZE_CHOICES:
-            raise ValueError(f"GLMSTACK_QUANTIZE must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+            choices = ", ".join(QUANTIZE_CHOICES)
+            raise ValueError(f"GLMSTACK_QUANTIZE must be one of {choices}, got {quantize!r}")
         safety_dir = get("SAFETY_DIR")
         defaults = cls(home=home, database_url="")
         return cls(

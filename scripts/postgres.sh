@@ -33,7 +33,7 @@ fi
 
 # The newest installed server version; the Debian package creates cluster "main" for it, but a container
 # image may have removed it, so create it when missing.
-VERSION=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+VERSION=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1 || true)
 [ -n "$VERSION" ] || skip "no PostgreSQL server binaries under /usr/lib/postgresql"
 if ! pg_lsclusters -h | awk '{print $1, $2}' | grep -qx "$VERSION main"; then
   say "creating cluster $VERSION/main"

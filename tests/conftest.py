@@ -28,7 +28,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         return
     base = os.environ.get("GLMSTACK_TEST_POSTGRES_URL")
     if not base:
-        pytest.skip("GLMSTACK_TEST_POSTGRES_URL is not set (export GLMSTACK_TEST_POSTGRES_URL=$(bash scripts/postgres.sh))")
+        pytest.skip("GLMSTACK_TEST_POSTGRES_URL is not set; `bash scripts/postgres.sh` prints one")
     import sqlalchemy as sa
 
     from glmstack.store.db import normalize_url
@@ -40,7 +40,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
         # Every connection made with this URL sees only the new schema, so tests cannot see each other's rows.
-        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+        private = url.update_query_dict({"options": f"-csearch_path={schema}"})
+        yield private.render_as_string(hide_password=False)
         with admin.connect() as conn:
             conn.exec_driver_sql("SET lock_timeout = '10s'")
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")

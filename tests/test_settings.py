@@ -25,7 +25,8 @@ def test_home_defaults_to_dot_glmstack(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_values_from_env(tmp_path: Path):
     s = Settings.from_env({
-        "GLMSTACK_HOME": str(tmp_path), "GLMSTACK_DATABASE_URL": "postgresql://u@db/glm", "GLMSTACK_PORT": "0",
+        "GLMSTACK_HOME": str(tmp_path), "GLMSTACK_DATABASE_URL": "postgresql://u@db/glm",
+        "GLMSTACK_PORT": "0",
         "GLMSTACK_MODEL": "glm-4-9b", "GLMSTACK_QUANTIZE": "int4", "GLMSTACK_MAX_TOKENS_CAP": "1024",
         "GLMSTACK_SAFETY_DIR": str(tmp_path / "lists"), "GLMSTACK_LOG_LEVEL": "debug", "GLMSTACK_DEVICE": "",
     })

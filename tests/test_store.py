@@ -58,7 +58,8 @@ def test_migrations_create_the_schema_and_are_idempotent(database_url: str, home
     engine = create_db_engine(database_url)
     try:
         with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+            versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+            assert versions == ["0001"]
             with warnings.catch_warnings():
                 # SQLite cannot reflect the expression index on usage; PostgreSQL compares it too.
                 warnings.simplefilter("ignore")
@@ -131,7 +132,7 @@ def test_secret_is_stored_hashed_and_sealed_under_the_master_key(database_url: s
     with pytest.raises(InvalidToken):
         Fernet(Fernet.generate_key()).decrypt(row.sealed_secret.encode())
 
-    # Another server home has another master key: plain keys still verify (by hash), JWT secrets do not unseal.
+    # Another server home has another master key: plain keys still verify (by hash), JWT secrets don't unseal.
     with Store(database_url, home=home.parent / "elsewhere") as stranger:
         assert stranger.keys.verify_secret(key_id, secret) is not None
         assert stranger.keys.signing_secret(key_id) is None
@@ -178,7 +179,8 @@ def test_usage_accumulates_per_key_and_model(database_url: str, store: Store):
         UsageRow(a.id, "glm-4-flash", 1, 5, 0),
         UsageRow(b.id, "glm-4", 1, 7, 8),
     ], key=lambda r: (r.key_id or "", r.model))
-    assert store.usage.report(a.id) == [UsageRow(a.id, "glm-4", 2, 11, 22), UsageRow(a.id, "glm-4-flash", 1, 5, 0)]
+    assert store.usage.report(a.id) == [UsageRow(a.id, "glm-4", 2, 11, 22),
+                                        UsageRow(a.id, "glm-4-flash", 1, 5, 0)]
     assert store.usage.report(a.id)[0].total_tokens == 33
     assert store.usage.report("nosuchkey0000000") == []
     # Upserts, not appends: one row per (key, model, day), the keyless requests included.
@@ -344,7 +346,8 @@ def test_command_reports_an_unreachable_database_in_one_line(home: Path):
            "GLMSTACK_DATABASE_URL": f"postgresql://glmstack:x@127.0.0.1:{port}/glmstack"}
     result = _glmstack(env, "keys", "list")
     assert result.returncode == 1
-    assert result.stderr.startswith("glmstack: error: database unavailable") and "Traceback" not in result.stderr
+    assert result.stderr.startswith("glmstack: error: database unavailable")
+    assert "Traceback" not in result.stderr
 
 
 def test_store_and_settings_never_import_torch():

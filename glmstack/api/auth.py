@@ -31,7 +31,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
@@ -200,3 +200,9 @@ class KeyedRoute(APIRoute):
             return await handler(request)
 
         return authenticated
+
+
+def keyed_router(**kwargs: Any) -> APIRouter:
+    """The router every glmstack.api resource uses. `strict_content_type=False`: a JSON body without a
+    Content-Type header is still read as JSON (hand-written clients forget it)."""
+    return APIRouter(route_class=KeyedRoute, strict_content_type=False, **kwargs)

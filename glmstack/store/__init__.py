@@ -24,8 +24,13 @@ __all__ = ["KeyRecord", "KeyStore", "Store", "StoreError", "StoreUnavailableErro
 
 # Loaded on first use: every `glmstack` command builds a parser that imports glmstack.store.cli, and
 # importing SQLAlchemy up front would add ~0.4 s to `glmstack chat`.
-_LAZY = {"Store": "glmstack.store.store", "KeyRecord": "glmstack.store.keys", "KeyStore": "glmstack.store.keys",
-         "UsageRow": "glmstack.store.usage", "UsageStore": "glmstack.store.usage"}
+_LAZY = {
+    "Store": "glmstack.store.store",
+    "KeyRecord": "glmstack.store.keys",
+    "KeyStore": "glmstack.store.keys",
+    "UsageRow": "glmstack.store.usage",
+    "UsageStore": "glmstack.store.usage",
+}
 
 
 def __getattr__(name: str) -> Any:

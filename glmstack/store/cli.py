@@ -30,7 +30,8 @@ def add_subcommands(subparsers: Any) -> None:
     create = keys_sub.add_parser("create", help="create a key and print it (it is shown only once)")
     create.add_argument("--name", default="", help="a label for the key, e.g. who or what uses it")
     create.add_argument("--concurrency", type=int, default=None, metavar="N",
-                        help="most requests this key may run at once (default: $GLMSTACK_MAX_CONCURRENCY_PER_KEY)")
+                        help="most requests this key may run at once "
+                             "(default: $GLMSTACK_MAX_CONCURRENCY_PER_KEY)")
     keys_sub.add_parser("list", help="list keys, revoked ones included")
     revoke = keys_sub.add_parser("revoke", help="revoke a key; requests using it are refused from now on")
     revoke.add_argument("id", help="the key's id (the part before the '.')")

@@ -60,8 +60,8 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _record(row: Row) -> KeyRecord:
-    return KeyRecord(id=row.id, name=row.name, created_at=_utc(row.created_at), revoked_at=_utc(row.revoked_at),
-                     concurrency_limit=row.concurrency_limit)
+    return KeyRecord(id=row.id, name=row.name, created_at=_utc(row.created_at),
+                     revoked_at=_utc(row.revoked_at), concurrency_limit=row.concurrency_limit)
 
 
 _RECORD_COLUMNS = (api_keys.c.id, api_keys.c.name, api_keys.c.created_at, api_keys.c.revoked_at,

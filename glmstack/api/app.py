@@ -1,0 +1,57 @@
+"""create_app: the platform's HTTP service around one engine and one store.
+
+Paths: everything under /api/paas/v4 (the platform's layout, spec §1.1), the same handlers under /v1 for
+OpenAI clients, ChatGLM's classic `POST /`, and /health, /metrics, /docs, /openapi.json.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI
+
+import glmstack
+from glmstack.api import errors
+from glmstack.api.auth import Authenticator, is_loopback
+from glmstack.api.limits import BodySizeLimit, ConcurrencyLimiter
+from glmstack.api.observability import Metrics, RequestLog
+from glmstack.api.platform import Engine, Platform
+from glmstack.api.routes import chat, classic, health, models
+from glmstack.api.safety import SafetyPolicy
+from glmstack.api.services.models import ModelCatalog
+from glmstack.settings import Settings
+from glmstack.store import Store
+
+PLATFORM_PREFIX = "/api/paas/v4"
+OPENAI_PREFIX = "/v1"
+# Settings.max_queue == 0 leaves the total unbounded here (the engine's own queue bound still applies).
+UNBOUNDED = 2**31
+
+
+def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
+    limiter = ConcurrencyLimiter(per_key=settings.max_concurrency_per_key, total=settings.max_queue or UNBOUNDED)
+    platform = Platform(
+        settings=settings,
+        engine=engine,
+        store=store,
+        models=ModelCatalog(engine.info().name, created=int(time.time())),
+        safety=SafetyPolicy.from_dir(settings.safety_dir),
+        limiter=limiter,
+        # Decided from the configured bind address only, never from anything a request says.
+        authenticator=Authenticator(store, open_when_keyless=is_loopback(settings.host)),
+        metrics=Metrics(engine.stats, lambda: limiter.active),
+    )
+    app = FastAPI(title="glmstack", version=glmstack.__version__,
+                  summary="The GLM open platform API (v4) on your own machine",
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app.state.platform = platform
+    errors.install(app)
+    for router in (chat.router, models.router):
+        app.include_router(router, prefix=PLATFORM_PREFIX)
+        app.include_router(router, prefix=OPENAI_PREFIX, include_in_schema=False)
+    app.include_router(classic.router)
+    app.include_router(health.router)
+    # Added last = outermost: the request log sees (and times) everything, including oversized bodies.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLog, metrics=platform.metrics)
+    return app

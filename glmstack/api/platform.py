@@ -1,0 +1,49 @@
+"""What every route works with: the engine, the store and the policies built from Settings, gathered once
+by create_app. The engine is seen only through `Engine` — the verbs of glmstack.protocol — so nothing here
+imports torch."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import Request
+
+from glmstack.api.auth import Authenticator
+from glmstack.api.limits import ConcurrencyLimiter
+from glmstack.api.observability import Metrics
+from glmstack.api.safety import SafetyPolicy
+from glmstack.api.services.models import ModelCatalog
+from glmstack.protocol import GenerateRequest, GenerationEvent, ModelInfo
+from glmstack.settings import Settings
+from glmstack.store import Store
+
+
+class Engine(Protocol):
+    def info(self) -> ModelInfo: ...
+
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+
+@dataclass
+class Platform:
+    settings: Settings
+    engine: Engine
+    store: Store
+    models: ModelCatalog
+    safety: SafetyPolicy
+    limiter: ConcurrencyLimiter
+    authenticator: Authenticator
+    metrics: Metrics
+
+
+def get_platform(request: Request) -> Platform:
+    """Dependency: the app's Platform."""
+    return request.app.state.platform

@@ -1,0 +1,33 @@
+"""POST /chat/completions — sync and SSE (spec §2.1)."""
+
+from __future__ import annotations
+
+from fastapi import Depends, Request
+from fastapi.responses import Response
+
+from glmstack.api.auth import Caller, current_caller, keyed_router
+from glmstack.api.platform import Platform, get_platform
+from glmstack.api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from glmstack.api.schemas.errors import error_responses
+from glmstack.api.services import chat
+
+router = keyed_router(tags=["chat"])
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    response_model_exclude_none=True,
+    responses={
+        200: {"content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}},
+              "description": 'With "stream": true, `data: <ChatCompletionChunk>` events, then `data: [DONE]`'},
+        **error_responses(400, 401, 413, 429, 500),
+    },
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 caller: Caller = Depends(current_caller),
+                                 platform: Platform = Depends(get_platform)) -> ChatCompletion | Response:
+    completion_id, log_fields = request.state.request_id, request.state.log
+    if body.stream:
+        return await chat.stream(platform, caller, body, completion_id, request.receive, log_fields)
+    return await chat.complete(platform, caller, body, completion_id, request.receive, log_fields)

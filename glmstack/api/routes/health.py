@@ -1,0 +1,27 @@
+"""/health (public, for load balancers and `curl`) and /metrics (keyed: it shows traffic and token volumes)."""
+
+from __future__ import annotations
+
+from fastapi import Depends
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from glmstack.api.auth import keyed_router
+from glmstack.api.platform import Platform, get_platform
+
+router = keyed_router(tags=["operations"])
+
+
+@router.get("/health", summary="Model loaded and database reachable (200), or not (503)")
+async def health(platform: Platform = Depends(get_platform)) -> JSONResponse:
+    info = platform.engine.info()
+    database = await run_in_threadpool(platform.store.healthy)
+    body = {"status": "ok" if database else "degraded", "model": {"name": info.name, "loaded": True},
+            "database": database}
+    return JSONResponse(body, status_code=200 if database else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(platform: Platform = Depends(get_platform)) -> Response:
+    payload, content_type = platform.metrics.render()
+    return Response(payload, media_type=content_type)

@@ -1,0 +1,31 @@
+"""GET /models and /models/{id}: the served model and the aliases it answers to."""
+
+from __future__ import annotations
+
+from fastapi import Depends
+
+from glmstack.api.auth import keyed_router
+from glmstack.api.errors import PlatformError
+from glmstack.api.platform import Platform, get_platform
+from glmstack.api.schemas.errors import error_responses
+from glmstack.api.schemas.models import ModelCard, ModelList
+
+router = keyed_router(tags=["models"])
+
+
+def _card(platform: Platform, name: str) -> ModelCard:
+    return ModelCard(id=name, created=platform.models.created, root=platform.models.served)
+
+
+@router.get("/models", response_model=ModelList, responses=error_responses(401))
+async def list_models(platform: Platform = Depends(get_platform)) -> ModelList:
+    return ModelList(data=[_card(platform, name) for name in platform.models.names])
+
+
+@router.get("/models/{model_id}", response_model=ModelCard, responses=error_responses(401, 404))
+async def retrieve_model(model_id: str, platform: Platform = Depends(get_platform)) -> ModelCard:
+    try:
+        platform.models.resolve(model_id)
+    except PlatformError as e:
+        raise PlatformError(1211, f"{model_id!r} is not served here", http_status=404) from e
+    return _card(platform, model_id)

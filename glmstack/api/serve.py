@@ -1,0 +1,121 @@
+"""`glmstack serve`: load the model, open the store, run the HTTP API with uvicorn.
+
+This is the composition root, the one place on the HTTP side allowed to touch the engine package (lazily,
+inside `run`): it builds the engine and hands create_app only the object glmstack.protocol describes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from typing import Any
+
+from glmstack.settings import Settings
+
+EXIT_USAGE = 2
+
+
+def add_subcommands(subparsers: Any) -> None:
+    serve = subparsers.add_parser("serve", help="run the HTTP API (platform v4, OpenAI /v1, ChatGLM api.py)")
+    serve.add_argument("--host", default=None, help="bind address (default: $GLMSTACK_HOST, then 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port (default: $GLMSTACK_PORT, then 8000; 0 picks a free one)")
+    serve.add_argument("--model", "-m", default=None,
+                       help="path or name of a model (default: $GLMSTACK_MODEL, then the bundled SmolLM2)")
+    serve.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"])
+    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    flags = {name: getattr(args, name) for name in ("host", "port", "model", "device", "dtype")}
+    return dataclasses.replace(settings, **{k: v for k, v in flags.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    from glmstack.api.auth import is_loopback
+    from glmstack.store import Store, StoreError
+
+    settings = settings_from(args)
+    if not args.debug:
+        logging.getLogger().setLevel(settings.log_level)
+    try:
+        store = Store(settings.database_url, home=settings.home)
+    except StoreError as e:
+        print(f"glmstack: error: cannot open the database: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        active_keys = store.keys.count_active()
+        if active_keys == 0 and not is_loopback(settings.host):
+            print(f"glmstack: error: refusing to serve {settings.host} without API keys: anyone who can reach "
+                  "it could use the model. Create a key first (glmstack keys create), or bind to 127.0.0.1.",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return _serve(settings, store, active_keys)
+    except StoreError as e:
+        print(f"glmstack: error: database: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        store.close()
+
+
+def _serve(settings: Settings, store: Any, active_keys: int) -> int:
+    import uvicorn
+
+    from glmstack.api.app import create_app
+    from glmstack.engine.api import load
+    from glmstack.engine.async_engine import AsyncEngine
+
+    if settings.quantize is not None:
+        raise ValueError("GLMSTACK_QUANTIZE is not supported by `glmstack serve` yet")
+    model, _ = load(settings.model, device=settings.device, dtype=settings.dtype, progress=sys.stderr.isatty())
+    engine = AsyncEngine(model, max_waiting=settings.max_queue or 2**31)
+    try:
+        app = create_app(settings, engine, store)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        asyncio.run(_run_until_stopped(server, settings, model.name, active_keys))
+        return 0 if server.started else 1
+    finally:
+        engine.shutdown()
+
+
+async def _run_until_stopped(server: Any, settings: Settings, model_name: str, active_keys: int) -> None:
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(banner(settings.host, port, model_name, active_keys), flush=True)
+    await task
+
+
+def banner(host: str, port: int, model_name: str, active_keys: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    url = f"http://{shown}:{port}"
+    if active_keys:
+        auth = f"API key required ({active_keys} active; glmstack keys create makes one)"
+        key = "YOUR_ID.YOUR_SECRET"
+    else:
+        auth = "open: no API key configured, loopback only (any key is accepted until one is created)"
+        key = "local.any"
+    return f"""glmstack is serving {model_name} at {url}
+  platform API  {url}/api/paas/v4    OpenAI clients  {url}/v1
+  docs          {url}/docs           health {url}/health
+  auth          {auth}
+
+Try it:
+  curl {url}/api/paas/v4/chat/completions \\
+    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
+    -d '{{"model": "glm-4", "messages": [{{"role": "user", "content": "你好"}}], "max_tokens": 64}}'
+
+  from zhipuai import ZhipuAI
+  client = ZhipuAI(api_key="{key}", base_url="{url}/api/paas/v4")
+  reply = client.chat.completions.create(model="glm-4", messages=[{{"role": "user", "content": "你好"}}])
+  print(reply.choices[0].message.content)
+"""

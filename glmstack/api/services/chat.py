@@ -1,0 +1,157 @@
+"""Chat completions: from a validated ChatCompletionRequest to an engine request, and from engine steps to
+the documented response or stream (spec §2.1, §1.10–1.12)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.types import Receive
+
+from glmstack.api.auth import Caller
+from glmstack.api.disconnect import unless_disconnected
+from glmstack.api.errors import PlatformError
+from glmstack.api.platform import Platform
+from glmstack.api.safety import LEVEL
+from glmstack.api.schemas.chat import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    Message,
+    Usage,
+)
+from glmstack.api.services.generation import Generation, Step
+from glmstack.api.sse import DONE, EventStreamResponse, event
+from glmstack.protocol import GenerateRequest, SamplingParams
+
+# The doc's defaults for the GLM-4 series.
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_TEMPERATURE = 0.95
+DEFAULT_TOP_P = 0.7
+# The engine's sampler needs top_p > 0; the SDKs clamp the same way (sdk-wire §2).
+MIN_TOP_P = 0.01
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+def engine_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Messages as the engine's chat formats read them: text content, tool fields only where present."""
+    rendered = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" for part in content):
+                raise PlatformError(1214, "this model reads text only", field=f"messages[{i}].content")
+            content = "".join(part.text or "" for part in content)
+        if content is None and not (m.role == "assistant" and m.tool_calls):
+            raise PlatformError(1213, f"{m.role} messages need content", field=f"messages[{i}].content")
+        message: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        rendered.append(message)
+    return rendered
+
+
+def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int | None) -> SamplingParams:
+    max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, max_tokens_cap or DEFAULT_MAX_TOKENS)
+    if max_tokens_cap is not None and max_tokens > max_tokens_cap:
+        raise PlatformError(1214, f"max_tokens may be at most {max_tokens_cap}", field="max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise PlatformError(1214, f"up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+                            "characters", field="stop")
+    temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    top_p = DEFAULT_TOP_P if body.top_p is None else max(body.top_p, MIN_TOP_P)
+    do_sample = body.do_sample is not False and temperature > 0
+    return SamplingParams(max_tokens=max_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                          stop=stop, seed=body.seed)
+
+
+def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str) -> GenerateRequest:
+    """Everything that can be refused before the engine is involved: model (1211), parameters (1213/1214),
+    input content (1301)."""
+    platform.models.resolve(body.model)
+    if len(body.messages) > platform.settings.max_messages:
+        raise PlatformError(1214, f"at most {platform.settings.max_messages} messages", field="messages")
+    messages = engine_messages(body.messages)
+    params = sampling_params(body, platform.settings.max_tokens_cap)
+    platform.safety.check_input(messages)
+    return GenerateRequest(completion_id, params, messages=messages, tools=body.tools)
+
+
+def _usage(generation: Generation) -> dict[str, int]:
+    prompt, completion = generation.prompt_tokens, generation.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _output_blocked() -> PlatformError:
+    # Synchronous calls: the doc answers a flagged output with 1301 and no result (spec §1.10, §9 item 30).
+    return PlatformError(1301, extra={"contentFilter": [{"level": LEVEL, "role": "assistant"}]})
+
+
+async def collect(generation: Generation) -> tuple[str, str]:
+    """Runs a generation to its end: (text, finish_reason)."""
+    parts, reason = [], "network_error"
+    async for step in generation.steps():
+        parts.append(step.text)
+        if step.finish_reason is not None:
+            reason = step.finish_reason
+    return "".join(parts), reason
+
+
+async def complete(platform: Platform, caller: Caller, body: ChatCompletionRequest, completion_id: str,
+                   receive: Receive, log_fields: dict[str, Any]) -> ChatCompletion:
+    request = prepare(platform, body, completion_id)
+    generation = Generation(platform, caller, request, log_fields)
+    try:
+        text, reason = await unless_disconnected(receive, collect(generation))
+    finally:
+        await generation.close()
+    if reason == "sensitive":
+        raise _output_blocked()
+    return ChatCompletion(
+        id=completion_id, created=int(time.time()), model=body.model, request_id=body.request_id or completion_id,
+        choices=[Choice(finish_reason=reason, message=AssistantMessage(content=text))],
+        usage=Usage(**_usage(generation)),
+    )
+
+
+async def stream(platform: Platform, caller: Caller, body: ChatCompletionRequest, completion_id: str,
+                 receive: Receive, log_fields: dict[str, Any]) -> EventStreamResponse:
+    """The SSE response. The first step is awaited before the response starts, so that refusals the
+    engine makes at admission (prompt too long, overloaded) are still ordinary HTTP errors."""
+    request = prepare(platform, body, completion_id)
+    generation = Generation(platform, caller, request, log_fields)
+    steps = generation.steps()
+    try:
+        first = await unless_disconnected(receive, anext(steps, None))
+    except BaseException:
+        await generation.close()
+        raise
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": body.model}
+    return EventStreamResponse(_chunks(base, first, steps, generation), on_close=generation.close)
+
+
+async def _chunks(base: dict[str, Any], step: Step | None, steps: AsyncIterator[Step],
+                  generation: Generation) -> AsyncIterator[bytes]:
+    while step is not None:
+        if step.finish_reason is None:
+            yield event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": step.text}}]})
+        else:
+            last: dict[str, Any] = {
+                **base,
+                "choices": [{"index": 0, "finish_reason": step.finish_reason,
+                             "delta": {"role": "assistant", "content": step.text}}],
+                "usage": _usage(generation),
+            }
+            if step.finish_reason == "sensitive":
+                last["content_filter"] = [{"role": "assistant", "level": LEVEL}]
+            yield event(last)
+            yield DONE
+            return
+        step = await anext(steps, None)

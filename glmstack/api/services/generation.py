@@ -1,0 +1,99 @@
+"""One admitted run of the engine, as both chat endpoints and the classic endpoint use it: a concurrency
+slot, the output safety check, and usage accounting when it ends — however it ends (finished, stopped as
+sensitive, or aborted because the client hung up)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from glmstack.api.auth import Caller
+from glmstack.api.platform import Platform
+from glmstack.protocol import EngineRequestError, GenerateRequest, GenerationEvent
+from glmstack.store.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+# engine finish reason -> platform finish_reason (spec §1.11). "abort" reaches a reader only when the engine
+# gave up on its own (we stop reading when we abort), which the doc calls an inference error.
+FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
+
+
+@dataclass
+class Step:
+    text: str
+    finish_reason: str | None = None  # set on the last step only
+
+
+class Generation:
+    def __init__(self, platform: Platform, caller: Caller, request: GenerateRequest,
+                 log_fields: dict[str, Any]) -> None:
+        self._lease = platform.limiter.acquire(caller)  # 1302 / 1305 before anything runs
+        self._platform, self._caller, self._log = platform, caller, log_fields
+        self._events = platform.engine.generate(request)
+        self._monitor = platform.safety.output_monitor()
+        self.prompt_tokens = self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._time_to_first_token: float | None = None
+        self._started = self._closed = False
+
+    async def steps(self) -> AsyncIterator[Step]:
+        """Text deltas; the last step carries the finish reason. Engine refusals (prompt too long, queue
+        full) raise before the first step, so they can still become HTTP errors; a failure after output
+        has begun ends the run with "network_error"."""
+        try:
+            async for event in self._events:
+                self._count(event)
+                if self._monitor.push(event.text):
+                    yield self._finish("sensitive", "")
+                    return
+                if event.finish_reason is not None:
+                    yield self._finish(FINISH_REASONS.get(event.finish_reason, "network_error"), event.text)
+                    return
+                if event.text:
+                    yield Step(event.text)
+        except EngineRequestError:
+            if not self._started:
+                raise
+            log.exception("engine refused a request after it had started")
+        except Exception:
+            log.exception("generation failed")
+        yield self._finish("network_error", "")
+
+    async def close(self) -> None:
+        """Stop the engine work if it still runs, free the slot, record usage. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._events.aclose()  # aborts the request in the engine if it is still running
+        finally:
+            self._lease.release()
+        reason = self.finish_reason or "abort"
+        served = self._platform.models.served
+        self._log.update(model=served, prompt_tokens=self.prompt_tokens,
+                         completion_tokens=self.completion_tokens, finish_reason=reason)
+        if not self.prompt_tokens:  # never reached the engine: nothing was computed
+            return
+        self._platform.metrics.record_generation(served, self.prompt_tokens, self.completion_tokens, reason,
+                                                 self._time_to_first_token)
+        try:
+            await run_in_threadpool(self._platform.store.usage.record, self._caller.key_id, served,
+                                    self.prompt_tokens, self.completion_tokens)
+        except StoreError as e:  # the answer was delivered; losing one usage row must not fail it
+            log.error("usage not recorded for key %s: %s", self._caller.key_id, e)
+
+    def _count(self, event: GenerationEvent) -> None:
+        self._started = True
+        self.prompt_tokens = event.usage.prompt_tokens
+        self.completion_tokens = event.usage.completion_tokens
+        if self._time_to_first_token is None:
+            self._time_to_first_token = event.time_to_first_token
+
+    def _finish(self, reason: str, text: str) -> Step:
+        self.finish_reason = reason
+        return Step(text, reason)
