@@ -1,0 +1,116 @@
+"""Scheduler and block bookkeeping with fake tokens: no model, no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from glmstack.engine.block_allocator import BlockAllocator
+from glmstack.engine.scheduler import RequestTooLargeError, Scheduler, Sequence, Status
+
+
+def make(num_blocks: int = 32, block_size: int = 4, budget: int = 16, **kw) -> Scheduler:
+    return Scheduler(BlockAllocator(num_blocks, block_size), context_length=1000, max_batch_tokens=budget, **kw)
+
+
+def fake_step(s: Scheduler, next_token: int = 7) -> dict[str, tuple[int, int]]:
+    plan = s.schedule()
+    s.update(plan, {c.seq.seq_id: next_token for c in plan.chunks if c.samples})
+    return {c.seq.seq_id: (c.start, c.num_tokens) for c in plan.chunks}
+
+
+def test_scheduler_does_not_import_torch() -> None:
+    code = "import glmstack.engine.scheduler, sys; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_chunked_prefill_then_decode_with_joins_between_steps() -> None:
+    s = make(budget=8)
+    a = Sequence("a", list(range(20)), max_tokens=3)
+    s.add(a)
+    assert fake_step(s) == {"a": (0, 8)}
+    b = Sequence("b", list(range(100, 105)), max_tokens=2)
+    s.add(b)  # joins while a is still prefilling
+    assert fake_step(s) == {"a": (8, 8)}
+    assert fake_step(s) == {"a": (16, 4), "b": (0, 4)}  # a finishes its prompt; b gets the rest
+    step = fake_step(s)
+    assert step["a"] == (20, 1) and step["b"] == (4, 1)  # a decodes; b's last prompt token samples
+    assert list(step)[0] == "a"  # decodes are scheduled first
+    fake_step(s)
+    assert a.status is Status.FINISHED and a.finish_reason == "length" and a.output_ids == [7, 7, 7]
+    assert b.status is Status.FINISHED and b.output_ids == [7, 7]
+    assert s.allocator.num_in_use == 0
+
+
+def test_stop_token_finishes_without_appending() -> None:
+    s = make()
+    seq = Sequence("x", [1, 2, 3], max_tokens=10, stop_token_ids=frozenset({9}))
+    s.add(seq)
+    fake_step(s, next_token=9)
+    assert seq.finish_reason == "stop" and seq.output_ids == []
+
+
+def test_prefix_blocks_are_reused_and_lru_evicted() -> None:
+    alloc = BlockAllocator(4, 4)
+    s = Scheduler(alloc, context_length=100, max_batch_tokens=64)
+    first = Sequence("first", list(range(13)), max_tokens=1)
+    s.add(first)
+    fake_step(s)
+    assert first.status is Status.FINISHED
+    second = Sequence("second", list(range(12)) + [99, 98], max_tokens=1)
+    s.add(second)
+    plan = s.schedule()
+    assert plan.chunks[0].start == 12 and second.prefix_hit_tokens == 12  # three full blocks reused
+    s.update(plan, {"second": 5})
+    # a different prompt needing every block evicts the cached ones (LRU), nothing deadlocks
+    third = Sequence("third", list(range(200, 214)), max_tokens=2)
+    s.add(third)
+    while s.has_work():
+        fake_step(s)
+    assert third.output_ids == [7, 7] and alloc.num_in_use == 0
+
+
+def test_never_reuses_the_whole_prompt() -> None:
+    alloc = BlockAllocator(8, 4)
+    s = Scheduler(alloc, context_length=100, max_batch_tokens=64)
+    for name in ("one", "two"):
+        seq = Sequence(name, list(range(8)), max_tokens=1)
+        s.add(seq)
+        plan = s.schedule()
+        assert plan.chunks[0].num_tokens >= 1 and plan.chunks[0].samples
+        s.update(plan, {name: 1})
+    assert seq.prefix_hit_tokens == 4  # the last block is recomputed to produce logits
+
+
+def test_preemption_under_pressure_recomputes_and_finishes_everyone() -> None:
+    s = make(num_blocks=6, block_size=4, budget=32)
+    seqs = [Sequence(f"s{i}", list(range(i * 10, i * 10 + 6)), max_tokens=8) for i in range(3)]
+    for seq in seqs:
+        s.add(seq)
+    for _ in range(200):
+        if not s.has_work():
+            break
+        fake_step(s)
+    assert all(seq.status is Status.FINISHED and len(seq.output_ids) == 8 for seq in seqs)
+    assert s.preemptions > 0 and s.allocator.num_in_use == 0
+
+
+def test_abort_frees_blocks_at_once() -> None:
+    s = make()
+    seq = Sequence("x", list(range(30)), max_tokens=50)
+    s.add(seq)
+    fake_step(s)
+    assert s.allocator.num_in_use > 0
+    s.abort("x")
+    assert s.allocator.num_in_use == 0 and not s.has_work() and seq.finish_reason == "abort"
+
+
+def test_too_large_requests_are_refused_up_front() -> None:
+    s = make(num_blocks=4, block_size=4)
+    with pytest.raises(RequestTooLargeError, match="KV cache"):
+        s.add(Sequence("big", list(range(10)), max_tokens=10))
+    with pytest.raises(RequestTooLargeError, match="context window"):
+        Scheduler(BlockAllocator(4, 4), context_length=8).add(Sequence("long", list(range(8)), max_tokens=1))
+    assert not s.has_work()
