@@ -384,8 +384,8 @@ def load_model(
                 log.warning("%s: ignoring unexpected tensor %s", ckpt.path, raw_name)
                 continue
             tensor = load()
-            if ckpt.format == "gguf":
-                tensor = model.from_gguf_tensor(name, tensor)
+            if ckpt.format == "gguf":  # the piece tells split q/k apart (Llama's permuted rows)
+                tensor = model.from_gguf_tensor(f"{name}{PIECE_SEPARATOR}{piece}" if piece else name, tensor)
             if piece:
                 # One of our parameters stored as several tensors (transformers' q_proj/k_proj/v_proj for a
                 # fused query_key_value): gather them; the model joins them once all are there.

@@ -140,7 +140,7 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (NeoX) rotary: dims i and i + d/2 form a pair. x: [B, H, T, D], cos/sin: [B, 1, T, D]."""
+    """Rotate-half (NeoX) rotary: dims i and i + d/2 form a pair. x: [B, T, H, D], cos/sin: [B, T, 1, D]."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -153,10 +153,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementations; bf16 variance loses too much precision.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One fused op (small-batch decode is bound by op count); it accumulates in fp32 for bf16/fp16
+        # inputs, as the reference implementations do by upcasting.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -164,9 +163,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        # q, k and v in one matmul (rows [q | k | v]): one weight read and one kernel launch instead of three.
+        qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(hidden, qkv_rows, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
 
     def forward(
@@ -179,10 +178,12 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.q_proj(x).view(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k heads rotated together
+        q = qk[:, :, :heads].transpose(1, 2)
+        k = qk[:, :, heads:].transpose(1, 2)
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
         out = cached_attention(q, k, v, layer, cache, mask)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -191,12 +192,12 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=config.mlp_bias)  # rows [gate | up]
         self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -259,7 +260,7 @@ class LlamaForCausalLM(nn.Module):
         """
         x = self.model.embed_tokens(input_ids)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # [B, T, 1, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = None
         if cache is not None and cache.length > 0 and input_ids.shape[1] > 1:
@@ -278,20 +279,47 @@ class LlamaForCausalLM(nn.Module):
 
     @staticmethod
     def hf_tensor_name(name: str) -> str | None:
-        """HF names are already ours; rotary caches some exporters saved are recomputed, so dropped."""
-        return None if name.endswith("rotary_emb.inv_freq") else name
+        """HF names are ours except the fused projections, whose pieces the loader joins (join_pieces)."""
+        if name.endswith("rotary_emb.inv_freq"):
+            return None  # a cache some exporters saved; recomputed
+        return _fused_name(name)
 
     @staticmethod
     def gguf_tensor_name(name: str) -> str | None:
-        return _gguf_name(name)
+        hf = _gguf_name(name)
+        return None if hf is None else _fused_name(hf)
+
+    def join_pieces(self, name: str, pieces: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        order = ("q", "k", "v") if ".qkv_proj." in name else ("gate", "up")
+        if not all(p in pieces for p in order):
+            return None
+        return torch.cat([pieces[p] for p in order], dim=0)
 
     def from_gguf_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Undo llama.cpp's conversion of q/k rows (HF rotate-half → adjacent pairs) for Llama GGUFs."""
         cfg = self.config
-        if cfg.gguf_permuted_qk and (".q_proj." in name or ".k_proj." in name):
-            heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
-            return unpermute_qk(tensor, heads)
+        if cfg.gguf_permuted_qk and ".qkv_proj." in name and name.endswith(("#q", "#k")):
+            return unpermute_qk(tensor, cfg.num_heads if name.endswith("#q") else cfg.num_kv_heads)
         return tensor
+
+
+_FUSED = {
+    "self_attn.q_proj": "self_attn.qkv_proj#q",
+    "self_attn.k_proj": "self_attn.qkv_proj#k",
+    "self_attn.v_proj": "self_attn.qkv_proj#v",
+    "mlp.gate_proj": "mlp.gate_up_proj#gate",
+    "mlp.up_proj": "mlp.gate_up_proj#up",
+}
+
+
+def _fused_name(name: str) -> str:
+    """`model.layers.3.self_attn.k_proj.bias` -> `model.layers.3.self_attn.qkv_proj.bias#k`."""
+    module, _, kind = name.rpartition(".")
+    for split, fused in _FUSED.items():
+        if module.endswith(split):
+            target, piece = fused.split("#")
+            return f"{module[: -len(split)]}{target}.{kind}#{piece}"
+    return name
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

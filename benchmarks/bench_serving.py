@@ -1,0 +1,244 @@
+"""The serving engine vs llama.cpp (llama-cpp-python) and transformers, same GGUF, same threads, one run.
+
+    python benchmarks/bench_serving.py [--quantize int8|int4|none] [--threads 2] [--skip-transformers]
+
+Needs the bench extra (`bash scripts/setup.sh bench`; llama-cpp-python compiles for ~9 minutes).
+Prints, for the bundled SmolLM2-135M-Instruct Q4_1 GGUF:
+  1. decode tok/s at batch 1                      (target >= 1.0x llama.cpp)
+  2. prefill tok/s on a 500-token prompt          (target >= 2x llama.cpp)
+  3. aggregate decode tok/s, 16 concurrent streams (target >= 3x llama.cpp serving them one at a time,
+     which is what llama-cpp-python's server does)
+  4. time to first token of turn 10 / turn 1 in a 10-turn chat (target <= 1.5x)
+  5. decode batch 1 vs transformers generate (target >= 5x)
+Decode rate is (N-1) / (time for N tokens - time for 1 token) for every engine, so prefill cancels out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+STORY = ("Once upon a time, in a kingdom by the sea, there lived an old clockmaker who repaired every clock in "
+         "the town. Each morning he opened his shop, wound the great tower clock, and listened to the bells. ")
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
+             "What is 7 times 8?", "Give me a synonym for happy.", "Who wrote Hamlet?",
+             "Describe a cat in one sentence.", "What is the boiling point of water?",
+             "Translate 'good morning' to French.", "List two planets.", "What is photosynthesis?",
+             "Say something kind.", "How many legs does a spider have?", "What is the largest ocean?",
+             "Name a famous painter.", "What language is spoken in Brazil?"]
+
+
+def median(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---- glmstack ------------------------------------------------------------------------------------------
+
+
+class Ours:
+    def __init__(self, quantize: str | None, dtype: str) -> None:
+        from glmstack import load
+        from glmstack.engine.core import EngineCore
+
+        self.model, self.tokenizer = load(device="cpu", dtype=dtype, quantize=quantize)
+        self.core = EngineCore(self.model)
+        self.n = 0
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.model.chat_format.render(messages).token_ids
+
+    def run(self, prompts: list[list[int]], max_tokens: int, stop: bool = False) -> dict:
+        from glmstack.protocol import SamplingParams
+
+        ids = []
+        for p in prompts:
+            self.n += 1
+            rid = f"r{self.n}"
+            ids.append(rid)
+            self.core.add_request(rid, p, SamplingParams(do_sample=False, max_tokens=max_tokens),
+                                  stop_token_ids=None if stop else set())
+        start = time.perf_counter()
+        first: dict[str, float] = {}
+        tokens: dict[str, list[int]] = {r: [] for r in ids}
+        while self.core.has_work():
+            for rid, event in self.core.step():
+                first.setdefault(rid, time.perf_counter() - start)
+                tokens[rid].extend(event.token_ids)
+        return {"elapsed": time.perf_counter() - start, "ttft": first, "tokens": tokens}
+
+    def prefill(self, prompt: list[int]) -> float:
+        return self.run([prompt], 1)["elapsed"]
+
+
+# ---- llama.cpp -----------------------------------------------------------------------------------------
+
+
+class LlamaCpp:
+    def __init__(self, path: str, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=4096,
+                         n_batch=512, verbose=False)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False, special=True)
+
+    def generate(self, prompt: list[int], n: int, keep_prefix: bool = False) -> float:
+        """Greedy n tokens; returns time to first token. keep_prefix reuses the KV of a common prefix,
+        as llama-cpp-python's own generate() does between calls."""
+        llm = self.llm
+        start = time.perf_counter()
+        if keep_prefix:
+            common = 0
+            for a, b in zip(llm._input_ids.tolist(), prompt, strict=False):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(prompt) - 1)
+            llm.n_tokens = common
+            llm._ctx.kv_cache_seq_rm(-1, common, -1)
+            llm.eval(prompt[common:])
+        else:
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+            llm.eval(prompt)
+        ttft = None
+        for _ in range(n):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            llm.eval([token])
+        return ttft or 0.0
+
+
+# ---- transformers --------------------------------------------------------------------------------------
+
+
+class Transformers:
+    def __init__(self, path: str) -> None:
+        import os
+
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], n: int) -> None:
+        ids = torch.tensor([prompt])
+        self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+
+
+def decode_rate(gen, prompt: list[int], n: int) -> float:
+    gen(prompt, 1)
+    one = median(lambda: gen(prompt, 1))
+    many = median(lambda: gen(prompt, n))
+    return (n - 1) / (many - one)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", default="int8", choices=["int8", "int4", "none"])
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from glmstack.engine.loading import bundled_model_path
+
+    path = str(bundled_model_path())
+    ours = Ours(None if args.quantize == "none" else args.quantize, args.dtype)
+    cpp = LlamaCpp(path, args.threads)
+    rows: list[tuple[str, float, float, str]] = []
+
+    # 1. decode batch 1
+    short = ours.chat_ids([{"role": "user", "content": "Tell me a story about a clockmaker."}])
+    ours_decode = decode_rate(lambda p, n: ours.run([p], n), short, args.new_tokens)
+    cpp_decode = decode_rate(lambda p, n: cpp.generate(p, n), short, args.new_tokens)
+    rows.append(("decode tok/s, batch 1", ours_decode, cpp_decode, ">= 1.0x"))
+
+    # 2. prefill 500 tokens
+    text = STORY * 20
+    long_prompt = ours.tokenizer.encode(text)[:500]
+    ours.prefill(long_prompt[:16])
+    ours_prefill = 500 / median(lambda: ours.prefill(long_prompt + [ours.n % 1000]))  # fresh tail: no cache hit
+    cpp_prefill = 500 / median(lambda: cpp.generate(long_prompt, 1))
+    rows.append(("prefill tok/s, 500-token prompt", ours_prefill, cpp_prefill, ">= 2x"))
+
+    # 3. 16 concurrent streams
+    prompts = [ours.chat_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
+    n = args.new_tokens
+    result = ours.run(prompts, n)
+    ours_agg = sum(len(t) for t in result["tokens"].values()) / result["elapsed"]
+    start = time.perf_counter()
+    for p in prompts:
+        cpp.generate(p, n)
+    cpp_agg = len(prompts) * n / (time.perf_counter() - start)
+    rows.append(("aggregate decode tok/s, 16 streams", ours_agg, cpp_agg, ">= 3x"))
+
+    # 4. ten-turn chat: TTFT of turn 10 / turn 1 (replies are each engine's own greedy output)
+    def conversation(reply_fn) -> list[float]:
+        messages: list[dict] = [{"role": "system", "content": "You are a helpful assistant. " * 4}]
+        ttfts = []
+        for turn in range(10):
+            messages.append({"role": "user", "content": QUESTIONS[turn] + " " + STORY})
+            ttft, reply = reply_fn(messages)
+            ttfts.append(ttft)
+            messages.append({"role": "assistant", "content": reply})
+        return ttfts
+
+    def ours_reply(messages):
+        r = ours.run([ours.chat_ids(messages)], 24, stop=True)
+        rid = next(iter(r["tokens"]))
+        return r["ttft"][rid], ours.tokenizer.decode(r["tokens"][rid], skip_special_tokens=True)
+
+    def cpp_reply(messages):
+        prompt = ours.chat_ids(messages)  # the same template and tokens
+        ttft = cpp.generate(prompt, 24, keep_prefix=True)
+        return ttft, "I see."
+
+    ours_turns, cpp_turns = conversation(ours_reply), conversation(cpp_reply)
+    rows.append(("TTFT turn 10 / turn 1 (lower is better)", ours_turns[-1] / ours_turns[0],
+                 cpp_turns[-1] / cpp_turns[0], "<= 1.5x (ours)"))
+
+    print(f"machine: {platform.machine()} · torch {torch.__version__} · {args.threads} threads · glmstack "
+          f"{args.quantize} {ours.model.dtype} · llama.cpp on the same Q4_1 GGUF")
+    print(f"{'metric':<42}{'glmstack':>11}{'llama.cpp':>11}{'ratio':>8}  target")
+    for label, a, b, target in rows:
+        ratio = a / b if "lower" not in label else a
+        shown = f"{ratio:>7.2f}x" if "lower" not in label else f"{a:>7.2f} "
+        print(f"{label:<42}{a:>11.2f}{b:>11.2f}{shown}  {target}")
+    print(f"  ours TTFT per turn (ms): {[round(t * 1000) for t in ours_turns]}")
+    print(f"  llama.cpp TTFT per turn (ms): {[round(t * 1000) for t in cpp_turns]}")
+
+    if not args.skip_transformers:
+        hf = Transformers(path)
+        hf_decode = decode_rate(hf.generate, short, min(args.new_tokens, 32))
+        print(f"{'decode tok/s vs transformers generate':<42}{ours_decode:>11.2f}{hf_decode:>11.2f}"
+              f"{ours_decode / hf_decode:>7.2f}x  >= 5x")
+        hf_turns = []
+        messages: list[dict] = [{"role": "system", "content": "You are a helpful assistant. " * 4}]
+        for turn in range(10):
+            messages.append({"role": "user", "content": QUESTIONS[turn] + " " + STORY})
+            prompt = ours.chat_ids(messages)
+            hf_turns.append(median(lambda p=prompt: hf.generate(p, 1), 1))
+            messages.append({"role": "assistant", "content": "I see."})
+        print(f"  transformers TTFT turn 10 / turn 1: {hf_turns[-1] / hf_turns[0]:.2f}x "
+              f"({round(hf_turns[0] * 1000)} -> {round(hf_turns[-1] * 1000)} ms)")
+
+
+if __name__ == "__main__":
+    main()
