@@ -29,9 +29,9 @@ import json
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
@@ -184,6 +184,9 @@ async def authenticate(request: Request) -> Caller:
 def current_caller(request: Request) -> Caller:
     """Dependency: the caller `KeyedRoute` authenticated."""
     return request.state.caller
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
 
 
 class KeyedRoute(APIRoute):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from glmstack.api.auth import Authenticator
 from glmstack.api.limits import ConcurrencyLimiter
@@ -47,3 +47,6 @@ class Platform:
 def get_platform(request: Request) -> Platform:
     """Dependency: the app's Platform."""
     return request.app.state.platform
+
+
+PlatformDep = Annotated[Platform, Depends(get_platform)]

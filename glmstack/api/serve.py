@@ -7,7 +7,6 @@ inside `run`): it builds the engine and hands create_app only the object glmstac
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import sys
@@ -63,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(settings: Settings, store: Any, active_keys: int) -> int:
+    import asyncio
+
     import uvicorn
 
     from glmstack.api.app import create_app
@@ -85,6 +86,8 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
 
 
 async def _run_until_stopped(server: Any, settings: Settings, model_name: str, active_keys: int) -> None:
+    import asyncio
+
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)

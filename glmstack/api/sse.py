@@ -30,7 +30,9 @@ class EventStreamResponse(Response):
 
     def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(headers={"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
+        # Not Response.__init__: it would add "content-length: 0" for the missing body.
+        self.status_code, self.background = 200, None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
         self.events, self.on_close = events, on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import Depends, Request
+from fastapi import Request
 from fastapi.responses import Response
 
-from glmstack.api.auth import Caller, current_caller, keyed_router
-from glmstack.api.platform import Platform, get_platform
+from glmstack.api.auth import CallerDep, keyed_router
+from glmstack.api.platform import PlatformDep
 from glmstack.api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from glmstack.api.schemas.errors import error_responses
 from glmstack.api.services import chat
@@ -25,8 +25,8 @@ router = keyed_router(tags=["chat"])
     },
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
-                                 caller: Caller = Depends(current_caller),
-                                 platform: Platform = Depends(get_platform)) -> ChatCompletion | Response:
+                                 caller: CallerDep,
+                                 platform: PlatformDep) -> ChatCompletion | Response:
     completion_id, log_fields = request.state.request_id, request.state.log
     if body.stream:
         return await chat.stream(platform, caller, body, completion_id, request.receive, log_fields)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import Depends
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from glmstack.api.auth import keyed_router
-from glmstack.api.platform import Platform, get_platform
+from glmstack.api.platform import PlatformDep
 
 router = keyed_router(tags=["operations"])
 
 
 @router.get("/health", summary="Model loaded and database reachable (200), or not (503)")
-async def health(platform: Platform = Depends(get_platform)) -> JSONResponse:
+async def health(platform: PlatformDep) -> JSONResponse:
     info = platform.engine.info()
     database = await run_in_threadpool(platform.store.healthy)
     body = {"status": "ok" if database else "degraded", "model": {"name": info.name, "loaded": True},
@@ -22,6 +21,6 @@ async def health(platform: Platform = Depends(get_platform)) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(platform: Platform = Depends(get_platform)) -> Response:
+async def metrics(platform: PlatformDep) -> Response:
     payload, content_type = platform.metrics.render()
     return Response(payload, media_type=content_type)

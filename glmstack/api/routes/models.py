@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import Depends
-
 from glmstack.api.auth import keyed_router
 from glmstack.api.errors import PlatformError
-from glmstack.api.platform import Platform, get_platform
+from glmstack.api.platform import Platform, PlatformDep
 from glmstack.api.schemas.errors import error_responses
 from glmstack.api.schemas.models import ModelCard, ModelList
 
@@ -18,12 +16,12 @@ def _card(platform: Platform, name: str) -> ModelCard:
 
 
 @router.get("/models", response_model=ModelList, responses=error_responses(401))
-async def list_models(platform: Platform = Depends(get_platform)) -> ModelList:
+async def list_models(platform: PlatformDep) -> ModelList:
     return ModelList(data=[_card(platform, name) for name in platform.models.names])
 
 
 @router.get("/models/{model_id}", response_model=ModelCard, responses=error_responses(401, 404))
-async def retrieve_model(model_id: str, platform: Platform = Depends(get_platform)) -> ModelCard:
+async def retrieve_model(model_id: str, platform: PlatformDep) -> ModelCard:
     try:
         platform.models.resolve(model_id)
     except PlatformError as e:
