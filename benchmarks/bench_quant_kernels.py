@@ -6,9 +6,9 @@ Batch-1 decode reads every weight once per token, so its speed is weight bytes /
 (SmolLM2-135M's 576x1536 MLP both ways, and a 7B-class 4096x4096) this prints µs per call and weight bytes
 moved per second for fp32 and bf16 `F.linear`, the fused `_weight_int8pack_mm` and int4 tinygemm kernels
 (bf16 activations; int4 bytes count packed nibbles + bf16 scales/zeros), and our `Int8Linear` /
-`Int4Linear`, which switch to dequantize-then-GEMM from `DEQUANT_MIN_ROWS` rows on. Run with `--m 16`,
-`--m 128` to see prompt-sized GEMMs (GB/s is then only "weight bytes / time"). Times are the minimum of
-`--repeats` runs: on a shared machine the minimum is the least disturbed figure.
+`Int4Linear`, which switch to dequantize-then-GEMM from `DEQUANT_MIN_ROWS` / `INT4_DEQUANT_MIN_ROWS` rows
+on. Run with `--m 16`, `--m 128` to see prompt-sized GEMMs (GB/s is then only "weight bytes / time").
+Times are the minimum of `--repeats` runs: on a shared machine the minimum is the least disturbed figure.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from glmstack.engine.quantize import DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, model_bytes
+from glmstack.engine.quantize import (
+    DEQUANT_MIN_ROWS,
+    INT4_DEQUANT_MIN_ROWS,
+    Int4Linear,
+    Int8Linear,
+    model_bytes,
+)
 
+aten = torch.ops.aten
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096)]  # (in_features K, out_features N)
 
 
@@ -47,33 +54,35 @@ def candidates(k: int, n: int, m: int) -> list[tuple[str, Callable[[], object], 
     rows: list[tuple[str, Callable[[], object], int]] = [
         ("fp32 F.linear", lambda: F.linear(x32, linear.weight), k * n * 4),
         ("bf16 F.linear", lambda: F.linear(x16, w16), k * n * 2),
-        ("int8pack_mm fused (bf16)", lambda: torch.ops.aten._weight_int8pack_mm(x16, int8.weight, int8.weight_scale),
+        ("int8pack_mm fused (bf16)", lambda: aten._weight_int8pack_mm(x16, int8.weight, int8.weight_scale),
          model_bytes(int8)),
         ("Int8Linear (bf16)", lambda: int8(x16), model_bytes(int8)),
     ]
     if m <= 16:  # the fp32 kernel is a scalar loop: minutes at prompt sizes
         int8_fp32 = Int8Linear.from_linear(linear, dtype=torch.float32)
-        rows.append(("int8pack_mm fused (fp32)", lambda: torch.ops.aten._weight_int8pack_mm(
+        rows.append(("int8pack_mm fused (fp32)", lambda: aten._weight_int8pack_mm(
             x32, int8_fp32.weight, int8_fp32.weight_scale), model_bytes(int8_fp32)))
     for group in (32, 64, 128):
         if k % group:
             continue
         int4 = Int4Linear.from_linear(linear, group_size=group, dtype=torch.bfloat16)
-        rows.append((f"int4pack_mm fused g{group}", lambda m4=int4: torch.ops.aten._weight_int4pack_mm_for_cpu(
+        rows.append((f"int4pack_mm fused g{group}", lambda m4=int4: aten._weight_int4pack_mm_for_cpu(
             x16, m4.weight, m4.group_size, m4.scales_and_zeros), model_bytes(int4)))
         rows.append((f"Int4Linear g{group}", lambda m4=int4: m4(x16), model_bytes(int4)))
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--m", type=int, default=1, help="activation rows (1 = batch-1 decode GEMV)")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, M={args.m} (Int*Linear dequantize from "
-          f"M>={DEQUANT_MIN_ROWS}), CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"torch {torch.__version__}, {args.threads} threads, M={args.m} (Int8Linear / Int4Linear "
+          f"dequantize from M>={DEQUANT_MIN_ROWS} / {INT4_DEQUANT_MIN_ROWS}), "
+          f"CPU {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'K x N':>11}  {'kernel':<26} {'µs':>9} {'GB/s':>7} {'vs fp32':>8}")
     for k, n in SHAPES:
         base = None

@@ -29,7 +29,9 @@ UNBOUNDED = 2**31
 
 
 def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
-    limiter = ConcurrencyLimiter(per_key=settings.max_concurrency_per_key, total=settings.max_queue or UNBOUNDED)
+    limiter = ConcurrencyLimiter(
+        per_key=settings.max_concurrency_per_key, total=settings.max_queue or UNBOUNDED
+    )
     platform = Platform(
         settings=settings,
         engine=engine,
@@ -41,9 +43,14 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
         authenticator=Authenticator(store, open_when_keyless=is_loopback(settings.host)),
         metrics=Metrics(engine.stats, lambda: limiter.active),
     )
-    app = FastAPI(title="glmstack", version=glmstack.__version__,
-                  summary="The GLM open platform API (v4) on your own machine",
-                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app = FastAPI(
+        title="glmstack",
+        version=glmstack.__version__,
+        summary="The GLM open platform API (v4) on your own machine",
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     app.state.platform = platform
     errors.install(app)
     for router in (chat.router, models.router):

@@ -51,9 +51,9 @@ _JWT_HEADER_KEYS = frozenset({"alg", "sign_type", "typ"})
 
 @dataclass(frozen=True)
 class Caller:
-    key_id: str | None               # None: open mode, no key
-    concurrency_limit: int | None    # the key's own limit; None: the server default
-    scheme: str                      # "key" | "jwt" | "open"
+    key_id: str | None  # None: open mode, no key
+    concurrency_limit: int | None  # the key's own limit; None: the server default
+    scheme: str  # "key" | "jwt" | "open"
 
 
 def is_loopback(host: str) -> bool:
@@ -126,8 +126,9 @@ def verify_jwt(token: str, signing_secret: Callable[[str], str | None], now_ms: 
 
     secret = signing_secret(key_id)
     # An unknown key is answered like a bad signature, so the two cannot be told apart.
-    expected = hmac.new((secret or "").encode("utf-8"), f"{header_part}.{payload_part}".encode("ascii"),
-                        hashlib.sha256).digest()
+    expected = hmac.new(
+        (secret or "").encode("utf-8"), f"{header_part}.{payload_part}".encode("ascii"), hashlib.sha256
+    ).digest()
     if not hmac.compare_digest(expected, signature) or secret is None:
         raise PlatformError(1004, "JWT signature does not verify for this api_key")
     if exp <= now_ms:
@@ -164,7 +165,9 @@ class Authenticator:
                 raise PlatformError(1000, "unknown or revoked API key")
             return Caller(record.id, record.concurrency_limit, "key")
         if dots == 2:
-            key_id, secret = verify_jwt(credential, self.store.keys.signing_secret, time.time_ns() // 1_000_000)
+            key_id, secret = verify_jwt(
+                credential, self.store.keys.signing_secret, time.time_ns() // 1_000_000
+            )
             # The signature proved the caller holds this key's secret; verify_secret turns it into the
             # record (and re-checks revocation).
             record = self.store.keys.verify_secret(key_id, secret)

@@ -16,8 +16,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from glmstack.protocol import EngineOverloadedError, EngineRequestError, PromptTooLongError
 from glmstack.store.errors import StoreUnavailableError
@@ -42,10 +43,16 @@ CODES: dict[int, tuple[int, str]] = {
     1222: (404, "API {api} 不存在"),
     1234: (500, "网络错误，错误id：{error_id}，请联系客服"),
     1261: (400, "Prompt 超长"),
-    1301: (400, "系统检测到输入或生成内容可能包含不安全或敏感内容，请您避免输入易产生敏感内容的提示语，感谢您的配合。"),
+    1301: (
+        400,
+        "系统检测到输入或生成内容可能包含不安全或敏感内容，请您避免输入易产生敏感内容的提示语，感谢您的配合。",
+    ),
     1302: (429, "您当前使用该API的并发数过高，请降低并发，或联系客服增加限额。"),
     1305: (429, "当前API请求过多，请稍后重试。"),
 }
+
+
+CLIENT_CLOSED_REQUEST = 499
 
 
 class PlatformError(Exception):
@@ -53,8 +60,15 @@ class PlatformError(Exception):
     `fields` fill the message's placeholders; `extra` adds top-level keys next to "error" (e.g. the
     content_filter of a 1301)."""
 
-    def __init__(self, code: int, detail: str | None = None, *, http_status: int | None = None,
-                 extra: dict[str, Any] | None = None, **fields: str) -> None:
+    def __init__(
+        self,
+        code: int,
+        detail: str | None = None,
+        *,
+        http_status: int | None = None,
+        extra: dict[str, Any] | None = None,
+        **fields: str,
+    ) -> None:
         default_status, template = CODES[code]
         self.code = code
         self.http_status = http_status or default_status
@@ -118,7 +132,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code in (404, 405):
-            error = PlatformError(1222, http_status=exc.status_code, api=f"{request.method} {request.url.path}")
+            error = PlatformError(
+                1222, http_status=exc.status_code, api=f"{request.method} {request.url.path}"
+            )
         elif exc.status_code == 413:
             error = PlatformError(1210, str(exc.detail), http_status=413)
         elif exc.status_code < 500:
@@ -138,6 +154,14 @@ def install(app: FastAPI) -> None:
     async def store_unavailable(request: Request, exc: StoreUnavailableError) -> JSONResponse:
         log.error("database unavailable: %s", exc)
         return error_response(PlatformError(1120, "the database is unavailable"))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody is listening; 499 ("client closed request", nginx's convention) is for the request log.
+        log.info(
+            "client disconnected from %s %s; its generation was aborted", request.method, request.url.path
+        )
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -37,8 +37,8 @@ class Lease:
 
 class ConcurrencyLimiter:
     def __init__(self, *, per_key: int, total: int) -> None:
-        self.per_key = per_key   # the default for keys without their own concurrency_limit
-        self.total = total       # generations admitted at once, across all keys
+        self.per_key = per_key  # the default for keys without their own concurrency_limit
+        self.total = total  # generations admitted at once, across all keys
         self._active: Counter[str] = Counter()
         self._total_active = 0
 
@@ -98,7 +98,16 @@ class BodySizeLimit:
         return f"the request body exceeds {self.max_bytes} bytes"
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(PlatformError(1210, self._detail(), http_status=413).body(), ensure_ascii=False)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        body = json.dumps(
+            PlatformError(1210, self._detail(), http_status=413).body(),
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
         await send({"type": "http.response.body", "body": body.encode("utf-8")})

@@ -37,8 +37,9 @@ class _EngineCollector:
         self._stats, self._in_flight = stats, in_flight
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily("glmstack_requests_in_flight", "Generations admitted by the HTTP limiter",
-                                value=self._in_flight())
+        yield GaugeMetricFamily(
+            "glmstack_requests_in_flight", "Generations admitted by the HTTP limiter", value=self._in_flight()
+        )
         for name, value in sorted(self._stats().items()):
             if isinstance(value, int | float) and not isinstance(value, bool):
                 yield GaugeMetricFamily(f"glmstack_engine_{name}", f"engine.stats()['{name}']", value=value)
@@ -48,19 +49,38 @@ class Metrics:
     def __init__(self, engine_stats: Callable[[], dict[str, Any]], in_flight: Callable[[], int]) -> None:
         # A registry per app, not the process-global one, so several apps (tests) never collide.
         self.registry = CollectorRegistry()
-        self.requests = Counter("glmstack_http_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("glmstack_http_request_duration_seconds", "HTTP request duration", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tokens = Counter("glmstack_tokens", "Tokens processed", ["model", "kind"], registry=self.registry)
-        self.completions = Counter("glmstack_completions", "Finished generations", ["finish_reason"],
-                                   registry=self.registry)
-        self.time_to_first_token = Histogram("glmstack_time_to_first_token_seconds", "Time to first token",
-                                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "glmstack_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "glmstack_http_request_duration_seconds",
+            "HTTP request duration",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "glmstack_tokens", "Tokens processed", ["model", "kind"], registry=self.registry
+        )
+        self.completions = Counter(
+            "glmstack_completions", "Finished generations", ["finish_reason"], registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "glmstack_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine_stats, in_flight))
 
-    def record_generation(self, model: str, prompt_tokens: int, completion_tokens: int, finish_reason: str,
-                          time_to_first_token: float | None) -> None:
+    def record_generation(
+        self,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        finish_reason: str,
+        time_to_first_token: float | None,
+    ) -> None:
         self.tokens.labels(model, "prompt").inc(prompt_tokens)
         self.tokens.labels(model, "completion").inc(completion_tokens)
         self.completions.labels(finish_reason).inc()
@@ -102,8 +122,18 @@ class RequestLog:
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(route).observe(elapsed)
             caller = state.get("caller")
-            access_log.info(json.dumps({
-                "request_id": request_id, "method": scope["method"], "path": scope["path"], "route": route,
-                "status": status, "duration_ms": round(elapsed * 1000, 1),
-                "key_id": getattr(caller, "key_id", None), **state["log"],
-            }, ensure_ascii=False))
+            access_log.info(
+                json.dumps(
+                    {
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 1),
+                        "key_id": getattr(caller, "key_id", None),
+                        **state["log"],
+                    },
+                    ensure_ascii=False,
+                )
+            )

@@ -41,7 +41,7 @@ def _normalise(text: str) -> str:
 
 def _pattern(entry: str) -> str:
     if entry.startswith(REGEX_PREFIX):
-        pattern = entry[len(REGEX_PREFIX):]
+        pattern = entry[len(REGEX_PREFIX) :]
         re.compile(pattern)  # fail at load time, naming the entry (the caller adds the file)
         return pattern
     term = re.escape(_normalise(entry))
@@ -63,9 +63,18 @@ class SafetyPolicy:
         """The policy in `folder`, or the shipped default when None."""
         if folder is not None and not folder.is_dir():
             raise ValueError(f"safety folder {folder} does not exist")
-        files = (sorted(folder.glob("*.txt")) if folder is not None
-                 else sorted((f for f in resources.files("glmstack.api.safety_terms").iterdir()
-                              if f.name.endswith(".txt")), key=lambda f: f.name))
+        files = (
+            sorted(folder.glob("*.txt"))
+            if folder is not None
+            else sorted(
+                (
+                    f
+                    for f in resources.files("glmstack.api.safety_terms").iterdir()
+                    if f.name.endswith(".txt")
+                ),
+                key=lambda f: f.name,
+            )
+        )
         entries: list[str] = []
         for file in files:
             for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from glmstack.settings import Settings
+from glmstack.settings import QUANTIZE_CHOICES, Settings
 
 EXIT_USAGE = 2
 
@@ -20,17 +20,25 @@ EXIT_USAGE = 2
 def add_subcommands(subparsers: Any) -> None:
     serve = subparsers.add_parser("serve", help="run the HTTP API (platform v4, OpenAI /v1, ChatGLM api.py)")
     serve.add_argument("--host", default=None, help="bind address (default: $GLMSTACK_HOST, then 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None,
-                       help="port (default: $GLMSTACK_PORT, then 8000; 0 picks a free one)")
-    serve.add_argument("--model", "-m", default=None,
-                       help="path or name of a model (default: $GLMSTACK_MODEL, then the bundled SmolLM2)")
+    serve.add_argument(
+        "--port", type=int, default=None, help="port (default: $GLMSTACK_PORT, then 8000; 0 picks a free one)"
+    )
+    serve.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="path or name of a model (default: $GLMSTACK_MODEL, then the bundled SmolLM2)",
+    )
     serve.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"])
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument(
+        "--quantize", default=None, choices=QUANTIZE_CHOICES, help="weight-only quantization at load time"
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
-    flags = {name: getattr(args, name) for name in ("host", "port", "model", "device", "dtype")}
+    flags = {name: getattr(args, name) for name in ("host", "port", "model", "device", "dtype", "quantize")}
     return dataclasses.replace(settings, **{k: v for k, v in flags.items() if v is not None})
 
 
@@ -49,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         active_keys = store.keys.count_active()
         if active_keys == 0 and not is_loopback(settings.host):
-            print(f"glmstack: error: refusing to serve {settings.host} without API keys: anyone who can reach "
-                  "it could use the model. Create a key first (glmstack keys create), or bind to 127.0.0.1.",
-                  file=sys.stderr)
+            print(
+                f"glmstack: error: refusing to serve {settings.host} without API keys: anyone who can reach "
+                "it could use the model. Create a key first (glmstack keys create), or bind to 127.0.0.1.",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         return _serve(settings, store, active_keys)
     except StoreError as e:
@@ -70,14 +80,24 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
     from glmstack.engine.api import load
     from glmstack.engine.async_engine import AsyncEngine
 
-    if settings.quantize is not None:
-        raise ValueError("GLMSTACK_QUANTIZE is not supported by `glmstack serve` yet")
-    model, _ = load(settings.model, device=settings.device, dtype=settings.dtype, progress=sys.stderr.isatty())
+    model, _ = load(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        quantize=settings.quantize,
+        progress=sys.stderr.isatty(),
+    )
     engine = AsyncEngine(model, max_waiting=settings.max_queue or 2**31)
     try:
         app = create_app(settings, engine, store)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
-                                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            access_log=False,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=5,
+        )
         server = uvicorn.Server(config)
         asyncio.run(_run_until_stopped(server, settings, model.name, active_keys))
         return 0 if server.started else 1

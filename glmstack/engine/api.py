@@ -28,7 +28,8 @@ import torch
 from glmstack.engine.chat_format import ChatFormat, chat_format_for
 from glmstack.engine.errors import ContextLengthError
 from glmstack.engine.generation import generate_stream
-from glmstack.engine.loading import LoadedModel, load_model, resolve_model_path
+from glmstack.engine.loading import LoadedModel, load_model, pick_device, resolve_model_path
+from glmstack.engine.quantize import DEFAULT_GROUP_SIZE, quantize_model
 from glmstack.engine.tokenizer import Tokenizer, load_tokenizer_json, tokenizer_from_gguf
 from glmstack.protocol import GenerationEvent, SamplingParams
 
@@ -55,6 +56,13 @@ class ChatModel:
     @property
     def context_length(self) -> int:
         return int(self.config.context_length)
+
+    def quantize(self, bits: int, *, group_size: int = DEFAULT_GROUP_SIZE) -> ChatModel:
+        """ChatGLM's `model.quantize(bits)` (spec 7.2): 8 or 4 makes the decoder layers' linears int8 / int4
+        weight-only in place (the output head goes int8 too), 0 does nothing, a second call logs "already
+        quantized". Returns self — also for 0, where ChatGLM returns None. See engine/quantize.py."""
+        quantize_model(self.module, bits, group_size=group_size)
+        return self
 
     def __repr__(self) -> str:
         return (f"ChatModel({self.name!r}, arch={type(self.module).__name__}, device={self.device}, "
@@ -198,12 +206,26 @@ def load(
     device: str = "auto",
     dtype: str | torch.dtype = "auto",
     progress: bool = False,
+    quantize: str | None = None,
 ) -> tuple[ChatModel, Tokenizer]:
-    """Load a model by path or name (see `resolve_model_path`); returns `(model, tokenizer)`."""
+    """Load a model by path or name (see `resolve_model_path`); returns `(model, tokenizer)`.
+
+    `quantize="int8"` or `"int4"` quantizes the weights after loading (`ChatModel.quantize`). On CPU,
+    dtype "auto" then means bfloat16 rather than float32: the CPU int8/int4 kernels compute in bf16 (their
+    fp32 versions are scalar loops), so fp32 activations would only be cast at every quantized linear.
+    """
+    bits = {None: 0, "int8": 8, "int4": 4}.get(quantize, -1)
+    if bits < 0:
+        raise ValueError(f"unknown quantize={quantize!r}; use None, 'int8' or 'int4'")
+    if bits and dtype == "auto" and pick_device(device).type == "cpu":
+        dtype = torch.bfloat16
     path = resolve_model_path(None if name_or_path is None else str(name_or_path))
     loaded = load_model(path, device=device, dtype=dtype, progress=progress)
     tokenizer = load_tokenizer(loaded)
     custom_format = getattr(loaded.arch_module, "chat_format_for", None)
     chat_format = custom_format(tokenizer, loaded.module.config) if custom_format else chat_format_for(tokenizer)
     name = path.stem if path.is_file() else path.name
-    return ChatModel(loaded, tokenizer, chat_format, name), tokenizer
+    model = ChatModel(loaded, tokenizer, chat_format, name)
+    if bits:
+        model.quantize(bits)
+    return model, tokenizer

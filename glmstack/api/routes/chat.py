@@ -19,14 +19,16 @@ router = keyed_router(tags=["chat"])
     response_model=ChatCompletion,
     response_model_exclude_none=True,
     responses={
-        200: {"content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}},
-              "description": 'With "stream": true, `data: <ChatCompletionChunk>` events, then `data: [DONE]`'},
+        200: {
+            "content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}},
+            "description": 'With "stream": true, `data: <ChatCompletionChunk>` events, then `data: [DONE]`',
+        },
         **error_responses(400, 401, 413, 429, 500),
     },
 )
-async def create_chat_completion(body: ChatCompletionRequest, request: Request,
-                                 caller: CallerDep,
-                                 platform: PlatformDep) -> ChatCompletion | Response:
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, caller: CallerDep, platform: PlatformDep
+) -> ChatCompletion | Response:
     completion_id, log_fields = request.state.request_id, request.state.log
     if body.stream:
         return await chat.stream(platform, caller, body, completion_id, request.receive, log_fields)

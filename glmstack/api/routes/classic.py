@@ -14,9 +14,15 @@ from glmstack.api.services import classic
 router = keyed_router(tags=["classic"])
 
 
-@router.post("/", response_model=ClassicResponse, responses=error_responses(400, 401, 413, 429, 500),
-             summary="ChatGLM api.py compatible chat")
-async def classic_chat(body: ClassicRequest, request: Request, caller: CallerDep,
-                       platform: PlatformDep) -> ClassicResponse:
-    return await classic.answer(platform, caller, body, request.state.request_id, request.receive,
-                                request.state.log)
+@router.post(
+    "/",
+    response_model=ClassicResponse,
+    responses=error_responses(400, 401, 413, 429, 500),
+    summary="ChatGLM api.py compatible chat",
+)
+async def classic_chat(
+    body: ClassicRequest, request: Request, caller: CallerDep, platform: PlatformDep
+) -> ClassicResponse:
+    return await classic.answer(
+        platform, caller, body, request.state.request_id, request.receive, request.state.log
+    )

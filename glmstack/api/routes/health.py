@@ -15,8 +15,11 @@ router = keyed_router(tags=["operations"])
 async def health(platform: PlatformDep) -> JSONResponse:
     info = platform.engine.info()
     database = await run_in_threadpool(platform.store.healthy)
-    body = {"status": "ok" if database else "degraded", "model": {"name": info.name, "loaded": True},
-            "database": database}
+    body = {
+        "status": "ok" if database else "degraded",
+        "model": {"name": info.name, "loaded": True},
+        "database": database,
+    }
     return JSONResponse(body, status_code=200 if database else 503)
 
 

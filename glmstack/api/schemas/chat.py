@@ -23,8 +23,11 @@ class TextPart(_Lenient):
 class Message(_Lenient):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(
-        None, description="Required except on an assistant message that carries tool_calls")
-    tool_calls: list[dict[str, Any]] | None = Field(None, description="On assistant messages: earlier tool calls")
+        None, description="Required except on an assistant message that carries tool_calls"
+    )
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description="On assistant messages: earlier tool calls"
+    )
     tool_call_id: str | None = Field(None, description="On tool messages: the call this result answers")
 
 

@@ -12,7 +12,8 @@ class ClassicRequest(BaseModel):
 
     prompt: str
     history: list[Any] | None = Field(
-        None, description="[[query, response], ...] (ChatGLM-6B/2) or [{role, content}, ...] (ChatGLM3)")
+        None, description="[[query, response], ...] (ChatGLM-6B/2) or [{role, content}, ...] (ChatGLM3)"
+    )
     max_length: int | None = Field(None, ge=1, description="Prompt plus reply, in tokens; default 2048")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="Default 0.7")
     temperature: float | None = Field(None, ge=0.0, le=1.0, description="Default 0.95; 0 means greedy")

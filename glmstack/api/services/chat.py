@@ -62,13 +62,22 @@ def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int | None) -> 
         raise PlatformError(1214, f"max_tokens may be at most {max_tokens_cap}", field="max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in stop):
-        raise PlatformError(1214, f"up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
-                            "characters", field="stop")
+        raise PlatformError(
+            1214,
+            f"up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
+            field="stop",
+        )
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     top_p = DEFAULT_TOP_P if body.top_p is None else max(body.top_p, MIN_TOP_P)
     do_sample = body.do_sample is not False and temperature > 0
-    return SamplingParams(max_tokens=max_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                          stop=stop, seed=body.seed)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        stop=stop,
+        seed=body.seed,
+    )
 
 
 def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str) -> GenerateRequest:
@@ -103,8 +112,14 @@ async def collect(generation: Generation) -> tuple[str, str]:
     return "".join(parts), reason
 
 
-async def complete(platform: Platform, caller: Caller, body: ChatCompletionRequest, completion_id: str,
-                   receive: Receive, log_fields: dict[str, Any]) -> ChatCompletion:
+async def complete(
+    platform: Platform,
+    caller: Caller,
+    body: ChatCompletionRequest,
+    completion_id: str,
+    receive: Receive,
+    log_fields: dict[str, Any],
+) -> ChatCompletion:
     request = prepare(platform, body, completion_id)
     generation = Generation(platform, caller, request, log_fields)
     try:
@@ -114,14 +129,23 @@ async def complete(platform: Platform, caller: Caller, body: ChatCompletionReque
     if reason == "sensitive":
         raise _output_blocked()
     return ChatCompletion(
-        id=completion_id, created=int(time.time()), model=body.model, request_id=body.request_id or completion_id,
+        id=completion_id,
+        created=int(time.time()),
+        model=body.model,
+        request_id=body.request_id or completion_id,
         choices=[Choice(finish_reason=reason, message=AssistantMessage(content=text))],
         usage=Usage(**_usage(generation)),
     )
 
 
-async def stream(platform: Platform, caller: Caller, body: ChatCompletionRequest, completion_id: str,
-                 receive: Receive, log_fields: dict[str, Any]) -> EventStreamResponse:
+async def stream(
+    platform: Platform,
+    caller: Caller,
+    body: ChatCompletionRequest,
+    completion_id: str,
+    receive: Receive,
+    log_fields: dict[str, Any],
+) -> EventStreamResponse:
     """The SSE response. The first step is awaited before the response starts, so that refusals the
     engine makes at admission (prompt too long, overloaded) are still ordinary HTTP errors."""
     request = prepare(platform, body, completion_id)
@@ -132,21 +156,33 @@ async def stream(platform: Platform, caller: Caller, body: ChatCompletionRequest
     except BaseException:
         await generation.close()
         raise
-    base = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": body.model}
+    base = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body.model,
+    }
     return EventStreamResponse(_chunks(base, first, steps, generation), on_close=generation.close)
 
 
-async def _chunks(base: dict[str, Any], step: Step | None, steps: AsyncIterator[Step],
-                  generation: Generation) -> AsyncIterator[bytes]:
+async def _chunks(
+    base: dict[str, Any], step: Step | None, steps: AsyncIterator[Step], generation: Generation
+) -> AsyncIterator[bytes]:
     while step is not None:
         if step.finish_reason is None:
-            yield event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": step.text}}]})
+            yield event(
+                {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": step.text}}]}
+            )
         else:
             last: dict[str, Any] = {
                 **base,
-                "choices": [{"index": 0, "finish_reason": step.finish_reason,
-                             "delta": {"role": "assistant", "content": step.text}}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": step.finish_reason,
+                        "delta": {"role": "assistant", "content": step.text},
+                    }
+                ],
                 "usage": _usage(generation),
             }
             if step.finish_reason == "sensitive":

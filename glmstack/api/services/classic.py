@@ -39,15 +39,26 @@ def history_messages(history: list[Any]) -> tuple[list[dict[str, str]], bool]:
         for query, response in (_pair(turn) for turn in history):  # type: ignore[misc]
             messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
         return messages, True
-    if all(isinstance(t, dict) and t.get("role") in ("system", "user", "assistant")
-           and isinstance(t.get("content"), str) for t in history):
+    if all(
+        isinstance(t, dict)
+        and t.get("role") in ("system", "user", "assistant")
+        and isinstance(t.get("content"), str)
+        for t in history
+    ):
         return [{"role": t["role"], "content": t["content"]} for t in history], False
-    raise PlatformError(1214, "history must be [[query, response], ...] or [{role, content}, ...]",
-                        field="history")
+    raise PlatformError(
+        1214, "history must be [[query, response], ...] or [{role, content}, ...]", field="history"
+    )
 
 
-async def answer(platform: Platform, caller: Caller, body: ClassicRequest, request_id: str, receive: Receive,
-                 log_fields: dict[str, Any]) -> ClassicResponse:
+async def answer(
+    platform: Platform,
+    caller: Caller,
+    body: ClassicRequest,
+    request_id: str,
+    receive: Receive,
+    log_fields: dict[str, Any],
+) -> ClassicResponse:
     history = body.history or []
     if len(history) * 2 + 1 > platform.settings.max_messages:
         raise PlatformError(1214, f"at most {platform.settings.max_messages} messages", field="history")
@@ -62,17 +73,26 @@ async def answer(platform: Platform, caller: Caller, body: ClassicRequest, reque
     if platform.settings.max_tokens_cap is not None:
         max_tokens = min(max_tokens, platform.settings.max_tokens_cap)
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
-    params = SamplingParams(max_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
-                            top_p=max(DEFAULT_TOP_P if body.top_p is None else body.top_p, MIN_TOP_P))
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature,
+        top_p=max(DEFAULT_TOP_P if body.top_p is None else body.top_p, MIN_TOP_P),
+    )
 
-    generation = Generation(platform, caller, GenerateRequest(request_id, params, messages=messages), log_fields)
+    generation = Generation(
+        platform, caller, GenerateRequest(request_id, params, messages=messages), log_fields
+    )
     try:
         text, reason = await unless_disconnected(receive, collect(generation))
     finally:
         await generation.close()
     if reason == "sensitive":
         raise PlatformError(1301, extra={"contentFilter": [{"level": LEVEL, "role": "assistant"}]})
-    turn: Any = [body.prompt, text] if pair_style else [{"role": "user", "content": body.prompt},
-                                                         {"role": "assistant", "content": text}]
+    turn: Any = (
+        [body.prompt, text]
+        if pair_style
+        else [{"role": "user", "content": body.prompt}, {"role": "assistant", "content": text}]
+    )
     new_history = [*history, turn] if pair_style else [*history, *turn]
     return ClassicResponse(response=text, history=new_history, time=time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -30,8 +30,9 @@ class Step:
 
 
 class Generation:
-    def __init__(self, platform: Platform, caller: Caller, request: GenerateRequest,
-                 log_fields: dict[str, Any]) -> None:
+    def __init__(
+        self, platform: Platform, caller: Caller, request: GenerateRequest, log_fields: dict[str, Any]
+    ) -> None:
         self._lease = platform.limiter.acquire(caller)  # 1302 / 1305 before anything runs
         self._platform, self._caller, self._log = platform, caller, log_fields
         self._events = platform.engine.generate(request)
@@ -75,15 +76,25 @@ class Generation:
             self._lease.release()
         reason = self.finish_reason or "abort"
         served = self._platform.models.served
-        self._log.update(model=served, prompt_tokens=self.prompt_tokens,
-                         completion_tokens=self.completion_tokens, finish_reason=reason)
+        self._log.update(
+            model=served,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            finish_reason=reason,
+        )
         if not self.prompt_tokens:  # never reached the engine: nothing was computed
             return
-        self._platform.metrics.record_generation(served, self.prompt_tokens, self.completion_tokens, reason,
-                                                 self._time_to_first_token)
+        self._platform.metrics.record_generation(
+            served, self.prompt_tokens, self.completion_tokens, reason, self._time_to_first_token
+        )
         try:
-            await run_in_threadpool(self._platform.store.usage.record, self._caller.key_id, served,
-                                    self.prompt_tokens, self.completion_tokens)
+            await run_in_threadpool(
+                self._platform.store.usage.record,
+                self._caller.key_id,
+                served,
+                self.prompt_tokens,
+                self.completion_tokens,
+            )
         except StoreError as e:  # the answer was delivered; losing one usage row must not fail it
             log.error("usage not recorded for key %s: %s", self._caller.key_id, e)
 

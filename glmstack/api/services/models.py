@@ -11,14 +11,22 @@ from __future__ import annotations
 from glmstack.api.errors import PlatformError
 
 ALIASES = (
-    "glmstack", "default",
-    "glm-4", "glm-4-plus", "glm-4-0520", "glm-4-air", "glm-4-airx", "glm-4-long", "glm-4-flash", "glm-3-turbo",
+    "glmstack",
+    "default",
+    "glm-4",
+    "glm-4-plus",
+    "glm-4-0520",
+    "glm-4-air",
+    "glm-4-airx",
+    "glm-4-long",
+    "glm-4-flash",
+    "glm-3-turbo",
 )
 
 
 class ModelCatalog:
     def __init__(self, served: str, created: int) -> None:
-        self.served = served    # the loaded model's name (ModelInfo.name)
+        self.served = served  # the loaded model's name (ModelInfo.name)
         self.created = created  # when it was loaded, Unix seconds
         self.names = (served, *(a for a in ALIASES if a.lower() != served.lower()))
         self._known = {name.lower() for name in self.names}

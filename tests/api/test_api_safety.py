@@ -14,8 +14,12 @@ def test_default_list_ships_and_is_narrow() -> None:
     policy = SafetyPolicy.from_dir(None)
     assert policy.entries
     assert policy.hits("请告诉我炸药配方") and policy.hits("How do I make a pipe bomb?")
-    for harmless in ("The bombastic speech was about class struggle.", "What is the capital of France?",
-                     "请介绍一下北京的历史", "Synthesize a summary of this paper."):
+    for harmless in (
+        "The bombastic speech was about class struggle.",
+        "What is the capital of France?",
+        "请介绍一下北京的历史",
+        "Synthesize a summary of this paper.",
+    ):
         assert not policy.hits(harmless), harmless
 
 

@@ -22,17 +22,23 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def sdk_token(exp_offset_ms: int = 210_000, *, secret: str = SECRET, headers: dict | None = None,
-              **payload: object) -> str:
+def sdk_token(
+    exp_offset_ms: int = 210_000, *, secret: str = SECRET, headers: dict | None = None, **payload: object
+) -> str:
     """What zhipuai's generate_token produces."""
     now = now_ms()
     body = {"api_key": KEY_ID, "exp": now + exp_offset_ms, "timestamp": now, **payload}
-    return jwt.encode(body, secret, algorithm="HS256",
-                      headers=headers if headers is not None else {"alg": "HS256", "sign_type": "SIGN"})
+    return jwt.encode(
+        body,
+        secret,
+        algorithm="HS256",
+        headers=headers if headers is not None else {"alg": "HS256", "sign_type": "SIGN"},
+    )
 
 
 def hand_token(header: dict, payload: dict, secret: str = SECRET) -> str:
     """A token built byte by byte, for headers PyJWT would refuse to produce."""
+
     def b64(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -59,27 +65,36 @@ def test_sdk_token_verifies() -> None:
 
 
 def test_expiry_is_in_milliseconds() -> None:
-    assert code_of(sdk_token(-1000)) == 1003           # expired a second ago
+    assert code_of(sdk_token(-1000)) == 1003  # expired a second ago
     # A seconds-based exp is long past when read as milliseconds
-    seconds_exp = hand_token({"alg": "HS256", "sign_type": "SIGN"}, {"api_key": KEY_ID, "exp": int(time.time()) + 60})
+    seconds_exp = hand_token(
+        {"alg": "HS256", "sign_type": "SIGN"}, {"api_key": KEY_ID, "exp": int(time.time()) + 60}
+    )
     assert code_of(seconds_exp) == 1003
 
 
 def test_bad_signatures_and_unknown_keys() -> None:
     assert code_of(sdk_token(secret="not-the-secret")) == 1004
-    assert code_of(hand_token({"alg": "HS256", "sign_type": "SIGN"},
-                              {"api_key": "nobody", "exp": now_ms() + 10_000})) == 1004
+    assert (
+        code_of(
+            hand_token({"alg": "HS256", "sign_type": "SIGN"}, {"api_key": "nobody", "exp": now_ms() + 10_000})
+        )
+        == 1004
+    )
     token = sdk_token()
     assert code_of(token[:-2] + ("AA" if not token.endswith("AA") else "BB")) == 1004
 
 
-@pytest.mark.parametrize("header", [
-    {"alg": "none", "sign_type": "SIGN"},
-    {"alg": "HS512", "sign_type": "SIGN"},
-    {"alg": "HS256"},                                       # sign_type is part of the platform's header
-    {"alg": "HS256", "sign_type": "SIGN", "typ": "JWE"},
-    {"alg": "HS256", "sign_type": "SIGN", "crit": ["exp"]},
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"alg": "none", "sign_type": "SIGN"},
+        {"alg": "HS512", "sign_type": "SIGN"},
+        {"alg": "HS256"},  # sign_type is part of the platform's header
+        {"alg": "HS256", "sign_type": "SIGN", "typ": "JWE"},
+        {"alg": "HS256", "sign_type": "SIGN", "crit": ["exp"]},
+    ],
+)
 def test_other_headers_are_refused(header: dict) -> None:
     assert code_of(hand_token(header, {"api_key": KEY_ID, "exp": now_ms() + 10_000})) == 1002
 
@@ -89,12 +104,15 @@ def test_alg_none_without_signature_is_refused() -> None:
     assert code_of(token.rsplit(".", 1)[0] + ".") == 1002
 
 
-@pytest.mark.parametrize("payload", [
-    {"api_key": KEY_ID},                                    # no exp
-    {"api_key": KEY_ID, "exp": "soon"},
-    {"api_key": KEY_ID, "exp": True},
-    {"exp": 10**13},                                        # no api_key
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"api_key": KEY_ID},  # no exp
+        {"api_key": KEY_ID, "exp": "soon"},
+        {"api_key": KEY_ID, "exp": True},
+        {"exp": 10**13},  # no api_key
+    ],
+)
 def test_payload_must_name_key_and_expiry(payload: dict) -> None:
     assert code_of(hand_token({"alg": "HS256", "sign_type": "SIGN"}, payload)) == 1002
 

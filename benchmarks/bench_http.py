@@ -1,0 +1,236 @@
+"""What the HTTP layer costs, and whether it holds up under concurrent streaming clients.
+
+    python benchmarks/bench_http.py [--requests 50] [--clients 32] [--seconds 120] [--max-tokens 64]
+
+1. Latency: p50 of a 1-token completion (greedy, max_tokens=1) through `glmstack serve` — auth, validation,
+   safety, limits, usage accounting, JSON — against the same request on the engine alone (AsyncEngine in
+   this process). The difference is the platform's overhead per request.
+2. Load: N streaming clients for T seconds against the server, each sending the next request as soon as its
+   stream ends. Prints requests, errors by kind, streamed tokens/s, time to first chunk, and the server's
+   RSS at the start and the end (a growing RSS under steady load is a leak).
+
+The server runs as a subprocess on a free port with a throwaway GLMSTACK_HOME, one API key, and per-key and
+queue limits raised to fit N clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import psutil
+
+PROMPTS = [
+    "Say hello.",
+    "Name a colour.",
+    "What is two plus two?",
+    "Write one sentence about the sea.",
+]
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+def p50_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+# ---- the engine alone -------------------------------------------------------------------------------------
+
+
+def engine_latencies(args: argparse.Namespace) -> list[float]:
+    from glmstack.engine.api import load
+    from glmstack.engine.async_engine import AsyncEngine
+    from glmstack.protocol import GenerateRequest, SamplingParams
+
+    model, _ = load(args.model, device=args.device)
+    engine = AsyncEngine(model)
+
+    async def one(i: int) -> float:
+        request = GenerateRequest(
+            f"bench-{i}", SamplingParams(max_tokens=1, do_sample=False), messages=messages(i)
+        )
+        start = time.perf_counter()
+        async for _ in engine.generate(request):
+            pass
+        return time.perf_counter() - start
+
+    async def run() -> list[float]:
+        for i in range(args.warmup):
+            await one(i)
+        return [await one(i) for i in range(args.requests)]
+
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+
+# ---- the server -------------------------------------------------------------------------------------------
+
+
+def start_server(args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen, str, str]:
+    from glmstack.store import Store
+
+    database_url = f"sqlite:///{home / 'glmstack.db'}"
+    with Store(database_url, home=home) as store:
+        _, key = store.keys.create("bench")
+    env = {
+        **os.environ,
+        "GLMSTACK_HOME": str(home),
+        "GLMSTACK_DATABASE_URL": database_url,
+        "GLMSTACK_MAX_CONCURRENCY_PER_KEY": str(args.clients),
+        "GLMSTACK_MAX_QUEUE": str(max(64, 2 * args.clients)),
+    }
+    command = [sys.executable, "-m", "glmstack.cli", "serve", "--port", "0", "--device", args.device]
+    if args.model:
+        command += ["--model", args.model]
+    proc = subprocess.Popen(
+        command, env=env, text=True, stdout=subprocess.PIPE, stderr=(home / "server.log").open("w")
+    )
+    found: list[str] = []
+
+    def read_banner() -> None:
+        for line in proc.stdout:
+            if match := re.match(r"glmstack is serving \S+ at (http://\S+)", line):
+                found.append(match.group(1))
+
+    threading.Thread(target=read_banner, daemon=True).start()
+    deadline = time.monotonic() + 300
+    while not found:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            sys.exit(f"server did not start; see {home / 'server.log'}")
+        time.sleep(0.1)
+    return proc, found[0], key
+
+
+def server_latencies(args: argparse.Namespace, url: str, key: str) -> list[float]:
+    samples = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
+        for i in range(args.warmup + args.requests):
+            body = {"model": "glm-4", "messages": messages(i), "max_tokens": 1, "do_sample": False}
+            start = time.perf_counter()
+            response = client.post("/api/paas/v4/chat/completions", json=body)
+            elapsed = time.perf_counter() - start
+            response.raise_for_status()
+            if i >= args.warmup:
+                samples.append(elapsed)
+    return samples
+
+
+def completion_tokens(url: str, key: str) -> float:
+    """Tokens the server generated so far, from its /metrics."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    return sum(
+        float(v)
+        for v in re.findall(r'^glmstack_tokens_total\{kind="completion"[^}]*\} (\S+)$', text, re.MULTILINE)
+    )
+
+
+async def streaming_load(args: argparse.Namespace, url: str, key: str) -> dict[str, object]:
+    errors: Counter[str] = Counter()
+    first_chunk: list[float] = []
+    done = 0
+    deadline = time.monotonic() + args.seconds
+
+    async def client_loop(client_id: int, client: httpx.AsyncClient) -> None:
+        nonlocal done
+        i = client_id
+        while time.monotonic() < deadline:
+            body = {"model": "glm-4", "messages": messages(i), "max_tokens": args.max_tokens, "stream": True}
+            i += args.clients
+            start = time.perf_counter()
+            try:
+                async with client.stream("POST", "/api/paas/v4/chat/completions", json=body) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        errors[f"HTTP {response.status_code} {response.json()['error']['code']}"] += 1
+                        continue
+                    last, saw_first = None, False
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        if not saw_first:
+                            first_chunk.append(time.perf_counter() - start)
+                            saw_first = True
+                        last = line
+                    if last != "data: [DONE]":
+                        errors["stream without [DONE]"] += 1
+                        continue
+            except httpx.HTTPError as e:
+                errors[type(e).__name__] += 1
+                continue
+            done += 1
+
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300, limits=limits
+    ) as client:
+        tokens_before = completion_tokens(url, key)
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(c, client) for c in range(args.clients)))
+        elapsed = time.perf_counter() - started
+    streamed = completion_tokens(url, key) - tokens_before
+    return {
+        "requests": done,
+        "errors": dict(errors),
+        "elapsed_s": elapsed,
+        "completion_tokens": streamed,
+        "first_chunk_p50_ms": p50_ms(first_chunk) if first_chunk else float("nan"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--requests", type=int, default=50, help="1-token requests for the latency figure")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
+    parser.add_argument("--seconds", type=float, default=120, help="how long the streaming load runs")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per streamed reply")
+    args = parser.parse_args()
+
+    engine = engine_latencies(args)
+    with tempfile.TemporaryDirectory(prefix="glmstack-bench-") as tmp:
+        proc, url, key = start_server(args, Path(tmp))
+        try:
+            server = server_latencies(args, url, key)
+            rss_start = psutil.Process(proc.pid).memory_info().rss
+            load = asyncio.run(streaming_load(args, url, key))
+            rss_end = psutil.Process(proc.pid).memory_info().rss
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    print(f"1-token completion, p50 over {args.requests} requests (greedy, max_tokens=1)")
+    print(f"  engine alone (AsyncEngine, in process)  {p50_ms(engine):8.1f} ms")
+    print(f"  through glmstack serve (HTTP, auth, ...) {p50_ms(server):8.1f} ms")
+    print(f"  HTTP platform overhead                  {p50_ms(server) - p50_ms(engine):8.1f} ms")
+    print(f"\n{args.clients} streaming clients for {args.seconds:.0f} s (max_tokens={args.max_tokens})")
+    print(f"  requests completed   {load['requests']}")
+    print(f"  errors               {json.dumps(load['errors']) if load['errors'] else 'none'}")
+    print(f"  streamed tokens/s    {load['completion_tokens'] / load['elapsed_s']:.1f}")
+    print(f"  first chunk p50      {load['first_chunk_p50_ms']:.0f} ms")
+    print(
+        f"  server RSS           {rss_start / 2**20:.0f} MiB at start, {rss_end / 2**20:.0f} MiB at end "
+        f"({(rss_end - rss_start) / 2**20:+.0f} MiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Fixtures for the in-process HTTP tests: a real store (SQLite and PostgreSQL, via `database_url`), the
+scripted engine, and clients of apps built on them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from scripted import ScriptedEngine
+
+from glmstack.api import create_app
+from glmstack.settings import Settings
+from glmstack.store import Store
+
+
+@pytest.fixture
+def store(database_url: str, tmp_path: Path) -> Iterator[Store]:
+    with Store(database_url, home=tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def engine() -> ScriptedEngine:
+    return ScriptedEngine()
+
+
+@pytest.fixture
+def make_client(store: Store, engine: ScriptedEngine, tmp_path: Path):
+    def make(**overrides: Any) -> TestClient:
+        settings = Settings(home=tmp_path, database_url="unused", **overrides)
+        return TestClient(create_app(settings, engine, store), raise_server_exceptions=False)
+
+    return make
+
+
+@pytest.fixture
+def key(store: Store) -> str:
+    return store.keys.create("tests")[1]
+
+
+@pytest.fixture
+def client(make_client, key: str) -> TestClient:
+    c = make_client()
+    c.headers["Authorization"] = f"Bearer {key}"
+    return c

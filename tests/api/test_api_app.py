@@ -1,0 +1,303 @@
+"""The HTTP service in-process, against a scripted engine and a real store (SQLite and PostgreSQL): response
+shapes, the error envelope on every invalid request, the classic endpoint, health and metrics.
+
+Auth, limits and safety are in test_api_access.py; the real model, server and SDKs in test_api_server.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from scripted import CHAT, ScriptedEngine, chat_body, client_ok, error_of, sse_events
+
+from glmstack.protocol import EngineOverloadedError, PromptTooLongError
+from glmstack.store import Store
+
+# ---- the happy paths --------------------------------------------------------------------------------------
+
+
+def test_sync_completion(client: TestClient, store: Store, engine: ScriptedEngine) -> None:
+    body = chat_body(
+        request_id="my-request-1",
+        temperature=0.5,
+        top_p=0.9,
+        max_tokens=20,
+        stop="END",
+        do_sample=True,
+        seed=7,
+        user_id="end-user-42",
+    )
+    response = client.post(CHAT, json=body)
+    assert response.status_code == 200
+    data = response.json()
+    assert data["request_id"] == "my-request-1" and data["id"] == response.headers["x-request-id"]
+    assert data["model"] == "glm-4" and data["object"] == "chat.completion"
+    assert data["choices"] == [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello there!"}}
+    ]
+    assert data["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    params = engine.requests[-1].params
+    assert (params.temperature, params.top_p, params.max_tokens, params.stop, params.seed) == (
+        0.5,
+        0.9,
+        20,
+        ["END"],
+        7,
+    )
+    [row] = store.usage.report()
+    assert (row.model, row.requests, row.prompt_tokens, row.completion_tokens) == ("scripted-1b", 1, 4, 3)
+
+
+def test_defaults_and_greedy(client: TestClient, engine: ScriptedEngine) -> None:
+    client.post(CHAT, json=chat_body())
+    params = engine.requests[-1].params
+    assert (params.temperature, params.top_p, params.max_tokens, params.do_sample) == (0.95, 0.7, 1024, True)
+    client.post(CHAT, json=chat_body(do_sample=False, temperature=0.3))
+    assert engine.requests[-1].params.greedy
+    client.post(CHAT, json=chat_body(temperature=0, top_p=0))  # what the OpenAI SDK may send
+    assert engine.requests[-1].params.greedy and engine.requests[-1].params.top_p > 0
+
+
+def test_sdk_nulls_and_unknown_fields_are_ignored(client: TestClient) -> None:
+    body = chat_body(
+        response_format=None,
+        thinking=None,
+        sensitive_word_check={"type": "ALL", "status": "ENABLE"},
+        meta=None,
+        extra=None,
+        watermark_enabled=None,
+        tools=None,
+        tool_choice=None,
+        stop=None,
+        stream=None,
+        stream_options={"include_usage": True},
+        n=1,
+        user="u",
+        something_new=[1],
+    )
+    assert client.post(CHAT, json=body).status_code == 200
+
+
+def test_message_kinds(client: TestClient, engine: ScriptedEngine) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "What's the "}, {"type": "text", "text": "weather?"}],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "index": 0,
+                    "function": {"name": "weather", "arguments": "{}"},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    assert (
+        client.post(CHAT, json=chat_body(messages=messages, tools=tools, tool_choice="auto")).status_code
+        == 200
+    )
+    sent = engine.requests[-1]
+    assert sent.tools == tools
+    assert sent.messages[1] == {"role": "user", "content": "What's the weather?"}
+    assert sent.messages[2]["tool_calls"][0]["id"] == "call_1" and sent.messages[2]["content"] == ""
+    assert sent.messages[3] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+
+
+def test_stream_framing(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert "content-length" not in response.headers
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "Hello there!"
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "glm-4" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert all("usage" not in c and "finish_reason" not in c["choices"][0] for c in chunks[:-1])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+def test_length_finish(client: TestClient, engine: ScriptedEngine) -> None:
+    engine.finish = "length"
+    assert client.post(CHAT, json=chat_body()).json()["choices"][0]["finish_reason"] == "length"
+    engine.finish = "abort"  # the engine gave up on its own
+    assert client.post(CHAT, json=chat_body()).json()["choices"][0]["finish_reason"] == "network_error"
+
+
+def test_failure_mid_stream_ends_it_with_network_error(client: TestClient, engine: ScriptedEngine) -> None:
+    engine.fail_after = 2
+    events = sse_events(client.post(CHAT, json=chat_body(stream=True)).text)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert (
+        events[-1] == "[DONE]"
+        and "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "Hello there"
+    )
+    assert chunks[-1]["choices"][0]["finish_reason"] == "network_error"
+    assert client.post(CHAT, json=chat_body()).json()["choices"][0]["finish_reason"] == "network_error"
+
+
+def test_models(client: TestClient) -> None:
+    for prefix in ("/api/paas/v4", "/v1"):
+        listing = client.get(f"{prefix}/models").json()
+        ids = [m["id"] for m in listing["data"]]
+        assert listing["object"] == "list" and ids[0] == "scripted-1b" and "glm-4" in ids
+        assert all(m["root"] == "scripted-1b" for m in listing["data"])
+    assert client.get("/v1/models/GLM-4-Flash").json()["id"] == "GLM-4-Flash"
+    assert error_of(client.get("/v1/models/gpt-4")) == (404, "1211")
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected", "field"),
+    [
+        (chat_body(model="no-such-model"), (400, "1211"), None),
+        ({"messages": [{"role": "user", "content": "hi"}]}, (400, "1213"), "model"),
+        ({"model": "glm-4"}, (400, "1213"), "messages"),
+        (chat_body(messages=[]), (400, "1214"), "messages"),
+        (chat_body(temperature=1.5), (400, "1214"), "temperature"),
+        (chat_body(top_p=-0.1), (400, "1214"), "top_p"),
+        (chat_body(max_tokens=0), (400, "1214"), "max_tokens"),
+        (chat_body(max_tokens="many"), (400, "1214"), "max_tokens"),
+        (chat_body(messages=[{"role": "robot", "content": "hi"}]), (400, "1214"), "messages[0].role"),
+        (chat_body(messages=[{"role": "user"}]), (400, "1213"), "messages[0].content"),
+        (
+            chat_body(
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+            ),
+            (400, "1214"),
+            "messages[0].content",
+        ),
+        (chat_body(stop=[""]), (400, "1214"), "stop"),
+        (chat_body(user_id="abc"), (400, "1214"), "user_id"),
+        (chat_body(n=2), (400, "1214"), "n"),
+        ([1, 2], (400, "1210"), None),
+    ],
+)
+def test_invalid_requests(
+    client: TestClient, body: Any, expected: tuple[int, str], field: str | None
+) -> None:
+    response = client.post(CHAT, json=body)
+    assert error_of(response) == expected
+    if field is not None:
+        assert f"{field}参数" in response.json()["error"]["message"]  # the doc's "${field}参数..." template
+
+
+def test_malformed_json_and_missing_content_type(client: TestClient) -> None:
+    assert error_of(client.post(CHAT, content=b'{"model": ')) == (400, "1210")
+    # no Content-Type at all is still read as JSON
+    response = client.post(CHAT, content=json.dumps(chat_body()).encode(), headers={"content-type": ""})
+    assert response.status_code == 200
+    assert error_of(client.post(CHAT, data={"model": "glm-4"})) == (400, "1210")  # a form
+
+
+def test_unknown_paths_and_methods(client: TestClient) -> None:
+    assert error_of(client.get("/api/paas/v4/nothing-here")) == (404, "1222")
+    assert error_of(client.get(CHAT)) == (405, "1222")
+    assert error_of(client.delete("/")) == (405, "1222")
+
+
+def test_limits_on_tokens_and_messages(make_client, key: str) -> None:
+    c = make_client(max_tokens_cap=100, max_messages=3)
+    c.headers["Authorization"] = key
+    assert client_ok(c, chat_body(max_tokens=100))
+    assert error_of(c.post(CHAT, json=chat_body(max_tokens=101))) == (400, "1214")
+    c.post(CHAT, json=chat_body())  # the default is capped, not refused
+    messages = [{"role": "user", "content": "hi"}] * 4
+    assert error_of(c.post(CHAT, json=chat_body(messages=messages))) == (400, "1214")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_refusals(client: TestClient, engine: ScriptedEngine, stream: bool) -> None:
+    engine.error = PromptTooLongError("prompt is 9000 tokens; the context is 4096")
+    response = client.post(CHAT, json=chat_body(stream=stream))
+    assert error_of(response) == (400, "1261") and "9000" in response.json()["error"]["message"]
+    engine.error = EngineOverloadedError("engine queue is full")
+    assert error_of(client.post(CHAT, json=chat_body(stream=stream))) == (429, "1305")
+
+
+# ---- classic api.py, health, metrics ----------------------------------------------------------------------
+
+
+def test_classic_endpoint(client: TestClient, engine: ScriptedEngine) -> None:
+    data = client.post(
+        "/",
+        json={
+            "prompt": "hi",
+            "history": [["hello", "hey"]],
+            "max_length": 64,
+            "top_p": 0.5,
+            "temperature": 0.1,
+        },
+    ).json()
+    assert data["response"] == "Hello there!" and data["status"] == 200
+    assert data["history"] == [["hello", "hey"], ["hi", "Hello there!"]]
+    assert len(data["time"]) == len("2024-01-01 12:00:00")
+    request = engine.requests[-1]
+    assert [m["role"] for m in request.messages] == ["user", "assistant", "user"]
+    assert request.params.max_tokens == 64 - engine.count_prompt_tokens(request.messages)
+    chatglm3 = client.post(
+        "/",
+        json={
+            "prompt": "hi",
+            "history": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        },
+    ).json()
+    assert chatglm3["history"][-2:] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello there!"},
+    ]
+    assert error_of(client.post("/", json={"prompt": "hi", "max_length": 3})) == (400, "1261")
+    assert error_of(client.post("/", json={"prompt": "hi", "history": [1, 2]})) == (400, "1214")
+    assert error_of(client.post("/", json={"history": []})) == (400, "1213")
+
+
+def test_health_and_metrics(client: TestClient) -> None:
+    assert client.get("/health").json() == {
+        "status": "ok",
+        "model": {"name": "scripted-1b", "loaded": True},
+        "database": True,
+    }
+    client.post(CHAT, json=chat_body())
+    text = client.get("/metrics").text
+    assert 'glmstack_http_requests_total{method="POST",route="/chat/completions",status="200"} 1.0' in text
+    assert 'glmstack_tokens_total{kind="completion",model="scripted-1b"} 3.0' in text
+    assert "glmstack_engine_kv_blocks_in_use 0.0" in text and "glmstack_requests_in_flight 0.0" in text
+
+
+def test_request_log_lines(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="glmstack.api.access"):
+        response = client.post(CHAT, json=chat_body())
+    [line] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "glmstack.api.access"]
+    assert line["request_id"] == response.headers["x-request-id"] == response.json()["id"]
+    assert (line["status"], line["route"], line["finish_reason"], line["completion_tokens"]) == (
+        200,
+        "/chat/completions",
+        "stop",
+        3,
+    )
+    assert line["key_id"] is not None
+
+
+def test_http_side_never_imports_torch() -> None:
+    code = (
+        "import sys, glmstack.api.app, glmstack.api.serve, glmstack.cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
