@@ -31,6 +31,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="path or name of a model (default: $GLMSTACK_MODEL, then the bundled SmolLM2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="weight-only quantization after loading (on CPU, dtype auto becomes bfloat16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +104,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not prompt:
             raise ValueError("no prompt: stdin was empty")
     show_progress = sys.stderr.isatty()
-    model, _ = load(args.model, device=args.device, dtype=args.dtype, progress=show_progress)
+    model, _ = load(args.model, device=args.device, dtype=args.dtype, progress=show_progress,
+                    quantize=args.quantize)
     params = _sampling(args)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if prompt is not None:
