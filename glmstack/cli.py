@@ -3,6 +3,7 @@
     glmstack chat [--model M] [-p "question"]   interactive chat, or one answer and exit
     glmstack models                             what models can be found
     glmstack inspect MODEL                      architecture, size, context, memory per precision
+    glmstack convert SRC DST                    rewrite a pickle (.bin) checkpoint as safetensors
     glmstack keys create|list|revoke            API keys (see glmstack/store/cli.py)
     glmstack usage [--key ID]                   requests and tokens per key and model
     glmstack serve [--host H] [--port P]        the HTTP API (see glmstack/api/serve.py)
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="architecture, parameters, context and memory of a model")
     inspect.add_argument("model", help="model path or name (a config.json alone is enough)")
 
+    convert = sub.add_parser("convert", help="rewrite a .bin (pickle) checkpoint folder as safetensors")
+    convert.add_argument("src", help="checkpoint folder with config.json and pytorch_model*.bin")
+    convert.add_argument("dst", help="new folder to write (never overwritten)")
     store_cli.add_subcommands(sub)
     serve.add_subcommands(sub)
     return parser
@@ -77,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_models()
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "convert":
+            from glmstack.engine.convert import convert_checkpoint
+
+            print(convert_checkpoint(args.src, args.dst))
+            return 0
     except (EngineError, ValueError, OSError) as exc:
         if args.debug:
             raise

@@ -28,15 +28,23 @@ from glmstack.engine.loading import load_model, resolve_model_path
 
 def tiny_checkpoint(folder: Path) -> Path:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "glmstack.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "glmstack.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_missing_model_names_every_place_searched(tmp_path: Path, monkeypatch) -> None:
@@ -89,17 +97,22 @@ def test_wrong_shape_is_named(tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["intermediate_size"] = 50
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFileError, match=r"mlp\.\w+_proj\.weight has shape \(\d+, \d+\), the config implies \(\d+, \d+\)"):
+    with pytest.raises(
+        ModelFileError, match=r"mlp\.\w+_proj\.weight has shape \(\d+, \d+\), the config implies \(\d+, \d+\)"
+    ):
         load_model(folder, device="cpu")
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("truncate", "outside the file"),
-    ("header_too_long", "header length"),
-    ("bad_json", "not valid JSON"),
-    ("overlap", "overlap"),
-    ("tiny", "too short"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("truncate", "outside the file"),
+        ("header_too_long", "header length"),
+        ("bad_json", "not valid JSON"),
+        ("overlap", "overlap"),
+        ("tiny", "too short"),
+    ],
+)
 def test_corrupt_safetensors(tmp_path: Path, damage: str, message: str) -> None:
     folder = tiny_checkpoint(tmp_path / "m")
     path = folder / "model.safetensors"
@@ -148,13 +161,16 @@ def write_tiny_gguf(path: Path) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("empty", "too short"),
-    ("magic", "bad magic"),
-    ("truncate", "truncated"),
-    ("huge_count", "exceeds the cap"),
-    ("version", "unsupported GGUF version"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("empty", "too short"),
+        ("magic", "bad magic"),
+        ("truncate", "truncated"),
+        ("huge_count", "exceeds the cap"),
+        ("version", "unsupported GGUF version"),
+    ],
+)
 def test_corrupt_gguf(tmp_path: Path, damage: str, message: str) -> None:
     path = tmp_path / "bad.gguf"
     write_tiny_gguf(path)
@@ -217,7 +233,9 @@ def test_context_policy_drops_oldest_turns_then_errors(bundled) -> None:
     history = [(turn, "Lyon is old. " * 6) for _ in range(6)]
     prompt_ids, kept = small.render_chat(
         [m for q, r in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
-        + [{"role": "user", "content": "And Paris?"}], reserve=40)
+        + [{"role": "user", "content": "And Paris?"}],
+        reserve=40,
+    )
     assert len(prompt_ids) <= 120
     assert kept[-1]["content"] == "And Paris?" and 0 < len(kept) < 13 and kept[0]["role"] == "user"
     response, new_history = small.chat(tokenizer, "And Paris?", history, do_sample=False, max_new_tokens=8)

@@ -18,9 +18,18 @@ TOL = 1e-4
 
 
 def tiny_llama(**overrides) -> transformers.PreTrainedModel:
-    cfg = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-               tie_word_embeddings=False)
+    cfg = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     cfg.update(overrides)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
@@ -29,9 +38,16 @@ def tiny_llama(**overrides) -> transformers.PreTrainedModel:
 
 def tiny_qwen2() -> transformers.PreTrainedModel:
     torch.manual_seed(1)
-    cfg = transformers.Qwen2Config(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=True)
+    cfg = transformers.Qwen2Config(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     model = transformers.Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():  # random biases so a dropped bias would show
         for layer in model.model.layers:
@@ -94,19 +110,27 @@ def test_legacy_bin_loads_weights_only(tmp_path: Path, ids: torch.Tensor) -> Non
 
 HF_TO_GGUF = {
     "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
-def write_gguf(model: transformers.PreTrainedModel, path: Path, arch: str,
-               quant: gguf.GGMLQuantizationType | None = None,
-               rope_freqs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def write_gguf(
+    model: transformers.PreTrainedModel,
+    path: Path,
+    arch: str,
+    quant: gguf.GGMLQuantizationType | None = None,
+    rope_freqs: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Write a GGUF the way llama.cpp's convert_hf_to_gguf.py does (permuting Llama q/k rows). Returns the
     HF-named weights as the file really holds them (after any quantization round trip)."""
     cfg = model.config
@@ -134,8 +158,11 @@ def write_gguf(model: transformers.PreTrainedModel, path: Path, arch: str,
             _, _, index, rest = name.split(".", 3)
             gguf_name = f"blk.{index}.{HF_TO_GGUF[rest]}"
         else:
-            gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                         "lm_head.weight": "output.weight"}[name]
+            gguf_name = {
+                "model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight",
+            }[name]
         array = w.numpy().astype(np.float32)
         if quant is not None and array.ndim == 2:
             packed = gguf.quants.quantize(array, quant)
@@ -175,15 +202,24 @@ def test_gguf_without_unpermute_would_differ(tmp_path: Path, ids: torch.Tensor) 
     assert not torch.equal(permute_qk(w, 4), w)
 
 
-@pytest.mark.parametrize("quant", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0,
-                                   gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.F16])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        gguf.GGMLQuantizationType.Q8_0,
+        gguf.GGMLQuantizationType.Q4_0,
+        gguf.GGMLQuantizationType.Q4_1,
+        gguf.GGMLQuantizationType.F16,
+    ],
+)
 def test_gguf_quantized_dequantizes_exactly(tmp_path: Path, ids: torch.Tensor, quant) -> None:
     ref = tiny_llama()
     path = tmp_path / "tiny-q.gguf"
     effective = write_gguf(ref, path, "llama", quant=quant)
     # The oracle gets the very weights the file holds (after the quantization round trip).
-    ref.load_state_dict({k: torch.from_numpy(v.copy()).reshape(ref.state_dict()[k].shape)
-                         for k, v in effective.items()}, strict=False)
+    ref.load_state_dict(
+        {k: torch.from_numpy(v.copy()).reshape(ref.state_dict()[k].shape) for k, v in effective.items()},
+        strict=False,
+    )
     diff = (our_logits(path, ids) - reference_logits(ref, ids)).abs().max().item()
     assert diff <= TOL
 
@@ -203,8 +239,14 @@ def test_cached_decode_equals_full_forward(tmp_path: Path, ids: torch.Tensor) ->
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= TOL
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "rope_theta": 500000.0,
+}
 
 
 def test_llama3_rope_scaling_safetensors_and_gguf(tmp_path: Path) -> None:
@@ -218,8 +260,11 @@ def test_llama3_rope_scaling_safetensors_and_gguf(tmp_path: Path) -> None:
 
     cfg = LlamaConfig.from_hf(ref.config.to_dict())
     scaled = rope_inv_freq(cfg)
-    plain = rope_inv_freq(LlamaConfig.from_hf({**ref.config.to_dict(), "rope_scaling": None,
-                                              "rope_parameters": {"rope_theta": 500000.0}}))
+    plain = rope_inv_freq(
+        LlamaConfig.from_hf(
+            {**ref.config.to_dict(), "rope_scaling": None, "rope_parameters": {"rope_theta": 500000.0}}
+        )
+    )
     assert not torch.allclose(scaled, plain)
     path = tmp_path / "l3.gguf"
     write_gguf(ref, path, "llama", rope_freqs=(plain / scaled).numpy())

@@ -27,17 +27,30 @@ from glmstack.engine.errors import ModelFileError
 MAX_TENSORS = 1_000_000
 MAX_KV = 1_000_000
 MAX_STRING = 64 * 1024 * 1024
+MAX_ARRAY_LENGTH = 1 << 24  # a 256k vocabulary's merges are ~300k strings
 MAX_ARRAY_NESTING = 2
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ELEMENTS = 1 << 40
 MAX_ALIGNMENT = 1 << 16
 
 _SCALARS = {  # GGUF value type -> (struct format, size, numpy dtype)
-    0: ("<B", 1, np.uint8), 1: ("<b", 1, np.int8), 2: ("<H", 2, np.uint16), 3: ("<h", 2, np.int16),
-    4: ("<I", 4, np.uint32), 5: ("<i", 4, np.int32), 6: ("<f", 4, np.float32), 7: ("<?", 1, np.bool_),
-    10: ("<Q", 8, np.uint64), 11: ("<q", 8, np.int64), 12: ("<d", 8, np.float64),
+    0: ("<B", 1, np.uint8),
+    1: ("<b", 1, np.int8),
+    2: ("<H", 2, np.uint16),
+    3: ("<h", 2, np.int16),
+    4: ("<I", 4, np.uint32),
+    5: ("<i", 4, np.int32),
+    6: ("<f", 4, np.float32),
+    7: ("<?", 1, np.bool_),
+    10: ("<Q", 8, np.uint64),
+    11: ("<q", 8, np.int64),
+    12: ("<d", 8, np.float64),
 }
 _STRING, _ARRAY = 8, 9
+# The fewest bytes a key/value pair (key length, type, a one-byte value) and a tensor info (name length,
+# n_dims, one dim, type, offset) can take: counts needing more than the file holds are refused before the
+# loops that would believe them.
+_MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,11 @@ class GGUFFile:
         self._pos = 0
         self.metadata: dict[str, Any] = {}
         self.tensors: list[GGUFTensorInfo] = []
-        self._parse()
+        try:
+            self._parse()
+        except BaseException:
+            self._map.close()  # a refused file leaves no mapping (or file handle) behind
+            raise
 
     # ---- low-level reads, each bounds-checked ----------------------------------------------------------
 
@@ -116,6 +133,8 @@ class GGUFFile:
         start = self._pos
         item_type = self._u32(field)
         count = self._u64(field)
+        if count > MAX_ARRAY_LENGTH:
+            raise self._fail(f"array of {count} items exceeds the cap of {MAX_ARRAY_LENGTH}", field, start)
         if item_type in _SCALARS:
             _, size, dtype = _SCALARS[item_type]
             if count > (self.size - self._pos) // size:
@@ -142,9 +161,20 @@ class GGUFFile:
             raise self._fail(f"unsupported GGUF version {self.version}", "version", 4)
         tensor_count, kv_count = self._u64("tensor_count"), self._u64("kv_count")
         if tensor_count > MAX_TENSORS:
-            raise self._fail(f"tensor_count {tensor_count} exceeds the cap of {MAX_TENSORS}", "tensor_count", 8)
+            raise self._fail(
+                f"tensor_count {tensor_count} exceeds the cap of {MAX_TENSORS}", "tensor_count", 8
+            )
         if kv_count > MAX_KV:
             raise self._fail(f"kv_count {kv_count} exceeds the cap of {MAX_KV}", "kv_count", 16)
+        left = self.size - self._pos
+        if kv_count * _MIN_KV_BYTES + tensor_count * _MIN_TENSOR_INFO_BYTES > left:
+            field = "kv_count" if kv_count * _MIN_KV_BYTES > left else "tensor_count"
+            raise self._fail(
+                f"{tensor_count} tensors and {kv_count} metadata entries cannot fit in the {left} "
+                "bytes after the header (truncated?)",
+                field,
+                16 if field == "kv_count" else 8,
+            )
         for _ in range(kv_count):
             key = self._string("metadata key")
             vtype = self._u32(key)
@@ -152,9 +182,16 @@ class GGUFFile:
                 raise self._fail(f"duplicate metadata key {key!r}", key)
             self.metadata[key] = self._value(vtype, key)
         alignment = self.metadata.get("general.alignment", 32)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > MAX_ALIGNMENT:
-            raise self._fail(f"general.alignment {alignment!r} is not a power of two <= {MAX_ALIGNMENT}",
-                             "general.alignment")
+        if (
+            not isinstance(alignment, int)
+            or isinstance(alignment, bool)
+            or not 0 < alignment <= MAX_ALIGNMENT
+            or alignment & (alignment - 1)
+        ):
+            raise self._fail(
+                f"general.alignment {alignment!r} is not a power of two <= {MAX_ALIGNMENT}",
+                "general.alignment",
+            )
         infos = [self._tensor_info(i) for i in range(tensor_count)]
         data_start = (self._pos + alignment - 1) // alignment * alignment
         names: set[str] = set()
@@ -166,8 +203,12 @@ class GGUFFile:
                 raise self._fail(f"tensor {name} offset {rel_offset} is not aligned to {alignment}", name)
             offset = data_start + rel_offset
             if offset + n_bytes > self.size:
-                raise self._fail(f"tensor {name} data ends at byte {offset + n_bytes}, past the end of the file "
-                                 f"({self.size} bytes): file is truncated", name, offset)
+                raise self._fail(
+                    f"tensor {name} data ends at byte {offset + n_bytes}, past the end of the file "
+                    f"({self.size} bytes): file is truncated",
+                    name,
+                    offset,
+                )
             self.tensors.append(GGUFTensorInfo(name, shape, qtype, offset, n_bytes))
         spans = sorted(self.tensors, key=lambda t: t.offset)
         for a, b in zip(spans, spans[1:], strict=False):
@@ -195,8 +236,11 @@ class GGUFFile:
         except (ValueError, KeyError):
             raise self._fail(f"tensor {name} has unknown type {raw_type}", name, start) from None
         if dims[0] % block:
-            raise self._fail(f"tensor {name}: row of {dims[0]} is not a multiple of the {qtype.name} "
-                             f"block size {block}", name, start)
+            raise self._fail(
+                f"tensor {name}: row of {dims[0]} is not a multiple of the {qtype.name} block size {block}",
+                name,
+                start,
+            )
         offset = self._u64(f"{name}.offset")
         return name, tuple(reversed(dims)), qtype, offset, n_elements // block * type_size
 
@@ -223,7 +267,16 @@ class GGUFFile:
         from gguf.quants import dequantize
 
         rows = data.reshape(-1, info.n_bytes // (info.n_elements // info.shape[-1]))
-        return torch.from_numpy(dequantize(rows, info.type).reshape(info.shape).copy())
+        try:
+            values = dequantize(rows, info.type)
+        except NotImplementedError:  # a real GGML type (I32, Q8_K, ...) that no dequantizer here reads
+            raise ModelFileError(
+                self.path,
+                f"tensor {info.name} has type {info.type.name}, which glmstack cannot read",
+                field=info.name,
+                offset=info.offset,
+            ) from None
+        return torch.from_numpy(values.reshape(info.shape).copy())
 
     def close(self) -> None:
         self._map.close()

@@ -1,18 +1,20 @@
 """Finding and loading checkpoints: safetensors (single or sharded), GGUF, and legacy `.bin`.
 
-Pickle is never executed: `.bin` files go through `torch.load(weights_only=True)`. Safetensors headers are
-checked before the library maps the file. Weights are created on the meta device and replaced tensor by
-tensor, so a 9B model never exists twice in memory.
+Pickle is never executed: `.bin` files go through `torch.load(weights_only=True)` on a torch whose
+weights-only unpickler is safe, never through plain pickle. Safetensors headers, GGUF structure, shard indexes
+and the config's declared sizes are all checked before a model is built or a tensor read, and nothing from a
+checkpoint folder is ever imported. Weights are created on the meta device and replaced tensor by tensor, so a
+9B model never exists twice in memory.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
-import struct
+import re
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from glmstack.engine.config_checks import check_declared_sizes
 from glmstack.engine.errors import ModelFileError, ModelNotFoundError, UnsupportedArchitectureError
 from glmstack.engine.gguf_file import GGUFFile
 from glmstack.engine.models import registry
+from glmstack.engine.safetensors_file import parse_json, validate_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +37,9 @@ BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "smollm2-135m-instruct"
 BUNDLED_ALIASES = {BUNDLED_NAME, "smollm2", "smollm2-135m", "default", "bundled"}
 
-SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit
+MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json and shard indexes; a 100k-tensor index is ~10 MB
+# torch.load(weights_only=True) could still be made to run code before 2.6 (CVE-2025-32434).
+SAFE_TORCH_LOAD = (2, 6)
 # A renamer may return "<parameter>#<piece>": that tensor is one piece of a parameter the checkpoint stores
 # split, and the model's join_pieces(parameter, {piece: tensor}) builds the parameter once it has them all.
 PIECE_SEPARATOR = "#"
@@ -142,8 +144,14 @@ def pick_device(device: str = "auto") -> torch.device:
 def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    named = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype in named:
         return named[dtype]
     if dtype != "auto":
@@ -171,13 +179,18 @@ class Checkpoint:
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
+    """What `path` holds, validated: every file header checked against the bytes there, and the config's
+    declared sizes checked against caps and the tensor shapes, all before a model is built or a byte of
+    tensor data is read."""
     path = Path(path)
     if path.is_file():
         if path.suffix == ".gguf" or _has_gguf_magic(path):
             return _open_gguf(path)
         if path.suffix == ".safetensors":
-            return Checkpoint(path, "safetensors", _read_json(path.parent / "config.json"), [path])
-        raise ModelFileError(path, "not a model file (expected a .gguf, .safetensors, or a checkpoint folder)")
+            return _open_safetensors(path, _read_json(path.parent / "config.json"), [path])
+        raise ModelFileError(
+            path, "not a model file (expected a .gguf, .safetensors, or a checkpoint folder)"
+        )
     if not path.is_dir():
         raise ModelNotFoundError(f"model path {path} does not exist")
     ggufs = sorted(path.glob("*.gguf"))
@@ -189,20 +202,28 @@ def open_checkpoint(path: Path) -> Checkpoint:
     config = _read_json(config_path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return Checkpoint(path, "safetensors", config, _shards_from_index(index))
+        weight_map = _weight_map(index)
+        ckpt = _open_safetensors(path, config, _shards(index, weight_map))
+        _check_index_matches(index, weight_map, ckpt.extras["headers"])
+        return ckpt
     single = path / "model.safetensors"
     if single.is_file():
-        return Checkpoint(path, "safetensors", config, [single])
-    others = sorted(path.glob("*.safetensors"))
+        return _open_safetensors(path, config, [single])
+    others = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if others:
-        return Checkpoint(path, "safetensors", config, others)
+        return _open_safetensors(path, config, others)
     bin_index = path / "pytorch_model.bin.index.json"
-    if bin_index.is_file():
-        return Checkpoint(path, "bin", config, _shards_from_index(bin_index))
-    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bin_index.is_file():  # ChatGLM-6B's pytorch_model-0000N-of-00008.bin
+        weight_map = _weight_map(bin_index)
+        check_declared_sizes(config_path, config, names=weight_map)
+        return Checkpoint(path, "bin", config, _shards(bin_index, weight_map))
+    bins = sorted(p for p in path.glob("pytorch_model*.bin") if p.is_file())
     if bins:
+        check_declared_sizes(config_path, config)  # the shapes are inside the pickles: caps only
         return Checkpoint(path, "bin", config, bins)
-    raise ModelFileError(path, "no weights found (model.safetensors, *.safetensors, pytorch_model*.bin or .gguf)")
+    raise ModelFileError(
+        path, "no weights found (model.safetensors, *.safetensors, pytorch_model*.bin or .gguf)"
+    )
 
 
 def _has_gguf_magic(path: Path) -> bool:
@@ -213,83 +234,127 @@ def _has_gguf_magic(path: Path) -> bool:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFileError(path, "file is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(path, f"invalid JSON: {exc}") from None
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ModelFileError(path, f"file is {size} bytes, over the {MAX_JSON_BYTES}-byte limit for JSON")
+    data = parse_json(path, path.read_bytes(), "file")
     if not isinstance(data, dict):
         raise ModelFileError(path, "expected a JSON object")
     return data
 
 
-def _shards_from_index(index: Path) -> list[Path]:
+def _weight_map(index: Path) -> dict[str, str]:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelFileError(index, "index has no weight_map")
+        raise ModelFileError(index, "index has no weight_map", field="weight_map")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ModelFileError(
+                index, f"weight_map[{name!r}] is {shard!r}, not a file name", field="weight_map"
+            )
+    return weight_map
+
+
+def _shards(index: Path, weight_map: dict[str, str]) -> list[Path]:
     shards = []
     for shard in sorted(set(weight_map.values())):
-        shard_path = (index.parent / str(shard)).resolve()
-        if shard_path.parent != index.parent.resolve():
-            raise ModelFileError(index, f"shard {shard!r} points outside the checkpoint folder")
+        # A plain file name in this folder: no separators, no "..", nothing absolute. (A symlink is fine, as
+        # in the Hugging Face cache; it must lead to a regular file, not a device or a folder.)
+        if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise ModelFileError(
+                index, f"shard {shard!r} points outside the checkpoint folder", field="weight_map"
+            )
+        shard_path = index.parent / shard
         if not shard_path.is_file():
-            raise ModelFileError(index, f"shard {shard} listed in the index is missing")
+            raise ModelFileError(
+                index,
+                f"shard {shard} listed in the index is missing or not a regular file",
+                field="weight_map",
+            )
         shards.append(shard_path)
     return shards
 
 
+def _check_index_matches(
+    index: Path, weight_map: dict[str, str], headers: dict[Path, dict[str, Any]]
+) -> None:
+    held = {
+        name: shard.name for shard, header in headers.items() for name in header if name != "__metadata__"
+    }
+    for name, shard in weight_map.items():
+        if held.get(name) != shard:
+            raise ModelFileError(
+                index,
+                f"weight_map puts {name} in {shard}, but that shard does not hold it",
+                field="weight_map",
+            )
+
+
 def _open_gguf(path: Path) -> Checkpoint:
     gguf = GGUFFile(path)  # validates every count, length and offset before anything else reads the file
+    try:
+        arch = gguf.metadata.get("general.architecture")
+        shapes = {t.name: t.shape for t in gguf.tensors}
+        check_declared_sizes(path, gguf.metadata, gguf_arch=str(arch), shapes=shapes)
+    except ModelFileError:
+        gguf.close()
+        raise
     return Checkpoint(path, "gguf", gguf.metadata, [path], gguf=gguf)
+
+
+def _open_safetensors(path: Path, config: dict[str, Any], shards: list[Path]) -> Checkpoint:
+    headers = {shard: validate_safetensors_header(shard) for shard in shards}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard, header in headers.items():
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in shapes:
+                raise ModelFileError(shard, f"tensor {name} is also in another shard", field=name)
+            shapes[name] = tuple(info["shape"])
+    config_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    check_declared_sizes(config_path, config, shapes=shapes)
+    return Checkpoint(path, "safetensors", config, shards, extras={"headers": headers})
 
 
 # ---- tensors -------------------------------------------------------------------------------------------
 
 
-def validate_safetensors_header(path: Path) -> dict[str, Any]:
-    """Check the header against the file before memory-mapping it: lengths, dtypes, shapes, offsets."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise ModelFileError(path, f"file is {size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise ModelFileError(path, f"header length {header_len} is larger than the file ({size} bytes)",
-                                 offset=0)
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelFileError(path, f"header is not valid JSON: {exc}", offset=8) from None
-    if not isinstance(header, dict):
-        raise ModelFileError(path, "header is not a JSON object", offset=8)
-    data_size = size - 8 - header_len
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise ModelFileError(path, f"tensor {name}: unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ModelFileError(path, f"tensor {name}: invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise ModelFileError(path, f"tensor {name}: invalid data_offsets {offsets!r}")
-        begin, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-        if not 0 <= begin <= end <= data_size:
-            raise ModelFileError(path, f"tensor {name}: data {begin}..{end} lies outside the file's "
-                                 f"{data_size} data bytes (truncated?)", offset=8 + header_len + begin)
-        if end - begin != numel * SAFETENSORS_DTYPES[info["dtype"]]:
-            raise ModelFileError(path, f"tensor {name}: {end - begin} bytes do not match shape {shape} "
-                                 f"of {info['dtype']}")
-        spans.append((begin, end, name))
-    spans.sort()
-    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:], strict=False):
-        if begin < prev_end:
-            raise ModelFileError(path, f"tensors {prev} and {name} overlap")
-    return header
+def torch_load_is_safe() -> bool:
+    """Whether this torch's weights-only unpickler is trusted with hostile files (see SAFE_TORCH_LOAD)."""
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return found is not None and (int(found.group(1)), int(found.group(2))) >= SAFE_TORCH_LOAD
+
+
+def load_bin(shard: Path) -> dict[str, torch.Tensor]:
+    """A legacy pickle checkpoint's tensors, through torch's weights-only unpickler and nothing else."""
+    if not torch_load_is_safe():
+        floor = ".".join(map(str, SAFE_TORCH_LOAD))
+        raise ModelFileError(
+            shard,
+            f"refusing to unpickle with torch {torch.__version__}: weights-only loading is only safe from "
+            f"torch {floor} (CVE-2025-32434); upgrade torch",
+        )
+    try:
+        # weights_only: tensors and plain containers only — a pickle cannot run code here. Zip checkpoints
+        # (torch >= 1.6, ChatGLM-6B's) are memory-mapped; the older flat format cannot be.
+        state = torch.load(shard, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(shard))
+    except Exception as exc:
+        raise ModelFileError(
+            shard, f"cannot load as a weights-only checkpoint ({_load_problem(exc)})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ModelFileError(shard, "checkpoint is not a dict of tensors")
+    return {name: tensor for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
+
+
+def _load_problem(exc: Exception) -> str:
+    """The line of torch's error that says what was wrong, without its advice to retry unsafely."""
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    found = re.search(r"(GLOBAL \S+|operand \d+)", text)
+    return f"the weights-only unpickler refused {found.group(1) if found else 'its contents'}"
 
 
 def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -297,24 +362,17 @@ def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, Callable[[], torch.Ten
     if ckpt.format == "safetensors":
         from safetensors import safe_open
 
+        headers = ckpt.extras.get("headers", {})
         for shard in ckpt.files:
-            header = validate_safetensors_header(shard)
+            header = headers.get(shard) or validate_safetensors_header(shard)
             handle = safe_open(str(shard), framework="pt")  # memory-mapped
             for name in header:
                 if name != "__metadata__":
                     yield name, (lambda h=handle, n=name: h.get_tensor(n))
     elif ckpt.format == "bin":
         for shard in ckpt.files:
-            try:
-                # weights_only: tensors and plain containers only — a pickle cannot run code here.
-                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise ModelFileError(shard, f"cannot load as a weights-only checkpoint ({exc})") from None
-            if not isinstance(state, dict):
-                raise ModelFileError(shard, "checkpoint is not a dict of tensors")
-            for name, tensor in state.items():
-                if isinstance(tensor, torch.Tensor):
-                    yield name, (lambda t=tensor: t)
+            for name, tensor in load_bin(shard).items():
+                yield name, (lambda t=tensor: t)
     else:
         assert ckpt.gguf is not None
         for info in ckpt.gguf.tensors:
@@ -399,8 +457,10 @@ def load_model(
                 tensor = model.convert_tensor(name, tensor)
             want = expected[name].shape
             if tuple(tensor.shape) != tuple(want):
-                raise ModelFileError(ckpt.path, f"tensor {raw_name} has shape {tuple(tensor.shape)}, "
-                                     f"the config implies {tuple(want)}")
+                raise ModelFileError(
+                    ckpt.path,
+                    f"tensor {raw_name} has shape {tuple(tensor.shape)}, the config implies {tuple(want)}",
+                )
             loaded[name] = tensor.to(device=target_device, dtype=target_dtype)
     finally:
         bar.close()
@@ -409,7 +469,9 @@ def load_model(
     missing = [n for n in expected if n not in loaded and not (tied and n == head)]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ModelFileError(ckpt.path, f"checkpoint is missing {len(missing)} tensors the config requires: {shown}")
+        raise ModelFileError(
+            ckpt.path, f"checkpoint is missing {len(missing)} tensors the config requires: {shown}"
+        )
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
     model.init_buffers(target_device)
