@@ -23,12 +23,18 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  *, dtype: torch.dtype, device: torch.device, value_head_dim: int | None = None) -> None:
-        slots = num_blocks * block_size
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.keys = [torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        # One extra block past the pool, kept at zero: padded decode gathers read it. Everything else is left
+        # uninitialised (torch.empty), so the budget costs memory only as slots are written — attention
+        # only ever reads slots its sequence wrote, or this pad block.
+        self.pad_slot = num_blocks * block_size
+        slots = self.pad_slot + block_size
+        self.keys = [torch.empty(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
                      for _ in range(num_layers)]
-        self.values = [torch.zeros(slots, num_kv_heads, value_head_dim or head_dim, dtype=dtype, device=device)
+        self.values = [torch.empty(slots, num_kv_heads, value_head_dim or head_dim, dtype=dtype, device=device)
                        for _ in range(num_layers)]
+        for t in self.keys + self.values:
+            t[self.pad_slot :].zero_()
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -126,7 +132,7 @@ class ModelRunner:
         decode_gather = decode_mask = None
         if decode_contexts:
             longest = max(len(c) for c in decode_contexts)
-            gather = torch.zeros(len(decode_contexts), longest, dtype=torch.long)
+            gather = torch.full((len(decode_contexts), longest), self.kv.pad_slot, dtype=torch.long)
             decode_mask = torch.zeros(len(decode_contexts), 1, 1, longest, dtype=torch.bool)
             for i, context in enumerate(decode_contexts):
                 gather[i, : len(context)] = torch.tensor(context)
