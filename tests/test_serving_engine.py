@@ -55,6 +55,15 @@ def test_batched_equals_one_at_a_time(bundled) -> None:
     assert core.allocator.num_in_use == 0  # every block back in the pool (cached ones are evictable)
 
 
+def test_prompt_longer_than_a_step_alone(bundled) -> None:
+    """Its first steps sample nothing: each is one chunk of the prompt that does not reach its end."""
+    model, _ = bundled
+    core = EngineCore(model, kv_cache_bytes=64 << 20, max_batch_tokens=8)
+    ids = prompt_ids(model, PROMPTS[1])
+    core.add_request("alone", ids, SamplingParams(do_sample=False, max_tokens=8))
+    assert run_all(core)["alone"] == reference(model, ids, 8)
+
+
 def test_prefix_cache_hit_gives_identical_tokens(bundled) -> None:
     model, _ = bundled
     system = "You are a careful assistant. " * 12  # several full blocks shared by both requests

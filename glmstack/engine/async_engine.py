@@ -48,12 +48,16 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self._inbox: queue.Queue[_Job | None] = queue.Queue()
         self._jobs: dict[str, _Job] = {}
+        # Guards _jobs and _running only, for moments. The core is the worker thread's alone, and is never
+        # locked: a lock held across a step (hundreds of milliseconds of prefill) would stall the event loop
+        # on every request that starts or ends, and starve readers of stats().
         self._lock = threading.Lock()
         self._running: str | None = None
         self._ids = itertools.count()
         if batched is None:
             batched = getattr(model.module, "supports_paged", True)
         self.core = EngineCore(model, **core_options) if batched else None
+        self._core_stats = self.core.stats() if self.core is not None else {}  # as of the last step
         target = self._work_batched if self.core is not None else self._work
         self._thread = threading.Thread(target=target, name="glmstack-engine", daemon=True)
         self._thread.start()
@@ -70,13 +74,14 @@ class AsyncEngine:
         return len(self.model.chat_format.render(messages).token_ids)
 
     def stats(self) -> dict[str, int]:
-        """Queue and KV figures for /metrics and the tests: requests known to the engine, by state."""
+        """Queue and KV figures for /metrics and the tests: requests known to the engine, by state. The core's
+        figures are those after its last step: this never waits for the step in progress."""
         with self._lock:
-            if self.core is None:
-                return {"waiting": len(self._jobs) - (self._running is not None),
-                        "running": int(self._running is not None)}
-            return {**self.core.stats(), "waiting": len(self._jobs) - len(self.core.scheduler.running),
-                    "running": len(self.core.scheduler.running)}
+            known, running = len(self._jobs), int(self._running is not None)
+        if self.core is None:
+            return {"waiting": known - running, "running": running}
+        core = self._core_stats
+        return {**core, "waiting": max(0, known - core["running"])}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
         """Stream events for `request`. Cancelling the consumer (client disconnect) aborts the request."""
@@ -130,24 +135,24 @@ class AsyncEngine:
             for request_id, job in list(active.items()):
                 if job.aborted.is_set():
                     log.info("request %s aborted", request_id)
-                    with self._lock:
-                        self.core.abort(request_id)
+                    self.core.abort(request_id)
                     del active[request_id]
                     self._send(job, _DONE)
+            self._core_stats = self.core.stats()
             if not self.core.has_work():
                 continue
             try:
-                with self._lock:
-                    events = self.core.step()
+                events = self.core.step()
             except Exception as exc:  # a bug must not kill the worker: fail every request in flight
                 log.exception("engine step failed")
                 for request_id, job in list(active.items()):
-                    with self._lock:
-                        self.core.abort(request_id)
+                    self.core.abort(request_id)
                     self._send(job, exc)
                     self._send(job, _DONE)
                 active.clear()
                 continue
+            finally:
+                self._core_stats = self.core.stats()
             for request_id, event in events:
                 job = active.get(request_id)
                 if job is None:
@@ -171,8 +176,7 @@ class AsyncEngine:
                 prompt_ids = list(req.prompt_ids)
             else:
                 raise ValueError("request has neither messages nor prompt_ids")
-            with self._lock:
-                self.core.add_request(req.request_id, prompt_ids, req.params)
+            self.core.add_request(req.request_id, prompt_ids, req.params)
         except RequestTooLargeError as exc:
             self._send(job, PromptTooLongError(str(exc)))
             self._send(job, _DONE)

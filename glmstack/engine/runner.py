@@ -142,6 +142,8 @@ class ModelRunner:
                                     decode_gather, decode_mask, prefills)
         input_ids = torch.tensor([ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
-        rows = torch.tensor(logit_rows, device=self.device)
+        # long: a step of nothing but a prompt's non-final chunk samples no row, and an empty list alone would
+        # make a float tensor, which cannot index
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         logits = self.model(input_ids, pos, batch, logit_rows=rows)
         return logits[0]
