@@ -13,7 +13,7 @@ from fastapi import FastAPI
 import glmstack
 from glmstack.api import errors
 from glmstack.api.auth import Authenticator, is_loopback
-from glmstack.api.limits import BodySizeLimit, ConcurrencyLimiter
+from glmstack.api.limits import BodySizeLimit, ConcurrencyLimiter, RequestHeadCheck
 from glmstack.api.observability import Metrics, RequestLog
 from glmstack.api.platform import Engine, Platform
 from glmstack.api.routes import chat, classic, health, models
@@ -59,6 +59,7 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
     app.include_router(classic.router)
     app.include_router(health.router)
     # Added last = outermost: the request log sees (and times) everything, including oversized bodies.
+    app.add_middleware(RequestHeadCheck)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLog, metrics=platform.metrics)
     return app

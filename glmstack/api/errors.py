@@ -12,6 +12,7 @@ real service see and search for), followed by an English detail when we have one
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -93,13 +94,18 @@ def from_engine(error: EngineRequestError) -> PlatformError:
     return PlatformError(1210, str(error))
 
 
+# What pydantic puts in an error's location besides field names: validator markers ("function-after[...]")
+# and, inside a union, the member that failed ("str", "list[TextPart]", "constrained-str").
+_NOT_A_FIELD = re.compile(r"str|int|float|bool|none|dict|list|constrained-.*|function-.*|.*\[.*")
+
+
 def field_name(loc: tuple[Any, ...]) -> str:
     """("body", "messages", 0, "content") -> "messages[0].content"."""
     name = ""
     for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif not str(part).startswith("function-"):  # pydantic's validator markers, not field names
+        elif not _NOT_A_FIELD.fullmatch(str(part)):
             name += f".{part}" if name else str(part)
     return name
 
@@ -133,7 +139,7 @@ def install(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code in (404, 405):
             error = PlatformError(
-                1222, http_status=exc.status_code, api=f"{request.method} {request.url.path}"
+                1222, http_status=exc.status_code, api=f"{request.method} {request.scope['path']}"
             )
         elif exc.status_code == 413:
             error = PlatformError(1210, str(exc.detail), http_status=413)
@@ -159,11 +165,13 @@ def install(app: FastAPI) -> None:
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
         # Nobody is listening; 499 ("client closed request", nginx's convention) is for the request log.
         log.info(
-            "client disconnected from %s %s; its generation was aborted", request.method, request.url.path
+            "client disconnected from %s %s; its generation was aborted",
+            request.method,
+            request.scope["path"],
         )
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, request.scope["path"])
         return error_response(PlatformError(500))

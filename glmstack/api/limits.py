@@ -1,5 +1,6 @@
 """Request limits: concurrent generations per key and in total (spec §1.9: the platform limits request
-concurrency, answering 429), and the request body size.
+concurrency, answering 429), the request body size, and the size of the request head and the shape of its
+Host header.
 
 The limiter's counters are touched only from the event loop thread, so they need no lock.
 """
@@ -7,13 +8,20 @@ The limiter's counters are touched only from the event loop thread, so they need
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glmstack.api.auth import Caller
-from glmstack.api.errors import PlatformError
+from glmstack.api.errors import PlatformError, error_response
+
+# Request line plus headers. An Authorization header is at most 4096 characters (auth.MAX_CREDENTIAL_CHARS);
+# a whole head rarely passes 2 KB.
+MAX_HEAD_BYTES = 16 * 1024
+# host[:port] (RFC 9110 §7.2, RFC 3986 §3.2.2): a registered name or IPv4 address, or an IPv6 literal.
+_HOST = re.compile(rb"(?:[A-Za-z0-9\-._~%!$&'()*+,;=]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 class Lease:
@@ -111,3 +119,34 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body.encode("utf-8")})
+
+
+class RequestHeadCheck:
+    """ASGI middleware, before anything reads the request: a head over MAX_HEAD_BYTES gets 400 (h11 only
+    limits a head that arrives in pieces: one sent in a single packet reaches us whole), and so does a Host
+    header that is not `host[:port]` (RFC 9112 §3.2). Nothing in glmstack decides anything from Host, but
+    Starlette builds `request.url` from it, and a Host carrying "/" or "?" would make that URL name another
+    path than the one requested."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            error = self._refusal(scope)
+            if error is not None:
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _refusal(scope: Scope) -> PlatformError | None:
+        headers = scope["headers"]
+        size = len(scope.get("raw_path") or b"") + len(scope["query_string"])
+        size += sum(len(name) + len(value) + 4 for name, value in headers)
+        if size > MAX_HEAD_BYTES:
+            return PlatformError(1210, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+        hosts = [value for name, value in headers if name == b"host"]
+        if len(hosts) > 1 or (hosts and hosts[0] and not _HOST.fullmatch(hosts[0])):
+            return PlatformError(1214, "expected one Host header of the form host[:port]", field="Host")
+        return None

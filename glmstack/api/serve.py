@@ -77,6 +77,8 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
     import uvicorn
 
     from glmstack.api.app import create_app
+    from glmstack.api.http_protocol import EnvelopeH11Protocol
+    from glmstack.api.limits import MAX_HEAD_BYTES
     from glmstack.engine.api import load
     from glmstack.engine.async_engine import AsyncEngine
 
@@ -97,6 +99,8 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
             access_log=False,
             log_level=settings.log_level.lower(),
             timeout_graceful_shutdown=5,
+            http=EnvelopeH11Protocol,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         )
         server = uvicorn.Server(config)
         asyncio.run(_run_until_stopped(server, settings, model.name, active_keys))

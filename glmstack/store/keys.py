@@ -31,6 +31,8 @@ SECRET_BYTES = 32    # 43 characters, 256 random bits
 MAX_NAME_LENGTH = 200
 # Compared against when the id is unknown, so that path costs the same hash-and-compare as a wrong secret.
 _NO_SUCH_HASH = "0" * 64
+_ID_CHARS = frozenset(ID_ALPHABET)
+MAX_ID_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,12 @@ class KeyRecord:
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+
+def well_formed_id(key_id: str) -> bool:
+    """Whether `key_id` could name a key. Checked before a lookup: ids reach us from request headers and JWT
+    payloads, and PostgreSQL refuses some strings outright (a NUL) instead of finding no row."""
+    return 0 < len(key_id) <= MAX_ID_LENGTH and _ID_CHARS.issuperset(key_id)
 
 
 def hash_secret(secret: str) -> str:
@@ -93,6 +101,8 @@ class KeyStore:
 
     def revoke(self, key_id: str) -> bool:
         """True if an active key was revoked; False if the id is unknown or already revoked."""
+        if not well_formed_id(key_id):
+            return False
         with self._db.write() as conn:
             result = conn.execute(update(api_keys)
                                   .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
@@ -112,15 +122,19 @@ class KeyStore:
 
     def verify_secret(self, key_id: str, secret: str) -> KeyRecord | None:
         """The key's record if `secret` is its secret and it is not revoked; None otherwise."""
-        with self._db.read() as conn:
-            row = conn.execute(select(*_RECORD_COLUMNS, api_keys.c.secret_hash)
-                               .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))).first()
+        row = None
+        if well_formed_id(key_id):
+            with self._db.read() as conn:
+                row = conn.execute(select(*_RECORD_COLUMNS, api_keys.c.secret_hash)
+                                   .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))).first()
         expected = row.secret_hash if row is not None else _NO_SUCH_HASH
         matches = hmac.compare_digest(hash_secret(secret).encode("ascii"), expected.encode("ascii"))
         return _record(row) if row is not None and matches else None
 
     def signing_secret(self, key_id: str) -> str | None:
         """The secret of an active key, for verifying the HS256 JWTs it signs; None if unknown or revoked."""
+        if not well_formed_id(key_id):
+            return None
         with self._db.read() as conn:
             sealed = conn.execute(select(api_keys.c.sealed_secret)
                                   .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))).scalar()

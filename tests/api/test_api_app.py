@@ -185,6 +185,15 @@ def test_models(client: TestClient) -> None:
             "messages[0].content",
         ),
         (chat_body(stop=[""]), (400, "1214"), "stop"),
+        # a lone surrogate: valid JSON, not text (it would fail in the tokenizer or when echoed back)
+        (chat_body(messages=[{"role": "user", "content": "\ud800"}]), (400, "1214"), "messages[0].content"),
+        (chat_body(request_id="\udfff"), (400, "1214"), "request_id"),
+        (chat_body(tools=[{"type": "function"}]), (400, "1214"), "tools[0]"),
+        (
+            chat_body(tools=[{"type": "function", "function": {"name": "a b"}}]),
+            (400, "1214"),
+            "tools[0].function.name",
+        ),
         (chat_body(user_id="abc"), (400, "1214"), "user_id"),
         (chat_body(n=2), (400, "1214"), "n"),
         ([1, 2], (400, "1210"), None),
@@ -193,7 +202,8 @@ def test_models(client: TestClient) -> None:
 def test_invalid_requests(
     client: TestClient, body: Any, expected: tuple[int, str], field: str | None
 ) -> None:
-    response = client.post(CHAT, json=body)
+    # json.dumps escapes what httpx's json= would refuse to encode (the lone surrogates)
+    response = client.post(CHAT, content=json.dumps(body), headers={"content-type": "application/json"})
     assert error_of(response) == expected
     if field is not None:
         assert f"{field}参数" in response.json()["error"]["message"]  # the doc's "${field}参数..." template
@@ -221,6 +231,40 @@ def test_limits_on_tokens_and_messages(make_client, key: str) -> None:
     c.post(CHAT, json=chat_body())  # the default is capped, not refused
     messages = [{"role": "user", "content": "hi"}] * 4
     assert error_of(c.post(CHAT, json=chat_body(messages=messages))) == (400, "1214")
+
+
+def test_tiny_temperatures_are_clamped(client: TestClient, engine: ScriptedEngine) -> None:
+    # logits / 1e-300 is inf: the sampler would fail the whole batch's step
+    assert client_ok(client, chat_body(temperature=1e-300, top_p=5e-324))
+    assert (engine.requests[-1].params.temperature, engine.requests[-1].params.top_p) == (0.01, 0.01)
+    client.post("/", json={"prompt": "hi", "temperature": 1e-300})
+    assert engine.requests[-1].params.temperature == 0.01
+
+
+def test_max_tokens_is_bounded_by_the_context(client: TestClient, engine: ScriptedEngine) -> None:
+    context = engine.info().context_length
+    assert client_ok(client, chat_body(max_tokens=context))
+    assert error_of(client.post(CHAT, json=chat_body(max_tokens=context + 1))) == (400, "1214")
+    # The classic endpoint's max_length (prompt plus reply) is clamped instead: ChatGLM's demos send 32768
+    assert client.post("/", json={"prompt": "hi", "max_length": 10**9}).status_code == 200
+    assert engine.requests[-1].params.max_tokens < context
+
+
+def test_tools_are_passed_on_as_sent(client: TestClient, engine: ScriptedEngine) -> None:
+    function = {"name": "get_weather", "parameters": {"type": "object", "properties": {}}, "strict": True}
+    tools = [
+        {"type": "function", "function": function},
+        {"type": "web_search", "web_search": {"enable": True}},
+    ]
+    assert client_ok(client, chat_body(tools=tools))
+    assert engine.requests[-1].tools == tools
+
+
+def test_request_head_checks(client: TestClient) -> None:
+    for host in ("evil.example/health", "a?b", "user@host"):
+        assert error_of(client.get("/api/paas/v4/models", headers={"host": host})) == (400, "1214")
+    assert client.get("/api/paas/v4/models", headers={"host": "[::1]:8000"}).status_code == 200
+    assert error_of(client.get("/api/paas/v4/models", headers={"x-padding": "a" * 20_000})) == (400, "1210")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -265,6 +309,8 @@ def test_classic_endpoint(client: TestClient, engine: ScriptedEngine) -> None:
     ]
     assert error_of(client.post("/", json={"prompt": "hi", "max_length": 3})) == (400, "1261")
     assert error_of(client.post("/", json={"prompt": "hi", "history": [1, 2]})) == (400, "1214")
+    surrogate = json.dumps({"prompt": "hi", "history": [["\ud800", "a"]]})
+    assert error_of(client.post("/", content=surrogate)) == (400, "1214")
     assert error_of(client.post("/", json={"history": []})) == (400, "1213")
 
 

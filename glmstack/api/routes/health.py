@@ -25,5 +25,7 @@ async def health(platform: PlatformDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(platform: PlatformDep) -> Response:
-    payload, content_type = platform.metrics.render()
+    # In a worker thread: reading engine.stats() waits for the engine step in progress to end, which must not
+    # hold up the event loop (and every stream on it).
+    payload, content_type = await run_in_threadpool(platform.metrics.render)
     return Response(payload, media_type=content_type)

@@ -6,9 +6,19 @@ Unknown keys and nulls are accepted and ignored: the SDKs always send `response_
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from glmstack.api.schemas.fields import JsonObject, Text, plain_json
+
+# Bounds on what a request may carry besides the body size (Settings.max_body_bytes, which also bounds the
+# prose fields: message content, tool descriptions), the message count (Settings.max_messages) and the
+# depth of free-form JSON (fields.MAX_JSON_DEPTH).
+MAX_ID_CHARS = 128  # model codes, request ids, tool call ids
+MAX_TOOLS = 128
+MAX_TOOL_NAME_CHARS = 64
+INT64 = 2**63
 
 
 class _Lenient(BaseModel):
@@ -16,37 +26,90 @@ class _Lenient(BaseModel):
 
 
 class TextPart(_Lenient):
-    type: str = Field(description='"text" (other part types, e.g. "image_url", are refused by text models)')
-    text: str | None = None
+    type: Text = Field(description='"text" (other part types, e.g. "image_url", are refused by text models)')
+    text: Text | None = None
 
 
 class Message(_Lenient):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = Field(
+    content: Text | list[TextPart] | None = Field(
         None, description="Required except on an assistant message that carries tool_calls"
     )
-    tool_calls: list[dict[str, Any]] | None = Field(
-        None, description="On assistant messages: earlier tool calls"
+    tool_calls: list[JsonObject] | None = Field(
+        None, max_length=MAX_TOOLS, description="On assistant messages: earlier tool calls"
     )
-    tool_call_id: str | None = Field(None, description="On tool messages: the call this result answers")
+    tool_call_id: Text | None = Field(
+        None, max_length=MAX_ID_CHARS, description="On tool messages: the call this result answers"
+    )
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    name: str = Field(min_length=1, max_length=MAX_TOOL_NAME_CHARS, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: Text | None = None
+    parameters: JsonObject | None = Field(
+        None, description='JSON Schema of the arguments: an object schema ({"type": "object", ...})'
+    )
+
+    @model_validator(mode="after")
+    def _object_schema(self) -> FunctionDefinition:
+        schema = self.parameters or {}
+        if schema.get("type", "object") != "object" or not isinstance(schema.get("properties", {}), dict):
+            raise ValueError('parameters must be an object schema ({"type": "object", "properties": {...}})')
+        return self
+
+
+class Tool(BaseModel):
+    """A tool the model may call. Keys besides `type` and `function` (the platform's built-in tools carry
+    their own) are passed on as sent."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    type: Text = Field(
+        min_length=1, max_length=MAX_TOOL_NAME_CHARS, description='"function" or a built-in tool'
+    )
+    function: FunctionDefinition | None = Field(None, description='Required when type is "function"')
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_depth(cls, data: Any) -> Any:
+        return plain_json(data)
+
+    @model_validator(mode="after")
+    def _function_tools_define_one(self) -> Tool:
+        if self.type == "function" and self.function is None:
+            raise ValueError('a tool of type "function" needs its "function" definition')
+        return self
 
 
 class ChatCompletionRequest(_Lenient):
-    model: str = Field(description='Model code: the served model\'s name or an alias such as "glm-4"')
+    model: Text = Field(
+        max_length=MAX_ID_CHARS,
+        description='Model code: the served model\'s name or an alias such as "glm-4"',
+    )
     messages: list[Message] = Field(min_length=1)
-    request_id: str | None = Field(None, max_length=128, description="Echoed back; generated when absent")
+    request_id: Text | None = Field(
+        None, max_length=MAX_ID_CHARS, description="Echoed back; generated when absent"
+    )
     do_sample: bool | None = Field(None, description="false: greedy decoding (temperature and top_p ignored)")
     stream: bool | None = Field(None, description="true: server-sent events ending with data: [DONE]")
     temperature: float | None = Field(None, ge=0.0, le=1.0, description="Default 0.95; 0 means greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="Default 0.7")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens in the reply; default 1024")
-    stop: str | list[str] | None = Field(None, description="Stop strings (not included in the reply)")
-    seed: int | None = None
-    user_id: str | None = Field(None, min_length=6, max_length=128, description="Your end user's id")
-    tools: list[dict[str, Any]] | None = Field(None, description="Tool definitions, passed to the model")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Accepted; only "auto" for now')
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens in the reply, at most the model's context length; default 1024"
+    )
+    stop: Text | list[Text] | None = Field(None, description="Stop strings (not included in the reply)")
+    seed: int | None = Field(None, ge=-INT64, lt=INT64, description="A 64-bit integer")
+    user_id: Text | None = Field(None, min_length=6, max_length=128, description="Your end user's id")
+    tools: list[Tool] | None = Field(
+        None, max_length=MAX_TOOLS, description="Tool definitions, passed to the model"
+    )
+    tool_choice: Annotated[Text, Field(max_length=MAX_TOOL_NAME_CHARS)] | JsonObject | None = Field(
+        None, description='Accepted; only "auto" for now'
+    )
     n: int | None = Field(None, ge=1, le=1, description="OpenAI compatibility: one choice only")
-    user: str | None = Field(None, description="OpenAI compatibility: accepted and ignored")
+    user: Text | None = Field(None, max_length=MAX_ID_CHARS, description="OpenAI compatibility: ignored")
 
 
 class Usage(BaseModel):

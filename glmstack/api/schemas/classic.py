@@ -6,15 +6,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from glmstack.api.schemas.fields import JsonList, Text
+
 
 class ClassicRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    prompt: str
-    history: list[Any] | None = Field(
+    prompt: Text
+    history: JsonList | None = Field(
         None, description="[[query, response], ...] (ChatGLM-6B/2) or [{role, content}, ...] (ChatGLM3)"
     )
-    max_length: int | None = Field(None, ge=1, description="Prompt plus reply, in tokens; default 2048")
+    max_length: int | None = Field(
+        None, ge=1, description="Prompt plus reply, in tokens; default 2048; at most the model's context"
+    )
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="Default 0.7")
     temperature: float | None = Field(None, ge=0.0, le=1.0, description="Default 0.95; 0 means greedy")
 

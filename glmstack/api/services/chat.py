@@ -30,8 +30,10 @@ from glmstack.protocol import GenerateRequest, SamplingParams
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_TEMPERATURE = 0.95
 DEFAULT_TOP_P = 0.7
-# The engine's sampler needs top_p > 0; the SDKs clamp the same way (sdk-wire §2).
+# The engine's sampler needs top_p > 0, and a temperature far below this one divides logits into inf and
+# NaN (which fails the whole batch's step); the SDKs clamp both the same way (sdk-wire §2).
 MIN_TOP_P = 0.01
+MIN_TEMPERATURE = 0.01
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
@@ -56,9 +58,10 @@ def engine_messages(messages: list[Message]) -> list[dict[str, Any]]:
     return rendered
 
 
-def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int | None) -> SamplingParams:
-    max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, max_tokens_cap or DEFAULT_MAX_TOKENS)
-    if max_tokens_cap is not None and max_tokens > max_tokens_cap:
+def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int) -> SamplingParams:
+    """`max_tokens_cap`: the model's context length, or the configured cap when that is lower."""
+    max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, max_tokens_cap)
+    if max_tokens > max_tokens_cap:
         raise PlatformError(1214, f"max_tokens may be at most {max_tokens_cap}", field="max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in stop):
@@ -70,6 +73,7 @@ def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int | None) -> 
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     top_p = DEFAULT_TOP_P if body.top_p is None else max(body.top_p, MIN_TOP_P)
     do_sample = body.do_sample is not False and temperature > 0
+    temperature = max(temperature, MIN_TEMPERATURE) if do_sample else temperature
     return SamplingParams(
         max_tokens=max_tokens,
         do_sample=do_sample,
@@ -87,9 +91,11 @@ def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str)
     if len(body.messages) > platform.settings.max_messages:
         raise PlatformError(1214, f"at most {platform.settings.max_messages} messages", field="messages")
     messages = engine_messages(body.messages)
-    params = sampling_params(body, platform.settings.max_tokens_cap)
+    context = platform.engine.info().context_length
+    params = sampling_params(body, min(context, platform.settings.max_tokens_cap or context))
     platform.safety.check_input(messages)
-    return GenerateRequest(completion_id, params, messages=messages, tools=body.tools)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    return GenerateRequest(completion_id, params, messages=messages, tools=tools)
 
 
 def _usage(generation: Generation) -> dict[str, int]:

@@ -15,7 +15,7 @@ from glmstack.api.errors import PlatformError
 from glmstack.api.platform import Platform
 from glmstack.api.safety import LEVEL
 from glmstack.api.schemas.classic import ClassicRequest, ClassicResponse
-from glmstack.api.services.chat import collect
+from glmstack.api.services.chat import MIN_TEMPERATURE, MIN_TOP_P, collect
 from glmstack.api.services.generation import Generation
 from glmstack.protocol import GenerateRequest, SamplingParams
 
@@ -23,7 +23,6 @@ from glmstack.protocol import GenerateRequest, SamplingParams
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_TOP_P = 0.7
 DEFAULT_TEMPERATURE = 0.95
-MIN_TOP_P = 0.01
 
 
 def _pair(turn: Any) -> tuple[str, str] | None:
@@ -66,7 +65,9 @@ async def answer(
     messages = past + [{"role": "user", "content": body.prompt}]
     platform.safety.check_input(messages)
     prompt_tokens = await run_in_threadpool(platform.engine.count_prompt_tokens, messages)
-    max_length = body.max_length or DEFAULT_MAX_LENGTH
+    # A limit beyond the context is no limit at all: clamped, as ChatGLM's demos send 8192 or 32768 whatever
+    # the model.
+    max_length = min(body.max_length or DEFAULT_MAX_LENGTH, platform.engine.info().context_length)
     if prompt_tokens >= max_length:
         raise PlatformError(1261, f"the prompt is {prompt_tokens} tokens, not below max_length={max_length}")
     max_tokens = max_length - prompt_tokens
@@ -76,7 +77,7 @@ async def answer(
     params = SamplingParams(
         max_tokens=max_tokens,
         do_sample=temperature > 0,
-        temperature=temperature,
+        temperature=max(temperature, MIN_TEMPERATURE) if temperature > 0 else temperature,
         top_p=max(DEFAULT_TOP_P if body.top_p is None else body.top_p, MIN_TOP_P),
     )
 

@@ -1,0 +1,360 @@
+"""The real server for the platform reliability tests, and what they share.
+
+`glmstack serve` runs on the bundled model in a child process and is watched from outside: its RSS and open
+files through psutil, its queue and KV figures through /metrics. A TCP relay in front of PostgreSQL can pull
+the plug on it. The profile says how hard to push: "quick" runs in every plain `pytest` run, "full" is what
+benchmarks/bench_reliability.py runs (GLMSTACK_RELIABILITY_PROFILE=full). The figures the tests measure are
+printed at the end of the run and, with GLMSTACK_RELIABILITY_REPORT=<file>, written there as JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from glmstack.store import Store
+
+PROFILE_ENV = "GLMSTACK_RELIABILITY_PROFILE"
+REPORT_ENV = "GLMSTACK_RELIABILITY_REPORT"
+# Stopping the real PostgreSQL cluster affects everything else using it, so the quick profile cuts a relay
+# instead unless this is set to 1 (the full profile stops the cluster).
+STOP_POSTGRES_ENV = "GLMSTACK_RELIABILITY_STOP_POSTGRES"
+STARTUP_TIMEOUT_S = 240
+CHAT = "/api/paas/v4/chat/completions"
+# Replies of the servers that take many small requests (field bounds, credentials, generated cases) stay this
+# short, so that the requests among them that pass validation finish fast.
+API_MAX_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    load_streams: int  # also the server's queue bound (GLMSTACK_MAX_QUEUE)
+    load_seconds: float
+    load_max_tokens: int
+    disconnect_trials: int  # per phase
+    drops: int  # disconnects whose RSS cost is measured
+    schema_cases: int  # schemathesis cases per database
+    outage_seconds: float
+    stop_postgres: bool  # pg_ctlcluster stop/start rather than cutting a relay
+
+
+PROFILES = {
+    "quick": Profile("quick", 8, 30, 24, 8, 60, 250, 6, False),
+    "full": Profile("full", 32, 600, 64, 30, 1000, 2000, 30, True),
+}
+
+
+def profile() -> Profile:
+    name = os.environ.get(PROFILE_ENV, "quick")
+    if name not in PROFILES:
+        raise pytest.UsageError(f"{PROFILE_ENV} must be one of {', '.join(PROFILES)}, got {name!r}")
+    chosen = PROFILES[name]
+    if os.environ.get(STOP_POSTGRES_ENV) == "1":
+        chosen = replace(chosen, stop_postgres=True)
+    return chosen
+
+
+# ---- figures ----------------------------------------------------------------------------------------------
+
+FIGURES: dict[str, dict[str, Any]] = {}
+
+
+def record(section: str, **figures: Any) -> None:
+    FIGURES.setdefault(section, {}).update(figures)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def write_report() -> None:
+    path = os.environ.get(REPORT_ENV)
+    if path and FIGURES:
+        Path(path).write_text(json.dumps({"profile": profile().name, **FIGURES}, indent=2) + "\n")
+
+
+# ---- the server -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    key: str  # "id.secret"
+    proc: subprocess.Popen
+    home: Path
+    database_url: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    @property
+    def process(self) -> psutil.Process:
+        return psutil.Process(self.proc.pid)
+
+    def rss(self) -> int:
+        return self.process.memory_info().rss
+
+    def open_files(self) -> int:
+        return self.process.num_fds()
+
+    def fd_targets(self) -> list[str]:
+        """What the open descriptors point at (files, sockets, pipes), for failure messages."""
+        targets = []
+        for fd in Path(f"/proc/{self.proc.pid}/fd").iterdir():
+            try:
+                targets.append(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                pass
+        return sorted(targets)
+
+    def chat(self, timeout: float = 120, **body: Any) -> httpx.Response:
+        body = {"model": "glm-4", "messages": [{"role": "user", "content": "Say hi."}], **body}
+        return httpx.post(self.url + CHAT, json=body, headers=self.auth, timeout=timeout)
+
+    @functools.cached_property
+    def _scraper(self) -> httpx.Client:
+        # One kept-alive client: a new one per scrape costs the machine more than the scrape itself, and
+        # polling /metrics must disturb the engine it watches as little as possible.
+        return httpx.Client(base_url=self.url, headers=self.auth, timeout=30)
+
+    def metrics(self) -> dict[str, float]:
+        """The unlabelled samples of /metrics (engine gauges, requests in flight) and the labelled ones by
+        their full name, e.g. 'glmstack_completions_total{finish_reason="abort"}'."""
+        text = self._scraper.get("/metrics").text
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def busy(self, samples: dict[str, float] | None = None) -> dict[str, float]:
+        """What is still held: generations admitted, requests known to the engine, KV blocks in use."""
+        samples = samples or self.metrics()
+        names = (
+            "glmstack_requests_in_flight",
+            "glmstack_engine_running",
+            "glmstack_engine_waiting",
+            "glmstack_engine_kv_blocks_in_use",
+        )
+        return {n.removeprefix("glmstack_"): samples[n] for n in names if samples.get(n)}
+
+    def wait_until(self, condition: Callable[[dict[str, float]], bool], timeout: float) -> float:
+        """Polls /metrics until `condition(samples)`; returns the seconds it took. Raises on timeout."""
+        started = time.perf_counter()
+        while True:
+            samples = self.metrics()
+            if condition(samples):
+                return time.perf_counter() - started
+            if time.perf_counter() - started > timeout:
+                raise AssertionError(f"not reached within {timeout} s; /metrics says {self.busy(samples)}")
+            time.sleep(0.02)  # each scrape takes the server's CPU from the engine being watched
+
+    def wait_idle(self, timeout: float = 60) -> float:
+        return self.wait_until(lambda samples: not self.busy(samples), timeout)
+
+
+def new_key(database_url: str, home: Path, name: str) -> str:
+    with Store(database_url, home=home) as store:
+        return store.keys.create(name)[1]
+
+
+def start_server(home: Path, database_url: str, env: dict[str, str] | None = None) -> Server:
+    """`glmstack serve` on a free port, with one API key. Its log is home/server.log."""
+    home.mkdir(parents=True, exist_ok=True)
+    key = new_key(database_url, home, "reliability")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glmstack.cli", "serve", "--port", "0", "--device", "cpu"],
+        env={
+            **os.environ,
+            "GLMSTACK_HOME": str(home),
+            "GLMSTACK_DATABASE_URL": database_url,
+            "GLMSTACK_LOG_LEVEL": "INFO",
+            **(env or {}),
+        },
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=(home / "server.log").open("w"),
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if match := re.match(r"glmstack is serving \S+ at (http://\S+)", line):
+            return Server(match.group(1), key, proc, home, database_url)
+    proc.kill()
+    raise AssertionError(f"server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+
+
+def stop_server(server: Server) -> None:
+    if "_scraper" in server.__dict__:
+        server._scraper.close()
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@contextmanager
+def running_server(home: Path, database_url: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    server = start_server(home, database_url, env)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+# ---- PostgreSQL -------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A URL for a private, empty schema in the PostgreSQL at $GLMSTACK_TEST_POSTGRES_URL; skips without
+    one."""
+    base = os.environ.get("GLMSTACK_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("GLMSTACK_TEST_POSTGRES_URL is not set; `bash scripts/postgres.sh` prints one")
+    import sqlalchemy as sa
+
+    from glmstack.store.db import normalize_url
+
+    url, schema = normalize_url(base), f"test_{uuid.uuid4().hex[:16]}"
+    # pool_pre_ping: the schema is dropped after a test that may have restarted the server
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False
+        )
+        with admin.connect() as conn:
+            conn.exec_driver_sql("SET lock_timeout = '10s'")
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        admin.dispose()
+
+
+class Relay:
+    """A TCP relay in front of PostgreSQL. `down()` refuses new connections and cuts the open ones, as a
+    stopped database does; `up()` serves again on the same port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def url_for(self, database_url: str) -> str:
+        import sqlalchemy as sa
+
+        url = sa.engine.make_url(database_url).set(host="127.0.0.1", port=self.port)
+        return url.render_as_string(hide_password=False)
+
+    def up(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.1)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for s in list(self._sockets):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self._sockets |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+# ---- raw HTTP, for disconnects ------------------------------------------------------------------------------
+
+
+def open_request(server: Server, body: dict[str, Any], path: str = CHAT) -> socket.socket:
+    """Sends a POST on a fresh connection and returns the socket, unread: closing it is the disconnect."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {server.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 60) -> bytes:
+    """Reads until `marker` has arrived (e.g. the first `data:` event)."""
+    sock.settimeout(timeout)
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before {marker!r}: {received[-500:]!r}")
+        received += chunk
+    return received
