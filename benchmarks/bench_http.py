@@ -51,32 +51,37 @@ def p50_ms(samples: list[float]) -> float:
 # ---- the engine alone -------------------------------------------------------------------------------------
 
 
-def engine_latencies(args: argparse.Namespace) -> list[float]:
-    from glmstack.engine.api import load
-    from glmstack.engine.async_engine import AsyncEngine
-    from glmstack.protocol import GenerateRequest, SamplingParams
+class EngineAlone:
+    """The same model on an AsyncEngine in this process: what a request costs without the platform."""
 
-    model, _ = load(args.model, device=args.device)
-    engine = AsyncEngine(model)
+    def __init__(self, args: argparse.Namespace) -> None:
+        from glmstack.engine.api import load
+        from glmstack.engine.async_engine import AsyncEngine
 
-    async def one(i: int) -> float:
+        model, _ = load(args.model, device=args.device)
+        self.engine = AsyncEngine(model)
+        self.loop = asyncio.new_event_loop()
+        self.n = 0
+
+    def latency(self, i: int) -> float:
+        from glmstack.protocol import GenerateRequest, SamplingParams
+
+        self.n += 1
         request = GenerateRequest(
-            f"bench-{i}", SamplingParams(max_tokens=1, do_sample=False), messages=messages(i)
+            f"bench-{self.n}", SamplingParams(max_tokens=1, do_sample=False), messages=messages(i)
         )
-        start = time.perf_counter()
-        async for _ in engine.generate(request):
-            pass
-        return time.perf_counter() - start
 
-    async def run() -> list[float]:
-        for i in range(args.warmup):
-            await one(i)
-        return [await one(i) for i in range(args.requests)]
+        async def one() -> float:
+            start = time.perf_counter()
+            async for _ in self.engine.generate(request):
+                pass
+            return time.perf_counter() - start
 
-    try:
-        return asyncio.run(run())
-    finally:
-        engine.shutdown()
+        return self.loop.run_until_complete(one())
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.loop.close()
 
 
 # ---- the server -------------------------------------------------------------------------------------------
@@ -118,18 +123,26 @@ def start_server(args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen
     return proc, found[0], key
 
 
-def server_latencies(args: argparse.Namespace, url: str, key: str) -> list[float]:
-    samples = []
+def paired_latencies(args: argparse.Namespace, engine: EngineAlone, url: str, key: str
+                     ) -> tuple[list[float], list[float]]:
+    """The same 1-token request alternately on the engine alone and through the server, so both see the
+    same machine load from one minute to the next."""
+    alone, served = [], []
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
         for i in range(args.warmup + args.requests):
             body = {"model": "glm-4", "messages": messages(i), "max_tokens": 1, "do_sample": False}
+            if i % 2:  # each goes first half the time: neither always follows the other's idle threads
+                engine_elapsed = engine.latency(i)
             start = time.perf_counter()
             response = client.post("/api/paas/v4/chat/completions", json=body)
             elapsed = time.perf_counter() - start
             response.raise_for_status()
+            if not i % 2:
+                engine_elapsed = engine.latency(i)
             if i >= args.warmup:
-                samples.append(elapsed)
-    return samples
+                served.append(elapsed)
+                alone.append(engine_elapsed)
+    return alone, served
 
 
 def completion_tokens(url: str, key: str) -> float:
@@ -205,11 +218,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per streamed reply")
     args = parser.parse_args()
 
-    engine = engine_latencies(args)
     with tempfile.TemporaryDirectory(prefix="glmstack-bench-") as tmp:
         proc, url, key = start_server(args, Path(tmp))
         try:
-            server = server_latencies(args, url, key)
+            alone = EngineAlone(args)
+            try:
+                engine, server = paired_latencies(args, alone, url, key)
+            finally:
+                alone.close()
             rss_start = psutil.Process(proc.pid).memory_info().rss
             load = asyncio.run(streaming_load(args, url, key))
             rss_end = psutil.Process(proc.pid).memory_info().rss
@@ -217,10 +233,12 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
 
-    print(f"1-token completion, p50 over {args.requests} requests (greedy, max_tokens=1)")
+    print(f"1-token completion, p50 over {args.requests} requests (greedy, max_tokens=1), the two alternating")
     print(f"  engine alone (AsyncEngine, in process)  {p50_ms(engine):8.1f} ms")
     print(f"  through glmstack serve (HTTP, auth, ...) {p50_ms(server):8.1f} ms")
     print(f"  HTTP platform overhead                  {p50_ms(server) - p50_ms(engine):8.1f} ms")
+    pairs = [s - e for s, e in zip(server, engine, strict=True)]
+    print(f"  overhead, p50 of the paired differences {p50_ms(pairs):8.1f} ms")
     print(f"\n{args.clients} streaming clients for {args.seconds:.0f} s (max_tokens={args.max_tokens})")
     print(f"  requests completed   {load['requests']}")
     print(f"  errors               {json.dumps(load['errors']) if load['errors'] else 'none'}")

@@ -22,6 +22,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from glmstack.store import KeyRecord, Store, StoreUnavailableError, UsageRow
 from glmstack.store.db import create_db_engine, migrate
 from glmstack.store.tables import metadata
+from glmstack.store.usage import UsageWriter
 
 
 @pytest.fixture
@@ -111,6 +112,32 @@ def test_key_lifecycle(store: Store):
     assert revoked.revoked_at is not None and revoked.revoked_at >= revoked.created_at
 
 
+def test_verified_keys_are_remembered_briefly(database_url: str, store: Store, home: Path):
+    """A verified key skips the database for VERIFIED_TTL_S; revoking it in the same process forgets it at
+    once, and a revocation by another process (the CLI, here a second Store) takes hold within the TTL."""
+    from glmstack.store import keys as keys_module
+
+    record, key = store.keys.create("remembered")
+    key_id, secret = key.split(".")
+    assert store.keys.verify_secret(key_id, secret) == record
+    assert store.keys.signing_secret(key_id) == secret
+    with Store(database_url, home=home) as other_process:
+        assert other_process.keys.revoke(key_id)
+    assert store.keys.verify_secret(key_id, secret) == record  # remembered: within the TTL
+    assert store.keys.verify_secret(key_id, secret + "x") is None  # only what was verified is remembered
+    time.sleep(keys_module.VERIFIED_TTL_S + 0.1)
+    assert store.keys.verify_secret(key_id, secret) is None
+    assert store.keys.signing_secret(key_id) is None
+
+    record, key = store.keys.create("revoked here")
+    key_id, secret = key.split(".")
+    assert store.keys.verify_secret(key_id, secret) == record
+    assert store.keys.signing_secret(key_id) == secret
+    assert store.keys.revoke(key_id)
+    assert store.keys.verify_secret(key_id, secret) is None
+    assert store.keys.signing_secret(key_id) is None
+
+
 def test_key_input_is_validated(store: Store):
     with pytest.raises(ValueError, match="concurrency"):
         store.keys.create(concurrency_limit=0)
@@ -185,6 +212,59 @@ def test_usage_accumulates_per_key_and_model(database_url: str, store: Store):
     assert store.usage.report("nosuchkey0000000") == []
     # Upserts, not appends: one row per (key, model, day), the keyless requests included.
     assert len(_rows(database_url, "usage")) == 4
+
+
+def test_usage_writer_tallies_many_threads_into_few_writes(database_url: str, store: Store):
+    """What the server uses: adds from many threads, written behind them; flush waits for all of them."""
+    key, _ = store.keys.create("w")
+    writer = UsageWriter(store.usage)
+    calls: list[int] = []
+    record = store.usage.record
+
+    def counting_record(*args, **kwargs) -> None:
+        calls.append(kwargs.get("requests", 1))
+        record(*args, **kwargs)
+
+    store.usage.record = counting_record  # type: ignore[method-assign]
+    threads = [threading.Thread(target=lambda: [writer.add(key.id, "glm-4", 3, 5) for _ in range(100)])
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    writer.add(None, "glm-4", 1, 1)
+    for t in threads:
+        t.join()
+    assert writer.flush(timeout=30)
+    assert store.usage.report(key.id) == [UsageRow(key.id, "glm-4", 800, 2400, 4000)]
+    assert [r for r in store.usage.report() if r.key_id is None] == [UsageRow(None, "glm-4", 1, 1, 1)]
+    assert sum(calls) == 801 and len(calls) < 801  # requests were batched into shared upserts
+    writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.add(key.id, "glm-4", 1, 1)
+
+
+def test_usage_writer_keeps_usage_through_a_database_outage(store: Store):
+    """A database that refuses writes for a while delays the usage rows; nothing is lost, and close()
+    writes what is still pending."""
+    key, _ = store.keys.create("o")
+    writer = UsageWriter(store.usage)
+    writer.RETRY_SECONDS = 0.05
+    refusals = [3]
+    record = store.usage.record
+
+    def refusing_record(*args, **kwargs) -> None:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise StoreUnavailableError("database unavailable (test)")
+        record(*args, **kwargs)
+
+    store.usage.record = refusing_record  # type: ignore[method-assign]
+    writer.add(key.id, "glm-4", 10, 20)
+    writer.add(key.id, "glm-4", 1, 2)
+    assert writer.flush(timeout=30)
+    assert refusals == [0]
+    writer.add(key.id, "glm-4", 100, 200)
+    writer.close()
+    assert store.usage.report(key.id) == [UsageRow(key.id, "glm-4", 3, 111, 222)]
 
 
 def test_concurrent_usage_writes_do_not_fail(database_url: str, home: Path):

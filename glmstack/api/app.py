@@ -7,8 +7,11 @@ OpenAI clients, ChatGLM's classic `POST /`, and /health, /metrics, /docs, /opena
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 import glmstack
 from glmstack.api import errors
@@ -21,6 +24,7 @@ from glmstack.api.safety import SafetyPolicy
 from glmstack.api.services.models import ModelCatalog
 from glmstack.settings import Settings
 from glmstack.store import Store
+from glmstack.store.usage import UsageWriter
 
 PLATFORM_PREFIX = "/api/paas/v4"
 OPENAI_PREFIX = "/v1"
@@ -42,8 +46,16 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
         # Decided from the configured bind address only, never from anything a request says.
         authenticator=Authenticator(store, open_when_keyless=is_loopback(settings.host)),
         metrics=Metrics(engine.stats, lambda: limiter.active),
+        usage=UsageWriter(store.usage),
     )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(platform.usage.close)  # what was served is recorded before the process ends
+
     app = FastAPI(
+        lifespan=lifespan,
         title="glmstack",
         version=glmstack.__version__,
         summary="The GLM open platform API (v4) on your own machine",

@@ -18,6 +18,7 @@ from glmstack.api.services.models import ModelCatalog
 from glmstack.protocol import GenerateRequest, GenerationEvent, ModelInfo
 from glmstack.settings import Settings
 from glmstack.store import Store
+from glmstack.store.usage import UsageWriter
 
 
 class Engine(Protocol):
@@ -42,10 +43,11 @@ class Platform:
     limiter: ConcurrencyLimiter
     authenticator: Authenticator
     metrics: Metrics
+    usage: UsageWriter  # usage rows are written behind the replies
 
 
-def get_platform(request: Request) -> Platform:
-    """Dependency: the app's Platform."""
+async def get_platform(request: Request) -> Platform:
+    """Dependency: the app's Platform (`async`: called in place, not in a worker thread)."""
     return request.app.state.platform
 
 

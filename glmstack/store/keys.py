@@ -12,8 +12,11 @@ import hmac
 import logging
 import secrets
 import string
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import Row, func, insert, select, update
@@ -33,6 +36,11 @@ MAX_NAME_LENGTH = 200
 _NO_SUCH_HASH = "0" * 64
 _ID_CHARS = frozenset(ID_ALPHABET)
 MAX_ID_LENGTH = 64
+# A verified key is remembered this long, so that a busy server does not query the database (and unseal
+# a JWT secret) on every request. `revoke` in this process forgets at once; a key revoked by another
+# process (`glmstack keys revoke` while the server runs) stops working within this time.
+VERIFIED_TTL_S = 1.0
+_MAX_REMEMBERED = 4096
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,26 @@ class KeyStore:
     def __init__(self, db: Database, sealer: Fernet):
         self._db = db
         self._sealer = sealer
+        # (key id, hash of the secret) -> (expiry, record); key id -> (expiry, secret). Hits only.
+        self._verified: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
+        self._secrets: dict[str, tuple[float, str]] = {}
+        self._remembered_lock = threading.Lock()
+
+    def _forget(self) -> None:
+        with self._remembered_lock:
+            self._verified.clear()
+            self._secrets.clear()
+
+    def _remember(self, cache: dict[Any, tuple[float, Any]], key: object, value: object) -> None:
+        with self._remembered_lock:
+            if len(cache) >= _MAX_REMEMBERED:
+                cache.clear()
+            cache[key] = (time.monotonic() + VERIFIED_TTL_S, value)
+
+    @staticmethod
+    def _recall(cache: dict[Any, tuple[float, Any]], key: object) -> object | None:
+        hit = cache.get(key)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
 
     def create(self, name: str = "", *, concurrency_limit: int | None = None) -> tuple[KeyRecord, str]:
         """A new key. Returns its record and the full `id.secret` key, which is never retrievable again."""
@@ -103,6 +131,7 @@ class KeyStore:
         """True if an active key was revoked; False if the id is unknown or already revoked."""
         if not well_formed_id(key_id):
             return False
+        self._forget()
         with self._db.write() as conn:
             result = conn.execute(update(api_keys)
                                   .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
@@ -122,28 +151,40 @@ class KeyStore:
 
     def verify_secret(self, key_id: str, secret: str) -> KeyRecord | None:
         """The key's record if `secret` is its secret and it is not revoked; None otherwise."""
+        presented = hash_secret(secret)
+        remembered = self._recall(self._verified, (key_id, presented))
+        if isinstance(remembered, KeyRecord):
+            return remembered
         row = None
         if well_formed_id(key_id):
             with self._db.read() as conn:
                 row = conn.execute(select(*_RECORD_COLUMNS, api_keys.c.secret_hash)
                                    .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))).first()
         expected = row.secret_hash if row is not None else _NO_SUCH_HASH
-        matches = hmac.compare_digest(hash_secret(secret).encode("ascii"), expected.encode("ascii"))
-        return _record(row) if row is not None and matches else None
+        if row is None or not hmac.compare_digest(presented.encode("ascii"), expected.encode("ascii")):
+            return None
+        record = _record(row)
+        self._remember(self._verified, (key_id, presented), record)
+        return record
 
     def signing_secret(self, key_id: str) -> str | None:
         """The secret of an active key, for verifying the HS256 JWTs it signs; None if unknown or revoked."""
         if not well_formed_id(key_id):
             return None
+        remembered = self._recall(self._secrets, key_id)
+        if isinstance(remembered, str):
+            return remembered
         with self._db.read() as conn:
             sealed = conn.execute(select(api_keys.c.sealed_secret)
                                   .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))).scalar()
         if sealed is None:
             return None
         try:
-            return self._sealer.decrypt(sealed.encode("ascii")).decode("utf-8")
+            secret = self._sealer.decrypt(sealed.encode("ascii")).decode("utf-8")
         except InvalidToken:
             # The master key changed (secret.key replaced or a different GLMSTACK_HOME): plain Bearer keys
             # still work through the hash, JWTs for this key cannot be verified.
             log.warning("cannot unseal the secret of key %s: the master key does not match", key_id)
             return None
+        self._remember(self._secrets, key_id, secret)
+        return secret

@@ -32,6 +32,11 @@ class Store:
         self.keys = KeyStore(self._db, sealer)
         self.usage = UsageStore(self._db)
 
+    @property
+    def dialect(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return self._db.dialect
+
     def healthy(self) -> bool:
         """Whether the database answers a trivial query now (a PostgreSQL connect gives up after a few
         seconds). Never raises: meant for health checks."""

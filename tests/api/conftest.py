@@ -29,11 +29,16 @@ def engine() -> ScriptedEngine:
 
 @pytest.fixture
 def make_client(store: Store, engine: ScriptedEngine, tmp_path: Path):
+    made: list[TestClient] = []
+
     def make(**overrides: Any) -> TestClient:
         settings = Settings(home=tmp_path, database_url="unused", **overrides)
-        return TestClient(create_app(settings, engine, store), raise_server_exceptions=False)
+        made.append(TestClient(create_app(settings, engine, store), raise_server_exceptions=False))
+        return made[-1]
 
-    return make
+    yield make
+    for c in made:  # as at the app's shutdown: usage still being written lands before the store goes
+        c.app.state.platform.usage.close()
 
 
 @pytest.fixture
@@ -46,3 +51,4 @@ def client(make_client, key: str) -> TestClient:
     c = make_client()
     c.headers["Authorization"] = f"Bearer {key}"
     return c
+

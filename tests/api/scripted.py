@@ -10,6 +10,7 @@ import httpx
 from fastapi.testclient import TestClient
 
 from glmstack.protocol import GenerateRequest, GenerationEvent, ModelInfo, Usage
+from glmstack.store import Store, UsageRow
 
 CHAT = "/api/paas/v4/chat/completions"
 
@@ -77,3 +78,11 @@ def sse_events(text: str) -> list[str]:
 
 def client_ok(c: TestClient, body: dict[str, Any]) -> bool:
     return c.post(CHAT, json=body).status_code == 200
+
+
+def written_usage(store: Store, *clients: TestClient) -> list[UsageRow]:
+    """The usage report once the clients' apps have written what they served (usage is written behind the
+    replies)."""
+    for c in clients:
+        assert c.app.state.platform.usage.flush(timeout=10)
+    return store.usage.report()

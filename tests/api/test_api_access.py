@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from scripted import CHAT, ScriptedEngine, chat_body, client_ok, error_of, sse_events
+from scripted import CHAT, ScriptedEngine, chat_body, client_ok, error_of, sse_events, written_usage
 
 from glmstack.api.auth import PUBLIC_PATHS, KeyedRoute
 from glmstack.store import Store
@@ -126,7 +126,7 @@ def test_open_only_on_loopback_without_keys(make_client, store: Store) -> None:
     # Once a key exists, the local server asks for it too
     store.keys.create("first")
     assert error_of(local.post(CHAT, json=chat_body())) == (401, "1001")
-    [row] = store.usage.report()
+    [row] = written_usage(store, local)
     assert row.key_id is None and row.requests == 1 + 1
 
 
@@ -225,7 +225,7 @@ def test_sensitive_output_ends_the_stream(strict_client: TestClient, store: Stor
     assert last["content_filter"] == [{"role": "assistant", "level": 1}]
     assert "there!" not in "".join(c["choices"][0]["delta"]["content"] for c in chunks)
     assert last["usage"]["completion_tokens"] == 3
-    assert store.usage.report()[0].completion_tokens == 3
+    assert written_usage(store, strict_client)[0].completion_tokens == 3
 
 
 def test_sensitive_output_sync_is_refused(strict_client: TestClient) -> None:

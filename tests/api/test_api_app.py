@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from scripted import CHAT, ScriptedEngine, chat_body, client_ok, error_of, sse_events
+from scripted import CHAT, ScriptedEngine, chat_body, client_ok, error_of, sse_events, written_usage
 
 from glmstack.protocol import EngineOverloadedError, PromptTooLongError
 from glmstack.store import Store
@@ -48,7 +48,7 @@ def test_sync_completion(client: TestClient, store: Store, engine: ScriptedEngin
         ["END"],
         7,
     )
-    [row] = store.usage.report()
+    [row] = written_usage(store, client)
     assert (row.model, row.requests, row.prompt_tokens, row.completion_tokens) == ("scripted-1b", 1, 4, 3)
 
 

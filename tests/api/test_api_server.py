@@ -345,7 +345,11 @@ def test_health_metrics_and_usage(server: Server) -> None:
     )
     assert server.metric("glmstack_engine_kv_blocks_total") > 0
     key_id = server.key.split(".")[0]
-    [row] = server.store.usage.report(key_id)
+    server.wait_idle()
+    deadline = time.monotonic() + 10
+    while not (rows := server.store.usage.report(key_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # usage is written behind the replies, within milliseconds
+    [row] = rows
     assert row.requests > 5 and row.prompt_tokens > 0 and row.completion_tokens > 0
 
 

@@ -13,6 +13,7 @@ import re
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -260,7 +261,8 @@ ALLOWED = PUBLIC_PATHS | {"/docs", "/docs/oauth2-redirect", "/openapi.json"}
 def app_routes() -> list[tuple[str, str]]:
     """(method, path) of every route the app serves, read from the app itself, so that a route added later
     is checked without anyone listing it here."""
-    app = create_app(Settings(home=Path("/nonexistent"), database_url="unused"), _Engine(), store=None)
+    nothing_stored = SimpleNamespace(usage=None, dialect="sqlite")  # only the routes are read
+    app = create_app(Settings(home=Path("/nonexistent"), database_url="unused"), _Engine(), nothing_stored)
     found, pending = [], list(app.routes)
     while pending:
         route = pending.pop()

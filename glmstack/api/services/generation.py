@@ -9,12 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
-
 from glmstack.api.auth import Caller
 from glmstack.api.platform import Platform
 from glmstack.protocol import EngineRequestError, GenerateRequest, GenerationEvent
-from glmstack.store.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +84,8 @@ class Generation:
         self._platform.metrics.record_generation(
             served, self.prompt_tokens, self.completion_tokens, reason, self._time_to_first_token
         )
-        try:
-            await run_in_threadpool(
-                self._platform.store.usage.record,
-                self._caller.key_id,
-                served,
-                self.prompt_tokens,
-                self.completion_tokens,
-            )
-        except StoreError as e:  # the answer was delivered; losing one usage row must not fail it
-            log.error("usage not recorded for key %s: %s", self._caller.key_id, e)
+        # Written behind the reply by the usage writer: a reply never waits for the database.
+        self._platform.usage.add(self._caller.key_id, served, self.prompt_tokens, self.completion_tokens)
 
     def _count(self, event: GenerationEvent) -> None:
         self._started = True
