@@ -118,3 +118,32 @@ def core_bytes(model, tokens: int) -> int:
     cfg = model.module.config
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.module.model.embed_tokens.weight.element_size()
     return per_token * (tokens + 32)
+
+
+def test_abandoned_step_stops_within_a_layer_and_leaves_no_trace(bundled) -> None:
+    """A client that hangs up during a long prefill chunk: the pass stops at the next layer, nothing of it
+    is recorded or cached, and the same prompt afterwards decodes exactly like a cold run."""
+    model, _ = bundled
+    core = EngineCore(model, kv_cache_bytes=64 << 20)
+    ids = prompt_ids(model, PROMPTS[3], system="You are a careful assistant. " * 8)
+    polls: list[str] = []
+
+    def abandoned_after_two_layers(request_id: str) -> bool:
+        polls.append(request_id)
+        return len(polls) > 2
+
+    core.add_request("gone", ids, SamplingParams(do_sample=False, max_tokens=8))
+    assert core.step(abandoned_after_two_layers) == []
+    assert len(polls) == 3 < model.module.config.num_layers  # stopped at the third layer
+    core.abort("gone")
+    assert core.allocator.num_in_use == 0 and not core.has_work()
+    hits = core.allocator.hits
+    core.add_request("again", ids, SamplingParams(do_sample=False, max_tokens=8))
+    assert run_all(core)["again"] == reference(model, ids, 8)
+    assert core.allocator.hits == hits  # no block of the abandoned pass was served from the prefix cache
+
+    # One live request in the step keeps the pass going for everyone.
+    core.add_request("live", prompt_ids(model, PROMPTS[0]), SamplingParams(do_sample=False, max_tokens=4))
+    core.add_request("dead", prompt_ids(model, PROMPTS[2]), SamplingParams(do_sample=False, max_tokens=4))
+    events = core.step(lambda request_id: request_id == "dead")
+    assert {request_id for request_id, _ in events} == {"live", "dead"}

@@ -142,7 +142,7 @@ class AsyncEngine:
             if not self.core.has_work():
                 continue
             try:
-                events = self.core.step()
+                events = self.core.step(lambda rid: rid in active and active[rid].aborted.is_set())
             except Exception as exc:  # a bug must not kill the worker: fail every request in flight
                 log.exception("engine step failed")
                 for request_id, job in list(active.items()):

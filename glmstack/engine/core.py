@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from glmstack.engine.api import ChatModel
 from glmstack.engine.block_allocator import BlockAllocator
-from glmstack.engine.runner import ModelRunner, PagedKVCache
+from glmstack.engine.runner import ModelRunner, PagedKVCache, StepCancelled
 from glmstack.engine.sampling import StopStringMatcher, make_generator, sample_token
 from glmstack.engine.scheduler import RequestTooLargeError, Scheduler, Sequence
 from glmstack.engine.tokenizer import StreamDecoder
@@ -109,11 +110,23 @@ class EngineCore:
 
     # ---- one step -------------------------------------------------------------------------------------
 
-    def step(self) -> list[tuple[str, GenerationEvent]]:
+    def step(self, abandoned: Callable[[str], bool] | None = None) -> list[tuple[str, GenerationEvent]]:
+        """One batched forward pass and its sampled tokens. `abandoned(request_id)`, when given, is polled
+        during the pass: once every request in the step is abandoned, the pass stops early and the step
+        records nothing (the caller then aborts those requests, which frees their blocks)."""
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
-        logits = self.runner.execute(plan)
+        cancelled = None
+        if abandoned is not None:
+            ids = [chunk.seq.seq_id for chunk in plan.chunks]
+
+            def cancelled() -> bool:
+                return all(abandoned(i) for i in ids)
+        try:
+            logits = self.runner.execute(plan, cancelled)
+        except StepCancelled:
+            return []
         sampling = [c for c in plan.chunks if c.samples]
         sampled: dict[str, int] = {}
         for row, chunk in enumerate(sampling):

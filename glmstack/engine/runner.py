@@ -9,6 +9,7 @@ prefill chunks get one call each.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmstack.engine.scheduler import StepPlan
+
+
+class StepCancelled(Exception):  # noqa: N818 — a signal, not an error
+    """Raised inside a forward pass when every sequence of the step has been abandoned (see `attend`)."""
 
 
 class PagedKVCache:
@@ -60,17 +65,24 @@ class PagedAttentionBatch:
 
     def __init__(self, kv: PagedKVCache, slots: torch.Tensor, num_decode: int,
                  decode_gather: torch.Tensor | None, decode_mask: torch.Tensor | None,
-                 prefills: list[_Prefill]) -> None:
+                 prefills: list[_Prefill], cancelled: Callable[[], bool] | None = None) -> None:
         self.kv, self.slots = kv, slots
         self.num_decode, self.decode_gather, self.decode_mask = num_decode, decode_gather, decode_mask
         self.prefills = prefills
+        self.cancelled = cancelled
 
     def advance(self, num_tokens: int) -> None:
         """Positions are tracked by the scheduler; nothing to do."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:
-        """q: [1, H, N, D]; k, v: [1, Hkv, N, D] for the N new tokens. Returns [1, H, N, Dv]."""
+        """q: [1, H, N, D]; k, v: [1, Hkv, N, D] for the N new tokens. Returns [1, H, N, Dv].
+
+        Every architecture calls this once per layer, which makes it the place to give up a step nobody
+        waits for any more: a 512-token prefill chunk takes a second on two cores, and a client that hung
+        up should get its KV blocks back within a layer, not a chunk."""
+        if self.cancelled is not None and self.cancelled():
+            raise StepCancelled
         key_cache, value_cache = self.kv.keys[layer], self.kv.values[layer]
         key_cache.index_copy_(0, self.slots, k[0].transpose(0, 1).to(key_cache.dtype))
         value_cache.index_copy_(0, self.slots, v[0].transpose(0, 1).to(value_cache.dtype))
@@ -104,8 +116,10 @@ class ModelRunner:
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run the planned tokens; returns logits [S, V] for the chunks that sample, in plan order."""
+    def execute(self, plan: StepPlan, cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Run the planned tokens; returns logits [S, V] for the chunks that sample, in plan order.
+        Raises StepCancelled, having written only KV slots the scheduler has not yet counted as computed,
+        when `cancelled()` turns true during the pass."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -139,7 +153,7 @@ class ModelRunner:
                 decode_mask[i, ..., : len(context)] = True
             decode_gather, decode_mask = gather.to(self.device), decode_mask.to(self.device)
         batch = PagedAttentionBatch(self.kv, torch.tensor(slots, device=self.device), len(decode_contexts),
-                                    decode_gather, decode_mask, prefills)
+                                    decode_gather, decode_mask, prefills, cancelled)
         input_ids = torch.tensor([ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
         # long: a step of nothing but a prompt's non-final chunk samples no row, and an empty list alone would
