@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
+from servers import Relay
 
 from glmstack.store import KeyRecord, Store, StoreUnavailableError, UsageRow
 from glmstack.store.db import create_db_engine, migrate
@@ -312,60 +313,16 @@ def test_unreachable_postgres_fails_fast_with_a_typed_error(home: Path):
         assert time.monotonic() - started < 10
 
 
-class _Plug:
-    """A TCP relay to the database, so that a test can pull the plug on a store that is already open."""
-
-    def __init__(self, host: str, port: int):
-        self._target = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        self._open = True
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while self._open:
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-
-    def pull(self) -> None:
-        self._open = False
-        self._listener.close()
-        for s in self._sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-
 def test_postgres_outage_after_start_is_reported_not_hung(database_url: str, home: Path):
     url = sa.engine.make_url(database_url)
     if url.get_backend_name() != "postgresql":
         pytest.skip("a network outage is a PostgreSQL matter")
-    plug = _Plug(url.host or "127.0.0.1", url.port or 5432)
-    store = Store(url.set(host="127.0.0.1", port=plug.port).render_as_string(hide_password=False), home=home)
+    relay = Relay(url.host or "127.0.0.1", url.port or 5432)
+    store = Store(relay.url_for(database_url), home=home)
     try:
         key, full_key = store.keys.create()
         assert store.healthy()
-        plug.pull()
+        relay.down()
         started = time.monotonic()
         assert not store.healthy()
         with pytest.raises(StoreUnavailableError):
@@ -374,7 +331,7 @@ def test_postgres_outage_after_start_is_reported_not_hung(database_url: str, hom
             store.usage.record(key.id, "glm-4", 1, 1)
         assert time.monotonic() - started < 10
     finally:
-        plug.pull()
+        relay.down()
         store.close()
 
 

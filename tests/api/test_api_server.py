@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,13 +23,13 @@ import jwt
 import openai
 import pytest
 import zhipuai
+from servers import launch_serve
 from zai import ZhipuAiClient
 
 from glmstack.store import Store
 
 pytestmark = pytest.mark.slow
 
-STARTUP_TIMEOUT_S = 240
 HI = [{"role": "user", "content": "Say hi."}]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 # Greedy decoding of this runs to any max_tokens we use on the bundled model: a request that stays busy.
@@ -99,29 +97,6 @@ class Server:
             time.sleep(0.1)
 
 
-def start_server(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    """Starts `glmstack serve` and returns it with the URL its banner prints."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "glmstack.cli", "serve", *args],
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=log.open("w"),
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if match := re.match(r"glmstack is serving \S+ at (http://\S+)", line):
-            return proc, match.group(1)
-    proc.kill()
-    raise AssertionError(f"server did not start:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(server_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("home")
@@ -139,7 +114,7 @@ def server(server_database_url: str, tmp_path_factory: pytest.TempPathFactory) -
         "GLMSTACK_MAX_BODY_BYTES": "65536",
         "GLMSTACK_LOG_LEVEL": "INFO",
     }
-    proc, url = start_server(["--port", "0", "--device", "cpu"], env, home / "server.log")
+    proc, url = launch_serve(["--port", "0", "--device", "cpu"], env, home / "server.log")
     try:
         yield Server(url, key, limited, store)
     finally:

@@ -12,12 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import queue
-import re
 import socket
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +25,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from servers import launch_serve
 
 from glmstack.store import Store
 
@@ -37,7 +34,6 @@ REPORT_ENV = "GLMSTACK_RELIABILITY_REPORT"
 # Stopping the real PostgreSQL cluster affects everything else using it, so the quick profile cuts a relay
 # instead unless this is set to 1 (the full profile stops the cluster).
 STOP_POSTGRES_ENV = "GLMSTACK_RELIABILITY_STOP_POSTGRES"
-STARTUP_TIMEOUT_S = 240
 CHAT = "/api/paas/v4/chat/completions"
 # Replies of the servers that take many small requests (field bounds, credentials, generated cases) stay this
 # short, so that the requests among them that pass validation finish fast.
@@ -187,31 +183,18 @@ def start_server(home: Path, database_url: str, env: dict[str, str] | None = Non
     """`glmstack serve` on a free port, with one API key. Its log is home/server.log."""
     home.mkdir(parents=True, exist_ok=True)
     key = new_key(database_url, home, "reliability")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "glmstack.cli", "serve", "--port", "0", "--device", "cpu"],
-        env={
+    proc, url = launch_serve(
+        ["--port", "0", "--device", "cpu"],
+        {
             **os.environ,
             "GLMSTACK_HOME": str(home),
             "GLMSTACK_DATABASE_URL": database_url,
             "GLMSTACK_LOG_LEVEL": "INFO",
             **(env or {}),
         },
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=(home / "server.log").open("w"),
+        home / "server.log",
     )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if match := re.match(r"glmstack is serving \S+ at (http://\S+)", line):
-            return Server(match.group(1), key, proc, home, database_url)
-    proc.kill()
-    raise AssertionError(f"server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+    return Server(url, key, proc, home, database_url)
 
 
 def stop_server(server: Server) -> None:
@@ -262,74 +245,6 @@ def postgres_schema() -> Iterator[str]:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
     finally:
         admin.dispose()
-
-
-class Relay:
-    """A TCP relay in front of PostgreSQL. `down()` refuses new connections and cuts the open ones, as a
-    stopped database does; `up()` serves again on the same port."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self._sockets: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self.up()
-
-    def url_for(self, database_url: str) -> str:
-        import sqlalchemy as sa
-
-        url = sa.engine.make_url(database_url).set(host="127.0.0.1", port=self.port)
-        return url.render_as_string(hide_password=False)
-
-    def up(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._listener.settimeout(0.1)
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
-
-    def down(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        for s in list(self._sockets):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-        self._sockets.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while self._listener is listener:
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            self._sockets |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 # ---- raw HTTP, for disconnects ------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from platform_server import Relay, Server, postgres_schema, profile, record, running_server
+from platform_server import Server, postgres_schema, profile, record, running_server
+from servers import Relay
 
 from glmstack.store import Store
 

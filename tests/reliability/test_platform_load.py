@@ -12,10 +12,7 @@ How hard each pushes is the profile's (platform_server.py): quick here, full fro
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import math
-import statistics
 import threading
 import time
 import uuid
@@ -46,7 +43,6 @@ STORY = [{"role": "user", "content": "Write a long story about a dragon and a kn
 FILLER = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
 ABORTED = 'glmstack_completions_total{finish_reason="abort"}'
 PREFILL_SENTENCES = 120  # about 2,200 tokens: five steps of the engine's token budget
-STEP_TOKENS = 512  # the engine's token budget per step (EngineCore's max_batch_tokens)
 MB = 2**20
 
 
@@ -288,33 +284,11 @@ def _disconnect_once(server: Server, phase: str, streamed: bool) -> float:
     return released
 
 
-def _step_seconds(server: Server, phase: str) -> float:
-    """How long one engine step of `phase` takes on this machine. The engine notices an abort between two
-    steps, so no release can beat the step in progress: one decoding step (one token for one sequence), or
-    one chunk of a prefill (STEP_TOKENS of the prompt)."""
-    if phase == "decode":
-        body = {"model": "glm-4", "messages": STORY, "max_tokens": 32, "do_sample": False, "stream": True}
-        arrivals = []
-        with httpx.stream("POST", server.url + CHAT, json=body, headers=server.auth, timeout=120) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
-                    arrivals.append(time.perf_counter())
-        return statistics.median(b - a for a, b in itertools.pairwise(arrivals))
-    if phase == "prefill":
-        started = time.perf_counter()
-        response = server.chat(messages=long_prompt(PREFILL_SENTENCES), max_tokens=1, do_sample=False)
-        chunks = math.ceil(response.json()["usage"]["prompt_tokens"] / STEP_TOKENS)
-        return (time.perf_counter() - started) / chunks
-    return 0.0  # a queued request holds nothing that the step in progress could delay
-
-
 @pytest.mark.parametrize(("phase", "limit_s"), [("queued", 1.0), ("prefill", 1.0), ("decode", 0.1)])
 def test_disconnect_frees_the_slot(server: Server, phase: str, limit_s: float) -> None:
-    """The issue's limits, plus the engine step in progress, measured on this machine: a GPU takes
-    milliseconds for a step, 2 CPU cores ~50 ms for a decoding step and over a second for a prefill chunk."""
+    """The issue's limits as they stand: the engine gives up a step at the next layer once every request
+    in it is abandoned, so a release does not wait for a prefill chunk (over a second on 2 cores)."""
     server.wait_idle()
-    step = _step_seconds(server, phase)
-    bound = limit_s + step
     releases = []
     for trial in range(PROFILE.disconnect_trials):
         releases.append(_disconnect_once(server, phase, streamed=trial % 2 == 0))
@@ -325,10 +299,9 @@ def test_disconnect_frees_the_slot(server: Server, phase: str, limit_s: float) -
         release_p50_ms=round(percentile(releases, 50) * 1000, 1),
         release_p95_ms=round(percentile(releases, 95) * 1000, 1),
         release_max_ms=round(max(releases) * 1000, 1),
-        engine_step_ms=round(step * 1000, 1),
-        bound_ms=round(bound * 1000),
+        limit_ms=round(limit_s * 1000),
     )
-    assert percentile(releases, 95) <= bound, sorted(releases)
+    assert percentile(releases, 95) <= limit_s, sorted(releases)
 
 
 def test_no_leak_and_drops_cost_no_memory(server: Server) -> None:

@@ -1,0 +1,107 @@
+"""Test helpers shared by the store, API and reliability suites: launching `glmstack serve` as a child
+process, and a TCP relay that can cut a database connection the way an outage does."""
+
+from __future__ import annotations
+
+import queue
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 240  # loading the bundled model on a busy 2-core machine
+
+
+def launch_serve(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """Starts `glmstack serve ARGS` and returns the process with the URL its banner prints; its stderr goes
+    to `log`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glmstack.cli", "serve", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if match := re.match(r"glmstack is serving \S+ at (http://\S+)", line):
+            return proc, match.group(1)
+    proc.kill()
+    raise AssertionError(f"server did not start:\n{log.read_text()[-3000:]}")
+
+
+class Relay:
+    """A TCP relay in front of PostgreSQL. `down()` refuses new connections and cuts the open ones, as a
+    stopped database does; `up()` serves again on the same port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def url_for(self, database_url: str) -> str:
+        import sqlalchemy as sa
+
+        url = sa.engine.make_url(database_url).set(host="127.0.0.1", port=self.port)
+        return url.render_as_string(hide_password=False)
+
+    def up(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.1)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for s in list(self._sockets):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self._sockets |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
