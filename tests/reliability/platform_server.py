@@ -54,7 +54,7 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", 8, 30, 24, 8, 60, 250, 6, False),
+    "quick": Profile("quick", 16, 120, 24, 8, 60, 500, 6, False),  # the quick profile
     "full": Profile("full", 32, 600, 64, 30, 1000, 2000, 30, True),
 }
 
