@@ -6,6 +6,8 @@ import torch
 
 from glmstack.protocol import SamplingParams
 
+GREEDY_TEMPERATURE = 1e-4
+
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.seed is None or params.greedy:
@@ -17,9 +19,14 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """logits: [V] for one sequence. Greedy, or temperature -> top-k -> top-p (nucleus) sampling."""
-    if params.greedy:
+    # Below GREEDY_TEMPERATURE, sampling is argmax for any logit gap over ~0.01 anyway, and a temperature
+    # that rounds to 0 in float32 would divide 0 by 0 (NaN fails the whole batch's step).
+    if params.greedy or params.temperature < GREEDY_TEMPERATURE:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    # Shifted so the largest logit is 0 before dividing: a small temperature then sends the others to -inf,
+    # never the leader to +inf (inf - inf in softmax is NaN).
+    logits = logits.float()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
