@@ -226,9 +226,20 @@ def main() -> None:
                 engine, server = paired_latencies(args, alone, url, key)
             finally:
                 alone.close()
-            rss_start = psutil.Process(proc.pid).memory_info().rss
+            server_process = psutil.Process(proc.pid)
+            rss: list[int] = [server_process.memory_info().rss]  # every tenth of the run
+            done = threading.Event()
+
+            def sample_rss() -> None:
+                while not done.wait(args.seconds / 10):
+                    rss.append(server_process.memory_info().rss)
+
+            sampler = threading.Thread(target=sample_rss, daemon=True)
+            sampler.start()
             load = asyncio.run(streaming_load(args, url, key))
-            rss_end = psutil.Process(proc.pid).memory_info().rss
+            done.set()
+            sampler.join()
+            rss.append(server_process.memory_info().rss)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -245,9 +256,14 @@ def main() -> None:
     print(f"  streamed tokens/s    {load['completion_tokens'] / load['elapsed_s']:.1f}")
     print(f"  first chunk p50      {load['first_chunk_p50_ms']:.0f} ms")
     print(
-        f"  server RSS           {rss_start / 2**20:.0f} MiB at start, {rss_end / 2**20:.0f} MiB at end "
-        f"({(rss_end - rss_start) / 2**20:+.0f} MiB)"
+        f"  server RSS           {rss[0] / 2**20:.0f} MiB at start, {rss[-1] / 2**20:.0f} MiB at end "
+        f"({(rss[-1] - rss[0]) / 2**20:+.0f} MiB)"
     )
+    # The KV pool's pages are touched as blocks are first used (and prefix caching keeps finished blocks
+    # until LRU needs them), so RSS climbs toward start + KV budget; a leak keeps climbing after that.
+    print("  RSS every tenth     " + " ".join(f"{r / 2**20:.0f}" for r in rss) + " MiB")
+    half = len(rss) // 2
+    print(f"  RSS growth over the second half of the run {(rss[-1] - rss[half]) / 2**20:+.0f} MiB")
 
 
 if __name__ == "__main__":
