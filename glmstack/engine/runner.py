@@ -60,9 +60,10 @@ class PagedAttentionBatch:
 
     def __init__(self, kv: PagedKVCache, slots: torch.Tensor, num_decode: int,
                  decode_gather: torch.Tensor | None, decode_mask: torch.Tensor | None,
-                 prefills: list[_Prefill]) -> None:
+                 prefills: list[_Prefill], decode_lengths: torch.Tensor | None = None) -> None:
         self.kv, self.slots = kv, slots
         self.num_decode, self.decode_gather, self.decode_mask = num_decode, decode_gather, decode_mask
+        self.decode_lengths = decode_lengths  # [B] context length of each decoding sequence (native path)
         self.prefills = prefills
 
     def advance(self, num_tokens: int) -> None:
@@ -129,17 +130,18 @@ class ModelRunner:
                     q_pos = torch.arange(start, start + n, device=self.device)[:, None]
                     mask = torch.arange(start + n, device=self.device)[None, :] <= q_pos
                 prefills.append(_Prefill(row, n, context, mask))
-        decode_gather = decode_mask = None
+        decode_gather = decode_mask = decode_lengths = None
         if decode_contexts:
-            longest = max(len(c) for c in decode_contexts)
-            gather = torch.full((len(decode_contexts), longest), self.kv.pad_slot, dtype=torch.long)
-            decode_mask = torch.zeros(len(decode_contexts), 1, 1, longest, dtype=torch.bool)
-            for i, context in enumerate(decode_contexts):
-                gather[i, : len(context)] = torch.tensor(context)
-                decode_mask[i, ..., : len(context)] = True
-            decode_gather, decode_mask = gather.to(self.device), decode_mask.to(self.device)
+            lengths = [len(c) for c in decode_contexts]
+            longest = max(lengths)
+            # one tensor from a padded list: ~20x cheaper than a tensor per sequence
+            gather = torch.tensor([c + [self.kv.pad_slot] * (longest - len(c)) for c in decode_contexts],
+                                  dtype=torch.long, device=self.device)
+            decode_lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
+            decode_mask = (torch.arange(longest, device=self.device) < decode_lengths[:, None])[:, None, None]
+            decode_gather = gather
         batch = PagedAttentionBatch(self.kv, torch.tensor(slots, device=self.device), len(decode_contexts),
-                                    decode_gather, decode_mask, prefills)
+                                    decode_gather, decode_mask, prefills, decode_lengths)
         input_ids = torch.tensor([ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
         # long: a step of nothing but a prompt's non-final chunk samples no row, and an empty list alone would

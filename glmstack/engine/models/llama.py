@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmstack.engine import native
 from glmstack.engine.kv_cache import DenseKVCache, cached_attention
+from glmstack.engine.quantize import NATIVE_MAX_ROWS
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass
@@ -221,6 +225,60 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def _native_plan(model: LlamaForCausalLM) -> list[tuple[nn.Module, ...]] | None:
+    """Per layer (input norm, qkv, o, post-attention norm, gate_up, down) when every projection is a quantized
+    linear our native kernels take (`native_ready`), else None. Cached per quantization state."""
+    key = getattr(model, "quantization", None)
+    cached = model.__dict__.get("_native_plan_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan: list[tuple[nn.Module, ...]] | None = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(hasattr(m, "native_ready") and m.native_ready(torch.empty(1, m.in_features)) for m in linears):
+            plan = None
+            break
+        assert plan is not None
+        plan.append((layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,
+                     mlp.gate_up_proj, mlp.down_proj))
+    model.__dict__["_native_plan_cache"] = (key, plan)
+    return plan
+
+
+def _native_decode(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   cache: object | None) -> torch.Tensor | None:
+    """All decoder layers for a serving step in which every row is a sequence decoding one token, as five
+    native calls per layer: norm+qkv, rotary+KV write+attention, o+residual, norm+gate_up, silu·mul+down+
+    residual. None (the caller runs the modules) unless the kernels, the weights and the step all fit."""
+    lengths = getattr(cache, "decode_lengths", None)
+    if lengths is None or x.dim() != 3 or x.shape[0] != 1 or x.dtype not in _NATIVE_DTYPES or not x.is_cpu:
+        return None
+    n = x.shape[1]
+    if cache.prefills or cache.num_decode != n or n > NATIVE_MAX_ROWS:  # type: ignore[attr-defined]
+        return None
+    kv = cache.kv  # type: ignore[attr-defined]
+    if kv.keys[0].dtype != x.dtype or kv.values[0].dtype != x.dtype:
+        return None
+    nk = native.kernels()
+    plan = _native_plan(model) if nk is not None else None
+    if plan is None:
+        return None
+    cfg = model.config
+    heads, kv_heads, scale = cfg.num_heads, cfg.num_kv_heads, 1.0 / math.sqrt(cfg.head_dim)
+    c, s = cos.reshape(n, -1).to(x.dtype).contiguous(), sin.reshape(n, -1).to(x.dtype).contiguous()
+    slots, gather = cache.slots, cache.decode_gather  # type: ignore[attr-defined]
+    h = x[0]
+    for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(plan):
+        qkv = qkv_proj.native_forward(h, norm=norm1)
+        a = nk.decode_attention(qkv, c, s, kv.keys[i], kv.values[i], slots, gather, lengths, heads, kv_heads,
+                                scale)
+        h = o_proj.native_forward(a, residual=h)
+        gu = gate_up_proj.native_forward(h, norm=norm2)
+        h = down_proj.native_forward(gu, silu_mul=True, residual=h)
+    return h[None]
+
+
 class LlamaForCausalLM(nn.Module):
     config_class = LlamaConfig
 
@@ -265,14 +323,22 @@ class LlamaForCausalLM(nn.Module):
         mask = None
         if cache is not None and cache.length > 0 and input_ids.shape[1] > 1:
             mask = cache.causal_mask(input_ids.shape[1], x.device)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, cache, mask)
+        fused = _native_decode(self, x, cos, sin, cache)
+        if fused is not None:
+            x = fused
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, i, cache, mask)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if last_only:
             x = x[:, -1:]
         elif logit_rows is not None:
             x = x[:, logit_rows]
+        head = getattr(self.lm_head, "native_forward", None)  # final norm fused into the head's GEMV
+        logits = None if head is None else head(x.reshape(-1, x.shape[-1]), norm=self.model.norm)
+        if logits is not None:
+            return logits.view(*x.shape[:-1], -1)
         return self.lm_head(self.model.norm(x))
 
     # ---- checkpoint formats -------------------------------------------------------------------------
