@@ -278,8 +278,8 @@ def dequantized_copy(model: LlamaForCausalLM) -> LlamaForCausalLM:
             n, k, g = m.out_features, m.in_features, m.group_size
             b = m.weight.view(n, k // 32, 1, 16)
             codes = torch.cat((b & 15, b >> 4), dim=2).view(n, k // g, g).float()
-            sz = m.scales_and_zeros.float()
-            w = ((codes - 8) * sz[..., 0:1] + sz[..., 1:2]).view(n, k)
+            scale, zero = m.scales_and_zeros.float().unbind(1)
+            w = ((codes - 8) * scale[..., None] + zero[..., None]).view(n, k)
         else:
             continue
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)

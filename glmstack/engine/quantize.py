@@ -139,11 +139,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
 
 def pack_int4_native(weights: Int4Weights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The native kernel's layout: uint8 [N, K/2], 16 bytes per 32 inputs (input j in the low nibble, j + 16
-    in the high one, as GGUF Q4 blocks), and scales/zeros [N, K/group, 2] in `dtype`."""
+    in the high one, as GGUF Q4 blocks), and scales/zeros [N, 2, K/group] (each row's scales, then its
+    zeros) in `dtype`."""
     n, k = weights.codes.shape
     c = weights.codes.view(n, k // 32, 2, 16)
     packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-    sz = torch.stack([weights.scales, weights.zeros], dim=-1).to(dtype=dtype, device=packed.device)
+    sz = torch.stack([weights.scales, weights.zeros], dim=1).to(dtype=dtype, device=packed.device)
     return packed, sz.contiguous()
 
 
@@ -159,7 +160,10 @@ def _scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tor
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get((dtype, device))
     if buf is None or buf.numel() < numel:
-        buf = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        # a normal tensor even when first needed under inference_mode (the runner), so a later call outside
+        # it (tests, `model.chat`) may still write into it
+        with torch.inference_mode(False):
+            buf = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
@@ -369,11 +373,11 @@ class Int4Linear(nn.Module):
                 packed = self.weight[rows].view(width, k // 32, 1, 16)
                 w[:, :, 0:1].copy_(packed & 15)
                 w[:, :, 1:2].copy_(packed >> 4)
-                sz = self.scales_and_zeros[rows]  # [rows, K/g, 2]
+                scale, zero = self.scales_and_zeros[rows].unbind(1)  # [rows, K/g] each
                 grouped = w.view(width, k // g, g)
                 # (q - 8)·scale + zero, in one pass on the scratch dtype
-                shift = (sz[..., 1].float() - 8 * sz[..., 0].float()).to(dtype)[..., None]
-                torch.addcmul(shift, grouped, sz[..., 0:1], out=grouped)
+                shift = (zero.float() - 8 * scale.float()).to(dtype)[..., None]
+                torch.addcmul(shift, grouped, scale[..., None], out=grouped)
                 outs.append(F.linear(xk, w.view(width, k)))
             y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if self.bias is not None:

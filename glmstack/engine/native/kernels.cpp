@@ -226,12 +226,28 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out;
 }
 
+inline __m512 loadv(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 loadv(const at::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 loadv(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 loadv(const at::BFloat16* p, __mmask16 mask) {
+  __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 // ---- int4 -------------------------------------------------------------------------------------------------
+//
+// Weights: uint8 [N, K/2], 16 bytes per 32 inputs (byte j: input j low nibble, input j + 16 high nibble).
+// Scales and zeros: [N, 2, K/G] (a row of scales, then a row of zeros), fp32 or bf16; w = (q - 8) s + z.
+// Per group g of a row: y += s_g (q . x)_g + (z_g - 8 s_g) xsum_g, xsum_g = sum of x over the group.
 
-// Per group: acc += s * (q . x) + (z - 8 s) * sum(x); codes are 16 bytes per 32 inputs.
+// Nibbles -> fp32, FMA with x, the group's scale applied once per group. (A VDPBF16PS variant, with codes
+// turned into bf16 by OR-ing 0x4300 in and x split into two bf16 halves, measured no faster here: the
+// loop is bound by the loads and conversions, not by the multiply-adds.)
 template <int MT, int NT>
-inline void int4_tile(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w,
-                      const void* sz, bool sz_bf16, int64_t m0, int64_t n0, const Epilogue& ep) {
+inline void int4_tile_fp32(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w,
+                           const void* sz, bool sz_bf16, int64_t m0, int64_t n0, const Epilogue& ep) {
   const int64_t groups = K / G;
   __m512 acc[MT][NT];
   float zacc[MT][NT];
@@ -258,8 +274,8 @@ inline void int4_tile(const float* x, const float* xsum, int64_t K, int64_t G, c
       }
     }
     for (int r = 0; r < NT; ++r) {
-      const int64_t i = ((n0 + r) * groups + g) * 2;
-      const float s = load_scalar(sz, i, sz_bf16), shift = load_scalar(sz, i + 1, sz_bf16) - 8.f * s;
+      const int64_t row = (n0 + r) * 2 * groups;
+      const float s = load_scalar(sz, row + g, sz_bf16), shift = load_scalar(sz, row + groups + g, sz_bf16) - 8.f * s;
       const __m512 sv = _mm512_set1_ps(s);
       for (int m = 0; m < MT; ++m) {
         acc[m][r] = _mm512_fmadd_ps(gacc[m][r], sv, acc[m][r]);
@@ -280,12 +296,12 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t N = w.size(0), K = w.size(1) * 2, G = group_size;
   TORCH_CHECK(G % 32 == 0 && K % G == 0, "group size must be a multiple of 32 dividing K");
   const at::Tensor& sz = scales_and_zeros;
-  TORCH_CHECK(sz.is_contiguous() && sz.numel() == N * (K / G) * 2, "scales_and_zeros must be [N, K/G, 2]");
+  TORCH_CHECK(sz.is_contiguous() && sz.numel() == N * 2 * (K / G), "scales_and_zeros must be [N, 2, K/G]");
   TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, "fp32 or bf16 scales");
   at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
   const int64_t M = xf.size(0), groups = K / G;
-  at::Tensor xs = at::empty({M, groups}, xf.options());
   const float* xp = xf.data_ptr<float>();
+  at::Tensor xs = at::empty({M, groups}, xf.options());
   float* xsp = xs.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
@@ -302,11 +318,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     int64_t n = begin;
     for (; n + NR <= end; n += NR)
       for_m_tiles<NR>(M, [&](auto mt, int64_t m0) {
-        int4_tile<decltype(mt)::value, NR>(xp, xsp, K, G, wp, szp, szb, m0, n, ep);
+        int4_tile_fp32<decltype(mt)::value, NR>(xp, xsp, K, G, wp, szp, szb, m0, n, ep);
       });
     for (; n < end; ++n)
       for_m_tiles<1>(M, [&](auto mt, int64_t m0) {
-        int4_tile<decltype(mt)::value, 1>(xp, xsp, K, G, wp, szp, szb, m0, n, ep);
+        int4_tile_fp32<decltype(mt)::value, 1>(xp, xsp, K, G, wp, szp, szb, m0, n, ep);
       });
   });
   return out;
@@ -314,16 +330,6 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 // ---- decode attention -------------------------------------------------------------------------------------
 
-inline __m512 loadv(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 loadv(const at::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 loadv(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 loadv(const at::BFloat16* p, __mmask16 mask) {
-  __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
