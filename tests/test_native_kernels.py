@@ -95,7 +95,7 @@ def test_int4_linear_matches_dequantized_reference(nk, m, k, n, group, dtype, sc
     packed, sz = pack_int4_native(weights, scale_dtype)
     bias = torch.randn(n, generator=g)
     x = torch.randn(m, k, generator=g).to(dtype)
-    y = nk.int4_linear(x, packed, sz, group, bias)
+    y = nk.int4_linear(x, packed, sz, bias)
     ref = F.linear(x.float(), weights.dequantize(), bias)
     assert y.dtype == dtype and rel_err(y, ref) < tol(dtype)
 

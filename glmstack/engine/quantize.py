@@ -1,7 +1,13 @@
 """Weight-only int8 / int4 linears and `quantize_model()`.
 
 Batch-1 decode reads every weight once per token, so it runs at weight bytes / memory bandwidth: fewer bytes
-per weight is speed, not only memory. The kernels are PyTorch's own "tinygemm" ops:
+per weight is speed, not only memory.
+
+On x86 CPUs with AVX-512, decode-sized inputs (up to `NATIVE_MAX_ROWS` rows) go to our own kernels
+(glmstack/engine/native: fp32 accumulation, fp32 or bf16 activations, 30-40 GB/s on 2 cores against 6-9 GB/s
+for ATen's), and `Int4Linear` then stores its nibbles in that kernel's layout (`pack_int4_native`; prompts
+dequantize from it). Everywhere else — no AVX-512, no compiler, GLMSTACK_NATIVE=0, GPUs — the kernels are
+PyTorch's own "tinygemm" ops:
 
 - int8 (`Int8Linear`): `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])`, symmetric per output
   row — ChatGLM's W8A16 scheme (spec 7.2), with its state-dict names (`weight`, `weight_scale`). x and scales
@@ -218,6 +224,13 @@ class Int8Linear(nn.Module):
                               None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
                               silu_mul, residual)
 
+    def native_args(self) -> tuple:
+        """(kernel, weight, scales, bias): kernel(x, weight, scales, bias, norm_weight, eps, silu_mul,
+        residual) is `native_forward` without its checks, for the fused decode loop."""
+        nk = native.kernels()
+        assert nk is not None
+        return nk.int8_linear, self.weight, self.weight_scale, self.bias
+
     def native_ready(self, x2: torch.Tensor) -> bool:
         return (x2.is_cpu and self.weight.is_cpu and x2.shape[0] <= NATIVE_MAX_ROWS and x2.dtype in _NATIVE_DTYPES
                 and self.weight_scale.dtype in _NATIVE_DTYPES and self.weight.is_contiguous()
@@ -324,9 +337,16 @@ class Int4Linear(nn.Module):
         nk = native.kernels()
         if nk is None or not self.native_ready(x2):
             return None
-        return nk.int4_linear(x2.contiguous(), self.weight, self.scales_and_zeros, self.group_size, self.bias,
+        return nk.int4_linear(x2.contiguous(), self.weight, self.scales_and_zeros, self.bias,
                               None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
                               silu_mul, residual)
+
+    def native_args(self) -> tuple:
+        """(kernel, weight, scales, bias): kernel(x, weight, scales, bias, norm_weight, eps, silu_mul,
+        residual) is `native_forward` without its checks, for the fused decode loop."""
+        nk = native.kernels()
+        assert nk is not None
+        return nk.int4_linear, self.weight, self.scales_and_zeros, self.bias
 
     def native_ready(self, x2: torch.Tensor) -> bool:
         return (self.packed_for == "cpu-native" and x2.is_cpu and x2.shape[0] <= NATIVE_MAX_ROWS
@@ -361,7 +381,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         nk = native.kernels()
         if nk is not None and self.native_ready(x2):
-            y = nk.int4_linear(x2.contiguous(), self.weight, self.scales_and_zeros, self.group_size, self.bias)
+            y = nk.int4_linear(x2.contiguous(), self.weight, self.scales_and_zeros, self.bias)
         else:  # a prompt (or the native kernels switched off since packing): dequantize a slice at a time
             dtype = self.scales_and_zeros.dtype
             xk = x2.to(dtype)

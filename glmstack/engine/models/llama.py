@@ -225,14 +225,15 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def _native_plan(model: LlamaForCausalLM) -> list[tuple[nn.Module, ...]] | None:
-    """Per layer (input norm, qkv, o, post-attention norm, gate_up, down) when every projection is a quantized
-    linear our native kernels take (`native_ready`), else None. Cached per quantization state."""
+def _native_plan(model: LlamaForCausalLM) -> list[tuple] | None:
+    """Per layer: the input norm's (weight, eps), the qkv / o / gate_up / down projections' native arguments
+    (`native_args`) and the post-attention norm's (weight, eps) — when every projection is a quantized linear
+    our native kernels take (`native_ready`), else None. Cached per quantization state."""
     key = getattr(model, "quantization", None)
     cached = model.__dict__.get("_native_plan_cache")
     if cached is not None and cached[0] == key:
         return cached[1]
-    plan: list[tuple[nn.Module, ...]] | None = []
+    plan: list[tuple] | None = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -240,8 +241,9 @@ def _native_plan(model: LlamaForCausalLM) -> list[tuple[nn.Module, ...]] | None:
             plan = None
             break
         assert plan is not None
-        plan.append((layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,
-                     mlp.gate_up_proj, mlp.down_proj))
+        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        plan.append((norm1.weight, norm1.eps, attn.qkv_proj.native_args(), attn.o_proj.native_args(),
+                     norm2.weight, norm2.eps, mlp.gate_up_proj.native_args(), mlp.down_proj.native_args()))
     model.__dict__["_native_plan_cache"] = (key, plan)
     return plan
 
@@ -267,15 +269,14 @@ def _native_decode(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, 
     cfg = model.config
     heads, kv_heads, scale = cfg.num_heads, cfg.num_kv_heads, 1.0 / math.sqrt(cfg.head_dim)
     c, s = cos.reshape(n, -1).to(x.dtype).contiguous(), sin.reshape(n, -1).to(x.dtype).contiguous()
-    slots, gather = cache.slots, cache.decode_gather  # type: ignore[attr-defined]
-    h = x[0]
-    for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(plan):
-        qkv = qkv_proj.native_forward(h, norm=norm1)
-        a = nk.decode_attention(qkv, c, s, kv.keys[i], kv.values[i], slots, gather, lengths, heads, kv_heads,
-                                scale)
-        h = o_proj.native_forward(a, residual=h)
-        gu = gate_up_proj.native_forward(h, norm=norm2)
-        h = down_proj.native_forward(gu, silu_mul=True, residual=h)
+    slots, gather, attention = cache.slots, cache.decode_gather, nk.decode_attention  # type: ignore[attr-defined]
+    keys, values = kv.keys, kv.values
+    h = x[0].contiguous()
+    for i, (w1, eps1, (qkv, *qkv_w), (o, *o_w), w2, eps2, (gate_up, *gu_w), (down, *down_w)) in enumerate(plan):
+        a = attention(qkv(h, *qkv_w, w1, eps1, False, None), c, s, keys[i], values[i], slots, gather, lengths,
+                      heads, kv_heads, scale)
+        h = o(a, *o_w, None, 0.0, False, h)
+        h = down(gate_up(h, *gu_w, w2, eps2, False, None), *down_w, None, 0.0, True, h)
     return h[None]
 
 

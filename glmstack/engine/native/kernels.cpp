@@ -287,16 +287,19 @@ inline void int4_tile_fp32(const float* x, const float* xsum, int64_t K, int64_t
     for (int r = 0; r < NT; ++r) ep.store(m0 + m, n0 + r, _mm512_reduce_add_ps(acc[m][r]) + zacc[m][r]);
 }
 
+// Same arguments as int8_linear; the group size is K / scales_and_zeros.size(-1).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros,
-                       int64_t group_size, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& norm_weight, double eps, bool silu_mul,
                        const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w must be uint8 [N, K/2]");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
-  const int64_t N = w.size(0), K = w.size(1) * 2, G = group_size;
-  TORCH_CHECK(G % 32 == 0 && K % G == 0, "group size must be a multiple of 32 dividing K");
   const at::Tensor& sz = scales_and_zeros;
-  TORCH_CHECK(sz.is_contiguous() && sz.numel() == N * 2 * (K / G), "scales_and_zeros must be [N, 2, K/G]");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == N && sz.size(1) == 2 && sz.size(2) > 0 && sz.is_contiguous(),
+              "scales_and_zeros must be [N, 2, K/G]");
+  const int64_t G = K / sz.size(2);
+  TORCH_CHECK(G % 32 == 0 && K == G * sz.size(2), "group size must be a multiple of 32 dividing K");
   TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, "fp32 or bf16 scales");
   at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
   const int64_t M = xf.size(0), groups = K / G;
@@ -475,7 +478,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("bias") = py::none(), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0,
         py::arg("silu_mul") = false, py::arg("residual") = py::none());
   m.def("int4_linear", &int4_linear, "group-wise int4 weight-only linear (small M)", py::arg("x"), py::arg("w"),
-        py::arg("scales_and_zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
+        py::arg("scales_and_zeros"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("silu_mul") = false,
         py::arg("residual") = py::none());
   m.def("decode_attention", &decode_attention, "rotary + KV write + paged decode attention");
