@@ -17,6 +17,8 @@ from torch import nn
 from glmstack.engine import native
 from glmstack.engine.models.llama import LlamaConfig, LlamaForCausalLM, RMSNorm
 from glmstack.engine.quantize import (
+    INT4_NATIVE_MAX_ROWS,
+    NATIVE_MAX_ROWS,
     Int4Linear,
     Int8Linear,
     pack_int4_native,
@@ -158,7 +160,8 @@ def test_modules_agree_with_and_without_native(bits, rows) -> None:
         fallback = module(x)  # int4 weights in the native layout: dequantized, then a bf16 GEMM
     finally:
         native.set_enabled(previous)
-    assert rel_err(fast, ref) < 1e-5 if rows <= 32 else rel_err(fast, ref) < 1e-2
+    native_rows = NATIVE_MAX_ROWS if bits == 8 else INT4_NATIVE_MAX_ROWS
+    assert rel_err(fast, ref) < 1e-5 if rows <= native_rows else rel_err(fast, ref) < 1e-2
     assert rel_err(fallback, ref) < 1e-2
 
 
@@ -307,8 +310,10 @@ def test_end_to_end_decode_matches_reference_and_aten_path(nk, bits, dtype) -> N
     fast_err, aten_err = rel_err(fast_logits, ref_logits), rel_err(aten_logits, ref_logits)
     # ATen's kernels compute in bf16 whatever the model dtype; ours in fp32 (bf16 models: bf16 between ops)
     assert aten_err < 0.1
-    if dtype == torch.float32:
+    if dtype == torch.float32 and bits == 8:
         assert fast_err < 1e-4
+    elif dtype == torch.float32:  # the int4 prompt (16 rows) ran as a bf16 GEMM; decode steps native
+        assert fast_err < 0.05
     else:
         assert fast_err < 0.1
     # the greedy tokens are the reference's wherever its top two are not a near-tie
@@ -333,3 +338,12 @@ def test_fused_decode_path_is_taken(nk, monkeypatch) -> None:
     monkeypatch.setattr(llama, "_native_decode", spy)
     decode_logits(tiny_model(8, torch.float32), [[1, 2, 3]], 2)
     assert calls == [False, True, True]  # prefill on the modules, both decode steps fused
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_dequantize_matches_reference(nk, group) -> None:
+    weights = quantize_int4(torch.randn(20, 192, generator=torch.Generator().manual_seed(group)), group,
+                            torch.bfloat16)
+    packed, sz = pack_int4_native(weights, torch.bfloat16)
+    w = nk.int4_dequantize(packed, sz)
+    assert w.dtype == torch.bfloat16 and torch.equal(w, weights.dequantize().bfloat16())

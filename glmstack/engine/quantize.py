@@ -65,6 +65,9 @@ INT4_DEQUANT_MIN_ROWS = 64  # int4: unpacking the nibbles costs ~2x the bf16 GEM
 # Our native kernels (glmstack/engine/native, AVX-512) take up to this many rows, for both widths; above,
 # dequantize-then-GEMM (AMX) wins.
 NATIVE_MAX_ROWS = 32
+# The int4 kernel re-expands the nibbles for every 4 rows of activations, so it loses to dequantize + GEMM
+# much sooner (bench_serving's 16-stream decode: 137 tok/s on it).
+INT4_NATIVE_MAX_ROWS = 4
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK_ELEMENTS = 1 << 24  # weights dequantized (or quantized) per slice: bounds the temporary to 32 MB bf16
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # module names inside a decoder layer (as in inspect.py)
@@ -349,7 +352,7 @@ class Int4Linear(nn.Module):
         return nk.int4_linear, self.weight, self.scales_and_zeros, self.bias
 
     def native_ready(self, x2: torch.Tensor) -> bool:
-        return (self.packed_for == "cpu-native" and x2.is_cpu and x2.shape[0] <= NATIVE_MAX_ROWS
+        return (self.packed_for == "cpu-native" and x2.is_cpu and x2.shape[0] <= INT4_NATIVE_MAX_ROWS
                 and x2.dtype in _NATIVE_DTYPES and (self.bias is None or self.bias.dtype in _NATIVE_DTYPES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -382,7 +385,12 @@ class Int4Linear(nn.Module):
         nk = native.kernels()
         if nk is not None and self.native_ready(x2):
             y = nk.int4_linear(x2.contiguous(), self.weight, self.scales_and_zeros, self.bias)
-        else:  # a prompt (or the native kernels switched off since packing): dequantize a slice at a time
+        elif nk is not None and self.scales_and_zeros.dtype == torch.bfloat16:  # a prompt: bf16 GEMM
+            w = nk.int4_dequantize(self.weight, self.scales_and_zeros)
+            y = F.linear(x2.to(torch.bfloat16), w)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:  # fp32 scales (exact), or the native kernels switched off since packing: slice by slice
             dtype = self.scales_and_zeros.dtype
             xk = x2.to(dtype)
             n, k, g = self.out_features, self.in_features, self.group_size

@@ -17,7 +17,7 @@ from torch import nn
 
 from glmstack.engine import native
 from glmstack.engine.kv_cache import DenseKVCache, cached_attention
-from glmstack.engine.quantize import NATIVE_MAX_ROWS
+from glmstack.engine.quantize import INT4_NATIVE_MAX_ROWS, NATIVE_MAX_ROWS, Int4Linear
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -225,15 +225,17 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def _native_plan(model: LlamaForCausalLM) -> list[tuple] | None:
+def _native_plan(model: LlamaForCausalLM) -> tuple[list[tuple], int] | None:
     """Per layer: the input norm's (weight, eps), the qkv / o / gate_up / down projections' native arguments
     (`native_args`) and the post-attention norm's (weight, eps) — when every projection is a quantized linear
-    our native kernels take (`native_ready`), else None. Cached per quantization state."""
+    our native kernels take (`native_ready`), else None; with the most rows they all take. Cached per
+    quantization state."""
     key = getattr(model, "quantization", None)
     cached = model.__dict__.get("_native_plan_cache")
     if cached is not None and cached[0] == key:
         return cached[1]
     plan: list[tuple] | None = []
+    max_rows = NATIVE_MAX_ROWS
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -241,11 +243,14 @@ def _native_plan(model: LlamaForCausalLM) -> list[tuple] | None:
             plan = None
             break
         assert plan is not None
+        if any(isinstance(m, Int4Linear) for m in linears):
+            max_rows = min(max_rows, INT4_NATIVE_MAX_ROWS)
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
         plan.append((norm1.weight, norm1.eps, attn.qkv_proj.native_args(), attn.o_proj.native_args(),
                      norm2.weight, norm2.eps, mlp.gate_up_proj.native_args(), mlp.down_proj.native_args()))
-    model.__dict__["_native_plan_cache"] = (key, plan)
-    return plan
+    result = None if plan is None else (plan, max_rows)
+    model.__dict__["_native_plan_cache"] = (key, result)
+    return result
 
 
 def _native_decode(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -263,9 +268,10 @@ def _native_decode(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, 
     if kv.keys[0].dtype != x.dtype or kv.values[0].dtype != x.dtype:
         return None
     nk = native.kernels()
-    plan = _native_plan(model) if nk is not None else None
-    if plan is None:
+    planned = _native_plan(model) if nk is not None else None
+    if planned is None or n > planned[1]:
         return None
+    plan = planned[0]
     cfg = model.config
     heads, kv_heads, scale = cfg.num_heads, cfg.num_kv_heads, 1.0 / math.sqrt(cfg.head_dim)
     c, s = cos.reshape(n, -1).to(x.dtype).contiguous(), sin.reshape(n, -1).to(x.dtype).contiguous()

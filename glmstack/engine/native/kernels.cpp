@@ -331,6 +331,43 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out;
 }
 
+// Dequantize int4 rows (the layout above) to bf16 [N, K] for the prompt path's GEMM.
+at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w must be uint8 [N, K/2]");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == N && sz.size(1) == 2 && sz.is_contiguous() && K % sz.size(2) == 0 &&
+                  (K / sz.size(2)) % 32 == 0, "scales_and_zeros must be [N, 2, K/G], G a multiple of 32");
+  TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, "fp32 or bf16 scales");
+  const int64_t groups = sz.size(2), G = K / groups;
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kBFloat16));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const void* szp = sz.data_ptr();
+  const bool szb = sz.scalar_type() == at::kBFloat16;
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    const __m512i low = _mm512_set1_epi32(15), round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    auto to_bf16 = [&](__m512 v) {  // round to nearest even
+      __m512i b = _mm512_castps_si512(v);
+      b = _mm512_add_epi32(b, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(b, 16), one)));
+      return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+    };
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t k = 0; k < K; k += 32) {
+        const int64_t g = k / G;
+        const float sc = load_scalar(szp, n * 2 * groups + g, szb);
+        const __m512 s = _mm512_set1_ps(sc);
+        const __m512 shift = _mm512_set1_ps(load_scalar(szp, n * 2 * groups + groups + g, szb) - 8.f * sc);
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + n * (K / 2) + k / 2)));
+        __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low)), s, shift);
+        __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), s, shift);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + n * K + k), to_bf16(lo));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + n * K + k + 16), to_bf16(hi));
+      }
+    }
+  });
+  return out;
+}
+
 // ---- decode attention -------------------------------------------------------------------------------------
 
 inline float to_float(float v) { return v; }
@@ -481,5 +518,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scales_and_zeros"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("silu_mul") = false,
         py::arg("residual") = py::none());
+  m.def("int4_dequantize", &int4_dequantize, "int4 (native layout) -> bf16 [N, K]");
   m.def("decode_attention", &decode_attention, "rotary + KV write + paged decode attention");
 }
