@@ -1,7 +1,13 @@
 """Weight-only int8 / int4 linears and `quantize_model()`.
 
 Batch-1 decode reads every weight once per token, so it runs at weight bytes / memory bandwidth: fewer bytes
-per weight is speed, not only memory. The kernels are PyTorch's own "tinygemm" ops:
+per weight is speed, not only memory.
+
+On x86 CPUs with AVX-512, decode-sized inputs (up to `NATIVE_MAX_ROWS` rows) go to our own kernels
+(glmstack/engine/native: fp32 accumulation, fp32 or bf16 activations, 30-40 GB/s on 2 cores against 6-9 GB/s
+for ATen's), and `Int4Linear` then stores its nibbles in that kernel's layout (`pack_int4_native`; prompts
+dequantize from it). Everywhere else — no AVX-512, no compiler, GLMSTACK_NATIVE=0, GPUs — the kernels are
+PyTorch's own "tinygemm" ops:
 
 - int8 (`Int8Linear`): `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])`, symmetric per output
   row — ChatGLM's W8A16 scheme (spec 7.2), with its state-dict names (`weight`, `weight_scale`). x and scales
@@ -43,6 +49,8 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from glmstack.engine import native
+
 log = logging.getLogger(__name__)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -54,6 +62,13 @@ DEFAULT_GROUP_SIZE = 32
 # benchmarks/bench_quant_kernels.py --m N on AVX-512 + AMX); decode (a row per sequence) takes the fused ones.
 DEQUANT_MIN_ROWS = 16  # int8: converting int8 -> bf16 is one cheap copy
 INT4_DEQUANT_MIN_ROWS = 64  # int4: unpacking the nibbles costs ~2x the bf16 GEMM of 128 rows
+# Our native kernels (glmstack/engine/native, AVX-512) take up to this many rows, for both widths; above,
+# dequantize-then-GEMM (AMX) wins.
+NATIVE_MAX_ROWS = 32
+# The int4 kernel re-expands the nibbles for every 4 rows of activations, so it loses to dequantize + GEMM
+# much sooner (bench_serving's 16-stream decode: 137 tok/s on it).
+INT4_NATIVE_MAX_ROWS = 4
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK_ELEMENTS = 1 << 24  # weights dequantized (or quantized) per slice: bounds the temporary to 32 MB bf16
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # module names inside a decoder layer (as in inspect.py)
 
@@ -131,6 +146,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
     return Int4Weights(codes, scales, zeros, group_size)
 
 
+def pack_int4_native(weights: Int4Weights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native kernel's layout: uint8 [N, K/2], 16 bytes per 32 inputs (input j in the low nibble, j + 16
+    in the high one, as GGUF Q4 blocks), and scales/zeros [N, 2, K/group] (each row's scales, then its
+    zeros) in `dtype`."""
+    n, k = weights.codes.shape
+    c = weights.codes.view(n, k // 32, 2, 16)
+    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    sz = torch.stack([weights.scales, weights.zeros], dim=1).to(dtype=dtype, device=packed.device)
+    return packed, sz.contiguous()
+
+
 # ---- scratch space for dequantized weight slices ---------------------------------------------------------
 
 _scratch = threading.local()  # per thread: two forwards on different threads must not share a buffer
@@ -143,7 +169,10 @@ def _scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tor
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get((dtype, device))
     if buf is None or buf.numel() < numel:
-        buf = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        # a normal tensor even when first needed under inference_mode (the runner), so a later call outside
+        # it (tests, `model.chat`) may still write into it
+        with torch.inference_mode(False):
+            buf = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
@@ -185,10 +214,39 @@ class Int8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, scale_dtype={self.weight_scale.dtype}")
 
+    def native_forward(self, x2: torch.Tensor, *, norm: nn.Module | None = None, silu_mul: bool = False,
+                       residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """y = self(x2) on the native kernel, with the input transform and the residual add fused in:
+        `norm` (an RMSNorm with `weight` and `eps`) normalizes x2 first; `silu_mul` takes x2 = [gate | up]
+        ([M, 2·in_features]) and uses silu(gate)·up; `residual` ([M, out]) is added to the result. Returns None
+        where the native kernel can't run (see `native_ready`); the caller then takes the module path."""
+        nk = native.kernels()
+        if nk is None or not self.native_ready(x2):
+            return None
+        return nk.int8_linear(x2.contiguous(), self.weight, self.weight_scale, self.bias,
+                              None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+                              silu_mul, residual)
+
+    def native_args(self) -> tuple:
+        """(kernel, weight, scales, bias): kernel(x, weight, scales, bias, norm_weight, eps, silu_mul,
+        residual) is `native_forward` without its checks, for the fused decode loop."""
+        nk = native.kernels()
+        assert nk is not None
+        return nk.int8_linear, self.weight, self.weight_scale, self.bias
+
+    def native_ready(self, x2: torch.Tensor) -> bool:
+        return (x2.is_cpu and self.weight.is_cpu and x2.shape[0] <= NATIVE_MAX_ROWS and x2.dtype in _NATIVE_DTYPES
+                and self.weight_scale.dtype in _NATIVE_DTYPES and self.weight.is_contiguous()
+                and (self.bias is None or self.bias.dtype in _NATIVE_DTYPES))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decode calls this ~200 times per token: every buffer lookup and no-op `.to` costs ~1.5 µs.
         x2 = x.reshape(-1, self.in_features)
         weight, scale = self.weight, self.weight_scale
+        nk = native.kernels() if weight.is_cpu else None
+        if nk is not None and self.native_ready(x2):
+            y = nk.int8_linear(x2.contiguous(), weight, scale, self.bias)  # bias included, x's dtype
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         if weight.is_cpu and x2.shape[0] < DEQUANT_MIN_ROWS and self.in_features % 16 == 0:
             if weight.data_ptr() % 64:  # e.g. after load_state_dict(assign=True) from a mapped file
                 weight = self.weight = _aligned(weight)
@@ -251,6 +309,14 @@ class Int4Linear(nn.Module):
             raise ValueError(f"cannot pack a {n}x{k} int4 weight for {device.type}: {reason}")
         module = cls(k, n, bias is not None, group_size=weights.group_size, dtype=dtype, device=device)
         codes = weights.codes.to(device)
+        if device.type == "cpu" and native.available():
+            # Our kernel's layout: 16 bytes per 32 inputs (input j in the low nibble, j + 16 in the high one),
+            # scales and zeros row-major [N, K/group, 2].
+            module.packed_for = "cpu-native"
+            module.weight, module.scales_and_zeros = pack_int4_native(weights, dtype)
+            if bias is not None:
+                module.bias.data = bias.to(device).clone()
+            return module
         if device.type == "cuda":
             tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
             packed = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()  # even element in the high nibble
@@ -268,7 +334,30 @@ class Int4Linear(nn.Module):
                 f"bias={self.bias is not None}, group_size={self.group_size}, "
                 f"scale_dtype={self.scales_and_zeros.dtype}")
 
+    def native_forward(self, x2: torch.Tensor, *, norm: nn.Module | None = None, silu_mul: bool = False,
+                       residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """As `Int8Linear.native_forward`: the native kernel with the input transform and residual fused."""
+        nk = native.kernels()
+        if nk is None or not self.native_ready(x2):
+            return None
+        return nk.int4_linear(x2.contiguous(), self.weight, self.scales_and_zeros, self.bias,
+                              None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+                              silu_mul, residual)
+
+    def native_args(self) -> tuple:
+        """(kernel, weight, scales, bias): kernel(x, weight, scales, bias, norm_weight, eps, silu_mul,
+        residual) is `native_forward` without its checks, for the fused decode loop."""
+        nk = native.kernels()
+        assert nk is not None
+        return nk.int4_linear, self.weight, self.scales_and_zeros, self.bias
+
+    def native_ready(self, x2: torch.Tensor) -> bool:
+        return (self.packed_for == "cpu-native" and x2.is_cpu and x2.shape[0] <= INT4_NATIVE_MAX_ROWS
+                and x2.dtype in _NATIVE_DTYPES and (self.bias is None or self.bias.dtype in _NATIVE_DTYPES))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_for == "cpu-native":
+            return self._native_layout_forward(x)
         if x.is_cpu != (self.packed_for == "cpu"):
             raise RuntimeError(f"Int4Linear weights are packed for {self.packed_for}, the input is on "
                                f"{x.device.type}: quantize after moving the model to its device")
@@ -286,6 +375,43 @@ class Int4Linear(nn.Module):
             y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def _native_layout_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cpu:
+            raise RuntimeError(f"Int4Linear weights are packed for cpu, the input is on {x.device.type}: "
+                               "quantize after moving the model to its device")
+        x2 = x.reshape(-1, self.in_features)
+        nk = native.kernels()
+        if nk is not None and self.native_ready(x2):
+            y = nk.int4_linear(x2.contiguous(), self.weight, self.scales_and_zeros, self.bias)
+        elif nk is not None and self.scales_and_zeros.dtype == torch.bfloat16:  # a prompt: bf16 GEMM
+            w = nk.int4_dequantize(self.weight, self.scales_and_zeros)
+            y = F.linear(x2.to(torch.bfloat16), w)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:  # fp32 scales (exact), or the native kernels switched off since packing: slice by slice
+            dtype = self.scales_and_zeros.dtype
+            xk = x2.to(dtype)
+            n, k, g = self.out_features, self.in_features, self.group_size
+            outs = []
+            for rows in _row_slices(n, k):
+                width = rows.stop - rows.start
+                w = _scratch_buffer(width * k, dtype, x2.device).view(width, k // 32, 2, 16)
+                packed = self.weight[rows].view(width, k // 32, 1, 16)
+                w[:, :, 0:1].copy_(packed & 15)
+                w[:, :, 1:2].copy_(packed >> 4)
+                scale, zero = self.scales_and_zeros[rows].unbind(1)  # [rows, K/g] each
+                grouped = w.view(width, k // g, g)
+                # (q - 8)·scale + zero, in one pass on the scratch dtype
+                shift = (zero.float() - 8 * scale.float()).to(dtype)[..., None]
+                torch.addcmul(shift, grouped, scale[..., None], out=grouped)
+                outs.append(F.linear(xk, w.view(width, k)))
+            y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def _dequantized_matmul(self, xk: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,523 @@
+// Native CPU decode kernels for glmstack (AVX-512; built by glmstack/engine/native/__init__.py).
+//
+// - int8_linear: y = (x @ w.T) * scale (+ bias) (+ residual); w int8 [N, K], one scale per row.
+// - int4_linear: the same for group-wise asymmetric int4, w = (q - 8) * s + z per group of G inputs, codes
+//   packed 16 bytes per 32 inputs: byte j holds input j (low nibble) and input j + 16 (high nibble).
+// Both take an optional input transform, fused so decode makes one call instead of three:
+//   norm_weight: x <- rms_norm(x) * norm_weight (the layer's RMSNorm before the projection)
+//   silu_mul:    x is [M, 2K] = [gate | up], x <- silu(gate) * up (the MLP's activation before down_proj)
+// - decode_attention: rotary on q/k, KV-cache write, and attention over each sequence's paged context, for
+//   sequences decoding one token each.
+// Activations are converted to fp32 once per call; all accumulation is fp32. Threads come from ATen's pool.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int MR = 4;  // activation rows per micro-kernel tile
+constexpr int NR = 4;  // weight rows per micro-kernel tile
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float load_scalar(const void* base, int64_t i, bool bf16) {
+  return bf16 ? bf16_to_float(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
+}
+
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// ---- activations -> fp32 ---------------------------------------------------------------------------------
+
+// Row m of x as fp32 into dst (K floats), applying silu_mul / rms_norm when asked.
+void prepare_row(const at::Tensor& x, int64_t m, int64_t K, bool silu_mul, const float* norm_w, float eps,
+                 float* dst) {
+  const int64_t width = silu_mul ? 2 * K : K;
+  if (x.scalar_type() == at::kFloat) {
+    const float* src = x.data_ptr<float>() + m * width;
+    if (silu_mul) {
+      for (int64_t k = 0; k < K; ++k) {
+        float g = src[k];
+        dst[k] = g / (1.0f + std::exp(-g)) * src[K + k];
+      }
+    } else {
+      std::memcpy(dst, src, K * sizeof(float));
+    }
+  } else {  // bf16
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * width;
+    if (silu_mul) {
+      for (int64_t k = 0; k < K; ++k) {
+        float g = bf16_to_float(src[k]);
+        dst[k] = g / (1.0f + std::exp(-g)) * bf16_to_float(src[K + k]);
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) dst[k] = bf16_to_float(src[k]);
+    }
+  }
+  if (norm_w != nullptr) {
+    double ss = 0;
+    for (int64_t k = 0; k < K; ++k) ss += static_cast<double>(dst[k]) * dst[k];
+    const float r = 1.0f / std::sqrt(static_cast<float>(ss / K) + eps);
+    for (int64_t k = 0; k < K; ++k) dst[k] = dst[k] * r * norm_w[k];
+  }
+}
+
+struct Prepared {
+  at::Tensor xf;  // fp32 [M, K]
+};
+
+at::Tensor prepare(const at::Tensor& x, int64_t K, bool silu_mul, const std::optional<at::Tensor>& norm_weight,
+                   double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-d tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  TORCH_CHECK(x.size(1) == (silu_mul ? 2 * K : K), "x has ", x.size(1), " columns, the weight takes ", K);
+  const int64_t M = x.size(0);
+  if (x.scalar_type() == at::kFloat && !silu_mul && !norm_weight.has_value()) return x;
+  at::Tensor nw;
+  if (norm_weight.has_value()) {
+    nw = norm_weight->to(at::kFloat).contiguous();
+    TORCH_CHECK(nw.numel() == K, "norm weight has ", nw.numel(), " elements, expected ", K);
+  }
+  at::Tensor xf = at::empty({M, K}, x.options().dtype(at::kFloat));
+  float* out = xf.data_ptr<float>();
+  const float* w = norm_weight.has_value() ? nw.data_ptr<float>() : nullptr;
+  for (int64_t m = 0; m < M; ++m) prepare_row(x, m, K, silu_mul, w, static_cast<float>(eps), out + m * K);
+  return xf;
+}
+
+// y[m, n] = acc * scale[n] + bias[n] + residual[m, n], written in the output's dtype.
+struct Epilogue {
+  const void* scale;
+  bool scale_bf16;
+  const void* bias;
+  bool bias_bf16;
+  const void* residual;
+  bool residual_bf16;
+  void* out;
+  bool out_bf16;
+  int64_t N;
+
+  inline void store(int64_t m, int64_t n, float acc) const {
+    float v = scale ? acc * load_scalar(scale, n, scale_bf16) : acc;
+    if (bias) v += load_scalar(bias, n, bias_bf16);
+    if (residual) v += load_scalar(residual, m * N + n, residual_bf16);
+    if (out_bf16) {
+      static_cast<at::BFloat16*>(out)[m * N + n] = at::BFloat16(v);
+    } else {
+      static_cast<float*>(out)[m * N + n] = v;
+    }
+  }
+};
+
+const void* optional_ptr(const std::optional<at::Tensor>& t, bool& bf16, int64_t numel, const char* what) {
+  bf16 = false;
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->is_contiguous() && t->numel() == numel, what, " must be contiguous with ", numel, " elements");
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16, what, " must be fp32 or bf16");
+  bf16 = t->scalar_type() == at::kBFloat16;
+  return t->data_ptr();
+}
+
+// ---- int8 -------------------------------------------------------------------------------------------------
+
+inline __m512 load_w8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load_w8_tail(const int8_t* p, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+// acc[m][r] = x[m0 + m] . w[n0 + r] for MT rows of x and NT rows of w.
+template <int MT, int NT>
+inline void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, int64_t m0, int64_t n0,
+                      const Epilogue& ep) {
+  __m512 acc[MT][NT];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int8_t* wr[NT];
+  for (int r = 0; r < NT; ++r) wr[r] = w + (n0 + r) * K;
+  const float* xr[MT];
+  for (int m = 0; m < MT; ++m) xr[m] = x + (m0 + m) * ldx;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[NT];
+    for (int r = 0; r < NT; ++r) wv[r] = load_w8(wr[r] + k);
+    for (int m = 0; m < MT; ++m) {
+      __m512 xv = _mm512_loadu_ps(xr[m] + k);
+      for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = tail_mask(K - k);
+    __m512 wv[NT];
+    for (int r = 0; r < NT; ++r) wv[r] = load_w8_tail(wr[r] + k, mask);
+    for (int m = 0; m < MT; ++m) {
+      __m512 xv = _mm512_maskz_loadu_ps(mask, xr[m] + k);
+      for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NT; ++r) ep.store(m0 + m, n0 + r, _mm512_reduce_add_ps(acc[m][r]));
+}
+
+// All activation rows against weight rows [n0, n0 + NT).
+template <int NT, typename TileFn>
+inline void for_m_tiles(int64_t M, TileFn&& tile) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) tile(std::integral_constant<int, MR>{}, m);
+  switch (M - m) {
+    case 3: tile(std::integral_constant<int, 3>{}, m); break;
+    case 2: tile(std::integral_constant<int, 2>{}, m); break;
+    case 1: tile(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// Rows of the weight each parallel task takes: about 64 KiB of weights (less for a short output so both
+// threads get work), a multiple of NR.
+int64_t grain_rows(int64_t N, int64_t bytes_per_row) {
+  int64_t rows = std::max<int64_t>(NR, (64 * 1024) / std::max<int64_t>(bytes_per_row, 1));
+  return (rows + NR - 1) / NR * NR;
+}
+
+Epilogue make_epilogue(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual, at::Tensor& out, int64_t M, int64_t N) {
+  Epilogue ep{};
+  ep.scale = optional_ptr(scale, ep.scale_bf16, N, "scale");
+  ep.bias = optional_ptr(bias, ep.bias_bf16, N, "bias");
+  ep.residual = optional_ptr(residual, ep.residual_bf16, M * N, "residual");
+  ep.out = out.data_ptr();
+  ep.out_bf16 = out.scalar_type() == at::kBFloat16;
+  ep.N = N;
+  return ep;
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& norm_weight,
+                       double eps, bool silu_mul, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "w must be int8 [N, K]");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
+  const int64_t M = xf.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  Epilogue ep = make_epilogue(scale, bias, residual, out, M, N);
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  at::parallel_for(0, N, grain_rows(N, K), [&](int64_t begin, int64_t end) {
+    int64_t n = begin;
+    for (; n + NR <= end; n += NR)
+      for_m_tiles<NR>(M, [&](auto mt, int64_t m0) { int8_tile<decltype(mt)::value, NR>(xp, K, wp, K, m0, n, ep); });
+    for (; n < end; ++n)
+      for_m_tiles<1>(M, [&](auto mt, int64_t m0) { int8_tile<decltype(mt)::value, 1>(xp, K, wp, K, m0, n, ep); });
+  });
+  return out;
+}
+
+inline __m512 loadv(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 loadv(const at::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 loadv(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 loadv(const at::BFloat16* p, __mmask16 mask) {
+  __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// ---- int4 -------------------------------------------------------------------------------------------------
+//
+// Weights: uint8 [N, K/2], 16 bytes per 32 inputs (byte j: input j low nibble, input j + 16 high nibble).
+// Scales and zeros: [N, 2, K/G] (a row of scales, then a row of zeros), fp32 or bf16; w = (q - 8) s + z.
+// Per group g of a row: y += s_g (q . x)_g + (z_g - 8 s_g) xsum_g, xsum_g = sum of x over the group.
+
+// Nibbles -> fp32, FMA with x, the group's scale applied once per group. (A VDPBF16PS variant, with codes
+// turned into bf16 by OR-ing 0x4300 in and x split into two bf16 halves, measured no faster here: the
+// loop is bound by the loads and conversions, not by the multiply-adds.)
+template <int MT, int NT>
+inline void int4_tile_fp32(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w,
+                           const void* sz, bool sz_bf16, int64_t m0, int64_t n0, const Epilogue& ep) {
+  const int64_t groups = K / G;
+  __m512 acc[MT][NT];
+  float zacc[MT][NT];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_setzero_ps(), zacc[m][r] = 0.f;
+  const __m512i low = _mm512_set1_epi32(15);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 gacc[MT][NT];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < NT; ++r) gacc[m][r] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      __m512 lo[NT], hi[NT];
+      for (int r = 0; r < NT; ++r) {
+        const uint8_t* p = w + (n0 + r) * (K / 2) + k / 2;
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        lo[r] = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
+        hi[r] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+      }
+      for (int m = 0; m < MT; ++m) {
+        const float* xr = x + (m0 + m) * K + k;
+        __m512 xl = _mm512_loadu_ps(xr), xh = _mm512_loadu_ps(xr + 16);
+        for (int r = 0; r < NT; ++r)
+          gacc[m][r] = _mm512_fmadd_ps(hi[r], xh, _mm512_fmadd_ps(lo[r], xl, gacc[m][r]));
+      }
+    }
+    for (int r = 0; r < NT; ++r) {
+      const int64_t row = (n0 + r) * 2 * groups;
+      const float s = load_scalar(sz, row + g, sz_bf16), shift = load_scalar(sz, row + groups + g, sz_bf16) - 8.f * s;
+      const __m512 sv = _mm512_set1_ps(s);
+      for (int m = 0; m < MT; ++m) {
+        acc[m][r] = _mm512_fmadd_ps(gacc[m][r], sv, acc[m][r]);
+        zacc[m][r] += shift * xsum[(m0 + m) * groups + g];
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NT; ++r) ep.store(m0 + m, n0 + r, _mm512_reduce_add_ps(acc[m][r]) + zacc[m][r]);
+}
+
+// Same arguments as int8_linear; the group size is K / scales_and_zeros.size(-1).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& norm_weight, double eps, bool silu_mul,
+                       const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w must be uint8 [N, K/2]");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
+  const at::Tensor& sz = scales_and_zeros;
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == N && sz.size(1) == 2 && sz.size(2) > 0 && sz.is_contiguous(),
+              "scales_and_zeros must be [N, 2, K/G]");
+  const int64_t G = K / sz.size(2);
+  TORCH_CHECK(G % 32 == 0 && K == G * sz.size(2), "group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, "fp32 or bf16 scales");
+  at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
+  const int64_t M = xf.size(0), groups = K / G;
+  const float* xp = xf.data_ptr<float>();
+  at::Tensor xs = at::empty({M, groups}, xf.options());
+  float* xsp = xs.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) s += xp[m * K + k];
+      xsp[m * groups + g] = s;
+    }
+  at::Tensor out = at::empty({M, N}, x.options());
+  Epilogue ep = make_epilogue(std::nullopt, bias, residual, out, M, N);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const void* szp = sz.data_ptr();
+  const bool szb = sz.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, N, grain_rows(N, K / 2), [&](int64_t begin, int64_t end) {
+    int64_t n = begin;
+    for (; n + NR <= end; n += NR)
+      for_m_tiles<NR>(M, [&](auto mt, int64_t m0) {
+        int4_tile_fp32<decltype(mt)::value, NR>(xp, xsp, K, G, wp, szp, szb, m0, n, ep);
+      });
+    for (; n < end; ++n)
+      for_m_tiles<1>(M, [&](auto mt, int64_t m0) {
+        int4_tile_fp32<decltype(mt)::value, 1>(xp, xsp, K, G, wp, szp, szb, m0, n, ep);
+      });
+  });
+  return out;
+}
+
+// Dequantize int4 rows (the layout above) to bf16 [N, K] for the prompt path's GEMM.
+at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w must be uint8 [N, K/2]");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == N && sz.size(1) == 2 && sz.is_contiguous() && K % sz.size(2) == 0 &&
+                  (K / sz.size(2)) % 32 == 0, "scales_and_zeros must be [N, 2, K/G], G a multiple of 32");
+  TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, "fp32 or bf16 scales");
+  const int64_t groups = sz.size(2), G = K / groups;
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kBFloat16));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const void* szp = sz.data_ptr();
+  const bool szb = sz.scalar_type() == at::kBFloat16;
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    const __m512i low = _mm512_set1_epi32(15), round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    auto to_bf16 = [&](__m512 v) {  // round to nearest even
+      __m512i b = _mm512_castps_si512(v);
+      b = _mm512_add_epi32(b, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(b, 16), one)));
+      return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+    };
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t k = 0; k < K; k += 32) {
+        const int64_t g = k / G;
+        const float sc = load_scalar(szp, n * 2 * groups + g, szb);
+        const __m512 s = _mm512_set1_ps(sc);
+        const __m512 shift = _mm512_set1_ps(load_scalar(szp, n * 2 * groups + groups + g, szb) - 8.f * sc);
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + n * (K / 2) + k / 2)));
+        __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low)), s, shift);
+        __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), s, shift);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + n * K + k), to_bf16(lo));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + n * K + k + 16), to_bf16(hi));
+      }
+    }
+  });
+  return out;
+}
+
+// ---- decode attention -------------------------------------------------------------------------------------
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), loadv(b + i), acc);
+  if (i < n) {
+    const __mmask16 mask = tail_mask(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), loadv(b + i, mask), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// acc[0:n] += p * v[0:n]
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t n) {
+  const __m512 pv = _mm512_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, loadv(v + d), _mm512_loadu_ps(acc + d)));
+  if (d < n) {
+    const __mmask16 mask = tail_mask(n - d);
+    _mm512_mask_storeu_ps(acc + d, mask, _mm512_fmadd_ps(pv, loadv(v + d, mask), _mm512_maskz_loadu_ps(mask, acc + d)));
+  }
+}
+
+// Rotate-half rotary of one head (fp32, in place): x[i], x[i + D/2] with cos/sin [D].
+template <typename T>
+inline void rotate(float* x, const T* cos, const T* sin, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * to_float(cos[i]) - b * to_float(sin[i]);
+    x[i + half] = b * to_float(cos[i + half]) + a * to_float(sin[i + half]);
+  }
+}
+
+template <typename T>
+void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                           at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& slots,
+                           const at::Tensor& gather, const at::Tensor& lengths, int64_t H, int64_t Hkv,
+                           float scale, at::Tensor& out) {
+  const int64_t B = qkv.size(0), D = key_cache.size(2), Dv = value_cache.size(2), width = qkv.size(1);
+  const int64_t Lmax = gather.size(1), group = H / Hkv;
+  const T* src = qkv.data_ptr<T>();
+  T* kc = key_cache.data_ptr<T>();
+  T* vc = value_cache.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* gp = gather.data_ptr<int64_t>();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  // Rotated q (fp32) for every sequence; rotated k and v go straight into the cache, in its dtype, as
+  // F.scaled_dot_product_attention on the module path would see them.
+  std::vector<float> q(B * H * D);
+  std::vector<float> head(D);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* row = src + b * width;
+    for (int64_t h = 0; h < H + Hkv; ++h) {
+      float* dst = h < H ? q.data() + (b * H + h) * D : head.data();
+      for (int64_t d = 0; d < D; ++d) dst[d] = to_float(row[h * D + d]);
+      rotate(dst, cp + b * D, sp + b * D, D);
+      if (h >= H) {
+        T* k = kc + (slot[b] * Hkv + (h - H)) * D;
+        for (int64_t d = 0; d < D; ++d) k[d] = static_cast<T>(dst[d]);
+      }
+    }
+    std::memcpy(vc + slot[b] * Hkv * Dv, row + (H + Hkv) * D, Hkv * Dv * sizeof(T));
+  }
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(Lmax);
+    std::vector<float> acc(Dv);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, hk = h / group, L = len[b];
+      const float* qh = q.data() + i * D;
+      const int64_t* ctx = gp + b * Lmax;
+      float mx = -INFINITY;
+      for (int64_t l = 0; l < L; ++l) {
+        p[l] = dot(qh, kc + (ctx[l] * Hkv + hk) * D, D) * scale;
+        mx = std::max(mx, p[l]);
+      }
+      float total = 0;
+      for (int64_t l = 0; l < L; ++l) total += (p[l] = std::exp(p[l] - mx));
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t l = 0; l < L; ++l) axpy(acc.data(), p[l], vc + (ctx[l] * Hkv + hk) * Dv, Dv);
+      T* o = op + b * H * Dv + h * Dv;
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[d] * inv);
+    }
+  });
+}
+
+// qkv: [B, (H + 2 Hkv) D], one decoding token per sequence; cos/sin [B, D]; caches [S, Hkv, D]; slots [B]
+// (where the new k/v go); gather [B, Lmax] context slots in position order (the new one included), lengths
+// [B]. All floating tensors share one dtype (fp32 or bf16). Returns the attention output [B, H Dv].
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                            at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& slots,
+                            const at::Tensor& gather, const at::Tensor& lengths, int64_t H, int64_t Hkv,
+                            double scale) {
+  const auto dtype = qkv.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "fp32 or bf16 only");
+  const at::Tensor* floating[] = {&qkv, &cos, &sin, &key_cache, &value_cache};
+  for (const at::Tensor* t : floating) {
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->device().is_cpu(),
+                "qkv, cos, sin and the caches must be contiguous CPU tensors of one dtype");
+  }
+  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(qkv.dim() == 2 && key_cache.dim() == 3 && value_cache.dim() == 3, "qkv [B, *], caches [S, Hkv, D]");
+  const int64_t B = qkv.size(0), D = key_cache.size(2), Dv = value_cache.size(2), S = key_cache.size(0);
+  TORCH_CHECK(key_cache.size(1) == Hkv && value_cache.size(1) == Hkv && value_cache.size(0) == S, "cache shapes");
+  TORCH_CHECK(qkv.size(1) == (H + Hkv) * D + Hkv * Dv, "qkv width");
+  TORCH_CHECK(cos.numel() == B * D && sin.numel() == B * D, "cos/sin: [B, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && gather.scalar_type() == at::kLong &&
+                  lengths.scalar_type() == at::kLong && gather.is_contiguous() && slots.is_contiguous() &&
+                  lengths.is_contiguous() && gather.dim() == 2 && gather.size(0) == B && slots.numel() == B &&
+                  lengths.numel() == B, "slots [B], gather [B, Lmax], lengths [B]: int64");
+  const int64_t Lmax = gather.size(1);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* gp = gather.data_ptr<int64_t>();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < S, "slot out of range");
+    TORCH_CHECK(len[b] >= 1 && len[b] <= Lmax, "length out of range");
+    for (int64_t l = 0; l < len[b]; ++l) TORCH_CHECK(gp[b * Lmax + l] >= 0 && gp[b * Lmax + l] < S, "context slot out of range");
+  }
+  at::Tensor out = at::empty({B, H * Dv}, qkv.options());
+  if (dtype == at::kFloat) {
+    decode_attention_impl<float>(qkv, cos, sin, key_cache, value_cache, slots, gather, lengths, H, Hkv,
+                                 static_cast<float>(scale), out);
+  } else {
+    decode_attention_impl<at::BFloat16>(qkv, cos, sin, key_cache, value_cache, slots, gather, lengths, H, Hkv,
+                                        static_cast<float>(scale), out);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear, "int8 weight-only linear (small M)", py::arg("x"), py::arg("w"),
+        py::arg("scale"), py::arg("bias") = py::none(), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0,
+        py::arg("silu_mul") = false, py::arg("residual") = py::none());
+  m.def("int4_linear", &int4_linear, "group-wise int4 weight-only linear (small M)", py::arg("x"), py::arg("w"),
+        py::arg("scales_and_zeros"), py::arg("bias") = py::none(),
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("silu_mul") = false,
+        py::arg("residual") = py::none());
+  m.def("int4_dequantize", &int4_dequantize, "int4 (native layout) -> bf16 [N, K]");
+  m.def("decode_attention", &decode_attention, "rotary + KV write + paged decode attention");
+}

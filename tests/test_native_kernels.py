@@ -1,0 +1,347 @@
+"""The native decode kernels (glmstack/engine/native) against plain fp32 PyTorch, and the ATen fallback.
+
+Skipped only where the CPU has no AVX-512 (the kernels are not built there); anywhere else a failed build
+fails these tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmstack.engine import native
+from glmstack.engine.models.llama import LlamaConfig, LlamaForCausalLM, RMSNorm
+from glmstack.engine.quantize import (
+    INT4_NATIVE_MAX_ROWS,
+    NATIVE_MAX_ROWS,
+    Int4Linear,
+    Int8Linear,
+    pack_int4_native,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+)
+from glmstack.engine.runner import ModelRunner, PagedKVCache
+from glmstack.engine.scheduler import ScheduledChunk, Sequence, StepPlan
+
+if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+    pytest.skip("the native kernels are built for AVX-512 CPUs only", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def nk():
+    module = native.kernels()
+    assert module is not None, "AVX-512 CPU but the native kernels did not build (see the log)"
+    return module
+
+
+@pytest.fixture
+def aten_only():
+    previous = native.set_enabled(False)
+    yield
+    native.set_enabled(previous)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1e-2  # bf16 in/out rounds to 8 bits of mantissa
+
+
+def ref_input(x: torch.Tensor, norm_w: torch.Tensor | None, silu_mul: bool, eps: float) -> torch.Tensor:
+    x = x.float()
+    if silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm_w is not None:
+        x = F.rms_norm(x, (x.shape[-1],), norm_w.float(), eps)
+    return x
+
+
+# ---- int8 / int4 GEMV against the dequantized fp32 matmul --------------------------------------------------
+
+SHAPES = [(1, 100, 7), (2, 577, 33), (3, 64, 1), (5, 576, 64), (8, 1536, 19), (1, 17, 3)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_matches_dequantized_reference(nk, m, k, n, dtype, bias) -> None:
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    w = torch.randn(n, k, generator=g)
+    q, scale = quantize_int8(w, torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    y = nk.int8_linear(x, q, scale, b)
+    ref = F.linear(x.float(), q.float() * scale.float()[:, None], None if b is None else b.float())
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("m,k,n,group", [(1, 64, 5, 32), (1, 64, 5, 64), (3, 160, 33, 32), (8, 576, 17, 32),
+                                         (8, 576, 17, 64), (4, 1536, 1, 32), (4, 1536, 1, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_matches_dequantized_reference(nk, m, k, n, group, dtype, scale_dtype) -> None:
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    weights = quantize_int4(torch.randn(n, k, generator=g), group, scale_dtype)
+    packed, sz = pack_int4_native(weights, scale_dtype)
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    y = nk.int4_linear(x, packed, sz, bias)
+    ref = F.linear(x.float(), weights.dequantize(), bias)
+    assert y.dtype == dtype and rel_err(y, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("fuse", ["norm", "silu_mul", "residual", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_input_transforms_and_residual(nk, fuse, dtype, bits) -> None:
+    g = torch.Generator().manual_seed(7)
+    m, k, n = 3, 96, 48
+    linear = nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g))
+        linear.bias.copy_(torch.randn(n, generator=g))
+    module = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, group_size=32)
+    w_ref = module.weight.float() * module.weight_scale.float()[:, None] if bits == 8 else \
+        quantize_int4(linear.weight.detach(), 32, torch.bfloat16).dequantize()
+    norm = RMSNorm(k, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
+    silu_mul = fuse in ("silu_mul", "all")
+    x = torch.randn(m, 2 * k if silu_mul else k, generator=g).to(dtype)
+    residual = torch.randn(m, n, generator=g).to(dtype) if fuse in ("residual", "all") else None
+    use_norm = fuse in ("norm", "all")
+    y = module.native_forward(x, norm=norm if use_norm else None, silu_mul=silu_mul, residual=residual)
+    assert y is not None
+    ref = F.linear(ref_input(x, norm.weight.detach() if use_norm else None, silu_mul, 1e-5), w_ref,
+                   linear.bias.detach())
+    if residual is not None:
+        ref = ref + residual.float()
+    assert y.dtype == dtype and rel_err(y, ref) < tol(dtype) * 2
+
+
+def test_bad_shapes_raise(nk) -> None:
+    q, scale = quantize_int8(torch.randn(8, 32), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="columns"):
+        nk.int8_linear(torch.randn(1, 31), q, scale)
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        nk.int8_linear(torch.randn(1, 32).half(), q, scale)
+
+
+# ---- the modules: native path, fallback path ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 5, 40, 100])  # decode sizes take the native kernel, prompts the GEMM
+def test_modules_agree_with_and_without_native(bits, rows) -> None:
+    g = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(192, 48, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 192, generator=g))
+    module = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, group_size=32)
+    w_ref = module.weight.float() * module.weight_scale.float()[:, None] if bits == 8 else \
+        quantize_int4(linear.weight.detach(), 32, torch.bfloat16).dequantize()
+    x = torch.randn(rows, 192, generator=g)
+    ref = F.linear(x, w_ref, linear.bias.detach())
+    fast = module(x)
+    previous = native.set_enabled(False)
+    try:
+        fallback = module(x)  # int4 weights in the native layout: dequantized, then a bf16 GEMM
+    finally:
+        native.set_enabled(previous)
+    native_rows = NATIVE_MAX_ROWS if bits == 8 else INT4_NATIVE_MAX_ROWS
+    assert rel_err(fast, ref) < 1e-5 if rows <= native_rows else rel_err(fast, ref) < 1e-2
+    assert rel_err(fallback, ref) < 1e-2
+
+
+def test_int4_packs_for_aten_when_native_is_off(aten_only) -> None:
+    linear = nn.Linear(64, 32)
+    module = Int4Linear.from_linear(linear, group_size=32)
+    assert module.packed_for == "cpu"  # ATen's tinygemm layout, as before the native kernels
+    x = torch.randn(2, 64)
+    ref = F.linear(x, quantize_int4(linear.weight.detach(), 32, torch.bfloat16).dequantize(), linear.bias.detach())
+    assert rel_err(module(x), ref) < 1e-2
+
+
+# ---- decode attention against F.scaled_dot_product_attention ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_decode_attention_matches_sdpa(nk, dtype, heads, kv_heads) -> None:
+    g = torch.Generator().manual_seed(heads)
+    d, slots_total, lengths = 32, 64, [5, 1, 17]
+    b = len(lengths)
+    keys = torch.randn(slots_total, kv_heads, d, generator=g).to(dtype)
+    values = torch.randn(slots_total, kv_heads, d, generator=g).to(dtype)
+    perm = torch.randperm(slots_total, generator=g)
+    contexts = [perm[i * 20 : i * 20 + n].tolist() for i, n in enumerate(lengths)]  # new token's slot last
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    pos = torch.tensor([n - 1 for n in lengths], dtype=torch.float32)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = pos[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    # reference on copies, in fp32
+    ref_k, ref_v = keys.float().clone(), values.float().clone()
+    q, k, v = qkv.float().split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+
+    def rot(t: torch.Tensor, h: int) -> torch.Tensor:
+        t = t.view(b, h, d)
+        rotated = torch.cat((-t[..., d // 2 :], t[..., : d // 2]), dim=-1)
+        return t * cos.float()[:, None] + rotated * sin.float()[:, None]
+
+    q, k = rot(q, heads), rot(k, kv_heads).to(dtype).float()  # the cache holds k in its dtype
+    v = v.view(b, kv_heads, d).to(dtype).float()
+    refs = []
+    for i, ctx in enumerate(contexts):
+        ref_k[ctx[-1]], ref_v[ctx[-1]] = k[i], v[i]
+        kk, vv = ref_k[ctx].transpose(0, 1)[None], ref_v[ctx].transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(q[i][None, :, None], kk, vv, enable_gqa=heads != kv_heads)
+        refs.append(out.reshape(-1))
+    longest = max(lengths)
+    gather = torch.tensor([c + [0] * (longest - len(c)) for c in contexts])
+    slots = torch.tensor([c[-1] for c in contexts])
+    out = nk.decode_attention(qkv, cos, sin, keys, values, slots, gather, torch.tensor(lengths), heads,
+                              kv_heads, 1 / math.sqrt(d))
+    assert out.dtype == dtype and rel_err(out, torch.stack(refs)) < tol(dtype)
+    for i, ctx in enumerate(contexts):  # k/v written into their slots
+        assert rel_err(keys[ctx[-1]], k[i]) < tol(dtype) and torch.equal(values[ctx[-1]].float(), v[i])
+
+
+def test_decode_attention_checks_slots(nk) -> None:
+    keys = torch.zeros(8, 1, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        nk.decode_attention(torch.zeros(1, 48), torch.ones(1, 16), torch.zeros(1, 16), keys, keys.clone(),
+                            torch.tensor([9]), torch.tensor([[0]]), torch.tensor([1]), 1, 1, 0.25)
+
+
+# ---- end to end: a tiny random Llama, quantized, decoding through the paged runner --------------------------
+
+
+def tiny_model(bits: int, dtype: torch.dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=160, num_layers=3, num_heads=6,
+                      num_kv_heads=2, head_dim=16, qkv_bias=True)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0).add_(torch.rand_like(p) * 0.2)
+    model.to(dtype)
+    quantize_model(model, bits)
+    return model
+
+
+def decode_logits(model: LlamaForCausalLM, prompts: list[list[int]], steps: int,
+                  forced: list[list[int]] | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+    """Prefill each prompt, then decode all of them together for `steps` tokens (greedy, or the `forced`
+    tokens when given). Returns the decode logits [steps, B, V] and the tokens."""
+    dtype = next(model.parameters()).dtype
+    cfg = model.config
+    kv = PagedKVCache(cfg.num_layers, 32, 8, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=torch.device("cpu"))
+    runner = ModelRunner(model, kv, torch.device("cpu"))
+    seqs = [Sequence(f"s{i}", list(p), 64, block_table=list(range(i * 8, i * 8 + 8))) for i, p in enumerate(prompts)]
+    first = runner.execute(StepPlan([ScheduledChunk(s, 0, s.num_tokens) for s in seqs]))
+    tokens = [[int(first[i].argmax())] if forced is None else [forced[i][0]] for i in range(len(seqs))]
+    for s, t in zip(seqs, tokens, strict=True):
+        s.output_ids.append(t[0])
+    logits = []
+    for step in range(steps):
+        out = runner.execute(StepPlan([ScheduledChunk(s, s.num_tokens - 1, 1) for s in seqs]))
+        logits.append(out.float())
+        for i, s in enumerate(seqs):
+            t = int(out[i].argmax()) if forced is None else forced[i][step + 1]
+            s.output_ids.append(t)
+            tokens[i].append(t)
+    return torch.stack(logits), tokens
+
+
+def dequantized_copy(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """The same quantized weights as plain fp32 `nn.Linear`s: the exact answer both paths approximate."""
+    ref = copy.deepcopy(model).float()
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, Int8Linear):
+            w = m.weight.float() * m.weight_scale.float()[:, None]
+        elif isinstance(m, Int4Linear):
+            assert m.packed_for == "cpu-native"
+            n, k, g = m.out_features, m.in_features, m.group_size
+            b = m.weight.view(n, k // 32, 1, 16)
+            codes = torch.cat((b & 15, b >> 4), dim=2).view(n, k // g, g).float()
+            scale, zero = m.scales_and_zeros.float().unbind(1)
+            w = ((codes - 8) * scale[..., None] + zero[..., None]).view(n, k)
+        else:
+            continue
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if m.bias is not None:
+                linear.bias.copy_(m.bias.float())
+        parent, _, child = name.rpartition(".")
+        setattr(ref.get_submodule(parent), child, linear)
+    return ref
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_end_to_end_decode_matches_reference_and_aten_path(nk, bits, dtype) -> None:
+    model = tiny_model(bits, dtype)
+    prompts = [[5, 17, 42, 99, 7], [250, 3, 3, 8, 12, 1, 77, 64, 9, 10, 11]]  # the second spans two blocks
+    fast_logits, tokens = decode_logits(model, prompts, 12)  # greedy, native
+    ref_logits, _ = decode_logits(dequantized_copy(model), prompts, 12, forced=tokens)  # fp32, teacher-forced
+    native.set_enabled(False)
+    try:
+        aten_logits, _ = decode_logits(model, prompts, 12, forced=tokens)
+    finally:
+        native.set_enabled(True)
+    fast_err, aten_err = rel_err(fast_logits, ref_logits), rel_err(aten_logits, ref_logits)
+    # ATen's kernels compute in bf16 whatever the model dtype; ours in fp32 (bf16 models: bf16 between ops)
+    assert aten_err < 0.1
+    if dtype == torch.float32 and bits == 8:
+        assert fast_err < 1e-4
+    elif dtype == torch.float32:  # the int4 prompt (16 rows) ran as a bf16 GEMM; decode steps native
+        assert fast_err < 0.05
+    else:
+        assert fast_err < 0.1
+    # the greedy tokens are the reference's wherever its top two are not a near-tie
+    top2 = ref_logits.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.1
+    assert bool((fast_logits.argmax(-1) == ref_logits.argmax(-1))[clear].all())
+    assert clear.float().mean() > 0.5  # the comparison is not vacuous
+
+
+def test_fused_decode_path_is_taken(nk, monkeypatch) -> None:
+    """The whole-layer native path runs for a decode-only step (and only then)."""
+    import glmstack.engine.models.llama as llama
+
+    calls: list[bool] = []
+    real = llama._native_decode
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        result = real(*args)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(llama, "_native_decode", spy)
+    decode_logits(tiny_model(8, torch.float32), [[1, 2, 3]], 2)
+    assert calls == [False, True, True]  # prefill on the modules, both decode steps fused
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_dequantize_matches_reference(nk, group) -> None:
+    weights = quantize_int4(torch.randn(20, 192, generator=torch.Generator().manual_seed(group)), group,
+                            torch.bfloat16)
+    packed, sz = pack_int4_native(weights, torch.bfloat16)
+    w = nk.int4_dequantize(packed, sz)
+    assert w.dtype == torch.bfloat16 and torch.equal(w, weights.dequantize().bfloat16())
