@@ -132,6 +132,10 @@ const void* optional_ptr(const std::optional<at::Tensor>& t, bool& bf16, int64_t
 
 // ---- int8 -------------------------------------------------------------------------------------------------
 
+// How far ahead of the current k the weight rows are prefetched: DRAM latency is hidden only with more
+// lines in flight than the hardware prefetcher keeps for these short (K-byte) rows.
+constexpr int64_t PREFETCH_BYTES = 2048;
+
 inline __m512 load_w8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -153,6 +157,8 @@ inline void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, i
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 wv[NT];
+    if ((k & 63) == 0)
+      for (int r = 0; r < NT; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + PREFETCH_BYTES), _MM_HINT_T0);
     for (int r = 0; r < NT; ++r) wv[r] = load_w8(wr[r] + k);
     for (int m = 0; m < MT; ++m) {
       __m512 xv = _mm512_loadu_ps(xr[m] + k);
@@ -262,6 +268,7 @@ inline void int4_tile_fp32(const float* x, const float* xsum, int64_t K, int64_t
       __m512 lo[NT], hi[NT];
       for (int r = 0; r < NT; ++r) {
         const uint8_t* p = w + (n0 + r) * (K / 2) + k / 2;
+        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         lo[r] = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
         hi[r] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
