@@ -17,6 +17,7 @@ If the system prompt and the current query alone do not fit, `ContextLengthError
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
@@ -228,4 +229,14 @@ def load(
     model = ChatModel(loaded, tokenizer, chat_format, name)
     if bits:
         model.quantize(bits)
+    _return_freed_memory()
     return model, tokenizer
+
+
+def _return_freed_memory() -> None:
+    """Loading frees hundreds of MB of temporaries (dequantized tensors, the weights before quantization);
+    glibc keeps them in its heap, counted in RSS, unless asked to give them back."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -29,16 +29,18 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  *, dtype: torch.dtype, device: torch.device, value_head_dim: int | None = None) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        # Allocated and zeroed up front, as vLLM and llama.cpp reserve theirs: the budget is taken at start,
-        # so RSS stays flat under load instead of climbing for minutes as prefix caching keeps finished
-        # blocks in pages touched for the first time (which looks like a leak and is not one). One extra
-        # block past the pool stays at zero: padded decode gathers read it.
+        # Left uninitialised (torch.empty), so the budget costs memory only as slots are first written:
+        # attention only ever reads slots its sequence wrote, or the pad block. RSS therefore climbs
+        # toward start + budget as prefix caching keeps finished blocks, then stays there. One extra
+        # block past the pool is kept at zero: padded decode gathers read it.
         self.pad_slot = num_blocks * block_size
         slots = self.pad_slot + block_size
-        self.keys = [torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.keys = [torch.empty(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
                      for _ in range(num_layers)]
-        self.values = [torch.zeros(slots, num_kv_heads, value_head_dim or head_dim, dtype=dtype, device=device)
+        self.values = [torch.empty(slots, num_kv_heads, value_head_dim or head_dim, dtype=dtype, device=device)
                        for _ in range(num_layers)]
+        for t in self.keys + self.values:
+            t[self.pad_slot :].zero_()
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

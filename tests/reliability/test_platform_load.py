@@ -34,6 +34,8 @@ from platform_server import (
     running_server,
 )
 
+from glmstack.engine.core import DEFAULT_BLOCK_SIZE
+
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 PROFILE = profile()
@@ -128,6 +130,14 @@ def test_load(server: Server) -> None:
     # Warm-up, after which the baseline is taken: the allocator reaches its working size, and the database
     # pool its most idle connections (a burst of concurrent key lookups; the usage writer, key lookups and
     # health checks overlapping open a connection each). Rounds repeat until one leaves no new descriptor.
+    # The KV pool's pages are touched lazily and prefix caching keeps finished blocks, so RSS climbs until
+    # every block has been written once (then stays): fill the pool with distinct long prompts first, so
+    # that the early and the final window compare steady states.
+    blocks = server.metrics()["glmstack_engine_kv_blocks_total"]
+    filled = 0
+    while filled < blocks * DEFAULT_BLOCK_SIZE:
+        response = server.chat(messages=long_prompt(PREFILL_SENTENCES), max_tokens=1, do_sample=False)
+        filled += response.json()["usage"]["prompt_tokens"]
     files = -1
     for _ in range(6):
         asyncio.run(_load(server, PROFILE.load_streams, 3))
