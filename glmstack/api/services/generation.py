@@ -5,6 +5,7 @@ sensitive, or aborted because the client hung up)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ class Generation:
     ) -> None:
         self._lease = platform.limiter.acquire(caller)  # 1302 / 1305 before anything runs
         self._platform, self._caller, self._log = platform, caller, log_fields
+        self._submitted = time.perf_counter()
+        self._engine_seconds: float | None = None  # submit to last event: queue + prefill + decode
         self._events = platform.engine.generate(request)
         self._monitor = platform.safety.output_monitor()
         self.prompt_tokens = self.completion_tokens = 0
@@ -79,6 +82,8 @@ class Generation:
             completion_tokens=self.completion_tokens,
             finish_reason=reason,
         )
+        if self._engine_seconds is not None:  # the access log's duration_ms minus this is the platform's share
+            self._log["engine_ms"] = round(self._engine_seconds * 1000, 2)
         if not self.prompt_tokens:  # never reached the engine: nothing was computed
             return
         self._platform.metrics.record_generation(
@@ -95,5 +100,6 @@ class Generation:
             self._time_to_first_token = event.time_to_first_token
 
     def _finish(self, reason: str, text: str) -> Step:
+        self._engine_seconds = time.perf_counter() - self._submitted
         self.finish_reason = reason
         return Step(text, reason)
