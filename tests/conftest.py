@@ -3,11 +3,10 @@ that asks for `database_url` gets a fresh, empty database, once on SQLite and on
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
+from servers import postgres_schema
 
 
 @pytest.fixture(scope="session")
@@ -26,24 +25,5 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'glmstack.db'}"
         return
-    base = os.environ.get("GLMSTACK_TEST_POSTGRES_URL")
-    if not base:
-        pytest.skip("GLMSTACK_TEST_POSTGRES_URL is not set; `bash scripts/postgres.sh` prints one")
-    import sqlalchemy as sa
-
-    from glmstack.store.db import normalize_url
-
-    url = normalize_url(base)
-    schema = f"test_{uuid.uuid4().hex[:16]}"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-        # Every connection made with this URL sees only the new schema, so tests cannot see each other's rows.
-        private = url.update_query_dict({"options": f"-csearch_path={schema}"})
-        yield private.render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.exec_driver_sql("SET lock_timeout = '10s'")
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-    finally:
-        admin.dispose()
+    with postgres_schema() as url:
+        yield url

@@ -3,6 +3,7 @@ process, and a TCP relay that can cut a database connection the way an outage do
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import socket
@@ -10,7 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 STARTUP_TIMEOUT_S = 240  # loading the bundled model on a busy 2-core machine
 
@@ -105,3 +111,31 @@ class Relay:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A URL for a private, empty schema in the PostgreSQL at $GLMSTACK_TEST_POSTGRES_URL (`scripts/postgres.sh`
+    starts one and prints the URL; `.ci/run` exports it); skips without one. Every connection made with the
+    URL sees only the new schema, so tests cannot see each other's rows."""
+    base = os.environ.get("GLMSTACK_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("GLMSTACK_TEST_POSTGRES_URL is not set; `bash scripts/postgres.sh` prints one")
+    import sqlalchemy as sa
+
+    from glmstack.store.db import normalize_url
+
+    url, schema = normalize_url(base), f"test_{uuid.uuid4().hex[:16]}"
+    # pool_pre_ping: the schema is dropped after a test that may have restarted the server
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False
+        )
+        with admin.connect() as conn:
+            conn.exec_driver_sql("SET lock_timeout = '10s'")
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        admin.dispose()

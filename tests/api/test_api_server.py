@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import jwt
 import openai
 import pytest
 import zhipuai
-from servers import launch_serve
+from servers import launch_serve, postgres_schema
 from zai import ZhipuAiClient
 
 from glmstack.store import Store
@@ -44,25 +43,8 @@ def server_database_url(
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'glmstack.db'}"
         return
-    base = os.environ.get("GLMSTACK_TEST_POSTGRES_URL")
-    if not base:
-        pytest.skip("GLMSTACK_TEST_POSTGRES_URL is not set; `bash scripts/postgres.sh` prints one")
-    import sqlalchemy as sa
-
-    from glmstack.store.db import normalize_url
-
-    url, schema = normalize_url(base), f"test_{uuid.uuid4().hex[:16]}"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False
-        )
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-    finally:
-        admin.dispose()
+    with postgres_schema() as url:
+        yield url
 
 
 @dataclass

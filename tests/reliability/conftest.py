@@ -12,11 +12,11 @@ from platform_server import (
     API_MAX_TOKENS,
     FIGURES,
     Server,
-    postgres_schema,
     profile,
     running_server,
     write_report,
 )
+from servers import postgres_schema
 
 
 def pytest_configure(config: pytest.Config) -> None:

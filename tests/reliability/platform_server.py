@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -218,33 +217,6 @@ def running_server(home: Path, database_url: str, env: dict[str, str] | None = N
 
 
 # ---- PostgreSQL -------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A URL for a private, empty schema in the PostgreSQL at $GLMSTACK_TEST_POSTGRES_URL; skips without
-    one."""
-    base = os.environ.get("GLMSTACK_TEST_POSTGRES_URL")
-    if not base:
-        pytest.skip("GLMSTACK_TEST_POSTGRES_URL is not set; `bash scripts/postgres.sh` prints one")
-    import sqlalchemy as sa
-
-    from glmstack.store.db import normalize_url
-
-    url, schema = normalize_url(base), f"test_{uuid.uuid4().hex[:16]}"
-    # pool_pre_ping: the schema is dropped after a test that may have restarted the server
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False
-        )
-        with admin.connect() as conn:
-            conn.exec_driver_sql("SET lock_timeout = '10s'")
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-    finally:
-        admin.dispose()
 
 
 # ---- raw HTTP, for disconnects ------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from platform_server import Server, postgres_schema, profile, record, running_server
-from servers import Relay
+from platform_server import Server, profile, record, running_server
+from servers import Relay, postgres_schema
 
 from glmstack.store import Store
 
