@@ -187,8 +187,43 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 # ---- modules ---------------------------------------------------------------------------------------------
 
 
-class Int8Linear(nn.Module):
+class _NativeKernel:
+    """What Int8Linear and Int4Linear share on the native kernels: `_kernel` names the kernel in
+    glmstack/engine/native, `_scales` the attribute holding its scales; `native_ready` is each class's own."""
+
+    _kernel: str
+    _scales: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def native_ready(self, x2: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def native_forward(self, x2: torch.Tensor, *, norm: nn.Module | None = None, silu_mul: bool = False,
+                       residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """y = self(x2) on the native kernel, with the input transform and the residual add fused in:
+        `norm` (an RMSNorm with `weight` and `eps`) normalizes x2 first; `silu_mul` takes x2 = [gate | up]
+        ([M, 2·in_features]) and uses silu(gate)·up; `residual` ([M, out]) is added to the result. Returns None
+        where the native kernel can't run (see `native_ready`); the caller then takes the module path."""
+        nk = native.kernels()
+        if nk is None or not self.native_ready(x2):
+            return None
+        return getattr(nk, self._kernel)(x2.contiguous(), self.weight, getattr(self, self._scales), self.bias,
+                                         None if norm is None else norm.weight,
+                                         0.0 if norm is None else norm.eps, silu_mul, residual)
+
+    def native_args(self) -> tuple:
+        """(kernel, weight, scales, bias): kernel(x, weight, scales, bias, norm_weight, eps, silu_mul,
+        residual) is `native_forward` without its checks, for the fused decode loop."""
+        nk = native.kernels()
+        assert nk is not None
+        return getattr(nk, self._kernel), self.weight, getattr(self, self._scales), self.bias
+
+
+class Int8Linear(_NativeKernel, nn.Module):
     """y = (x @ weight.T) · weight_scale + bias, weight int8 [out, in], one scale per output row."""
+
+    _kernel, _scales = "int8_linear", "weight_scale"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
@@ -213,26 +248,6 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, scale_dtype={self.weight_scale.dtype}")
-
-    def native_forward(self, x2: torch.Tensor, *, norm: nn.Module | None = None, silu_mul: bool = False,
-                       residual: torch.Tensor | None = None) -> torch.Tensor | None:
-        """y = self(x2) on the native kernel, with the input transform and the residual add fused in:
-        `norm` (an RMSNorm with `weight` and `eps`) normalizes x2 first; `silu_mul` takes x2 = [gate | up]
-        ([M, 2·in_features]) and uses silu(gate)·up; `residual` ([M, out]) is added to the result. Returns None
-        where the native kernel can't run (see `native_ready`); the caller then takes the module path."""
-        nk = native.kernels()
-        if nk is None or not self.native_ready(x2):
-            return None
-        return nk.int8_linear(x2.contiguous(), self.weight, self.weight_scale, self.bias,
-                              None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-                              silu_mul, residual)
-
-    def native_args(self) -> tuple:
-        """(kernel, weight, scales, bias): kernel(x, weight, scales, bias, norm_weight, eps, silu_mul,
-        residual) is `native_forward` without its checks, for the fused decode loop."""
-        nk = native.kernels()
-        assert nk is not None
-        return nk.int8_linear, self.weight, self.weight_scale, self.bias
 
     def native_ready(self, x2: torch.Tensor) -> bool:
         return (x2.is_cpu and self.weight.is_cpu and x2.shape[0] <= NATIVE_MAX_ROWS and x2.dtype in _NATIVE_DTYPES
@@ -272,8 +287,10 @@ class Int8Linear(nn.Module):
         return y.to(x2.dtype)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_NativeKernel, nn.Module):
     """Group-wise int4 linear on PyTorch's tinygemm kernels; `weight` is in the kernel's packed layout."""
+
+    _kernel, _scales = "int4_linear", "scales_and_zeros"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, group_size: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
@@ -333,23 +350,6 @@ class Int4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}, "
                 f"scale_dtype={self.scales_and_zeros.dtype}")
-
-    def native_forward(self, x2: torch.Tensor, *, norm: nn.Module | None = None, silu_mul: bool = False,
-                       residual: torch.Tensor | None = None) -> torch.Tensor | None:
-        """As `Int8Linear.native_forward`: the native kernel with the input transform and residual fused."""
-        nk = native.kernels()
-        if nk is None or not self.native_ready(x2):
-            return None
-        return nk.int4_linear(x2.contiguous(), self.weight, self.scales_and_zeros, self.bias,
-                              None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-                              silu_mul, residual)
-
-    def native_args(self) -> tuple:
-        """(kernel, weight, scales, bias): kernel(x, weight, scales, bias, norm_weight, eps, silu_mul,
-        residual) is `native_forward` without its checks, for the fused decode loop."""
-        nk = native.kernels()
-        assert nk is not None
-        return nk.int4_linear, self.weight, self.scales_and_zeros, self.bias
 
     def native_ready(self, x2: torch.Tensor) -> bool:
         return (self.packed_for == "cpu-native" and x2.is_cpu and x2.shape[0] <= INT4_NATIVE_MAX_ROWS
