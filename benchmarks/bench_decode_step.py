@@ -12,12 +12,27 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from glmstack import load
 from glmstack.engine.core import EngineCore
 from glmstack.protocol import SamplingParams
+
+
+def _timed(fn: Callable[..., Any], total: list[float]) -> Callable[..., Any]:
+    """`fn`, adding the seconds each call takes to total[0]."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - started
+
+    return timed
 
 
 def main() -> None:
@@ -33,23 +48,8 @@ def main() -> None:
     ids = model.chat_format.render([{"role": "user", "content": "Write a long story about a dragon."}]).token_ids
 
     runner_seconds, forward_seconds = [0.0], [0.0]
-    execute, forward = core.runner.execute, model.module.forward
-
-    def timed_execute(*a, **k):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        try:
-            return execute(*a, **k)
-        finally:
-            runner_seconds[0] += time.perf_counter() - started
-
-    def timed_forward(*a, **k):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        try:
-            return forward(*a, **k)
-        finally:
-            forward_seconds[0] += time.perf_counter() - started
-
-    core.runner.execute, model.module.forward = timed_execute, timed_forward
+    core.runner.execute = _timed(core.runner.execute, runner_seconds)
+    model.module.forward = _timed(model.module.forward, forward_seconds)
     core.add_request("warm-up", ids, SamplingParams(do_sample=False, max_tokens=16))
     while core.has_work():
         core.step()

@@ -17,19 +17,13 @@ from glmstack.engine.models.llama import permute_qk
 TOL = 1e-4
 
 
+# Both tiny models share this shape: small enough to build in milliseconds, with grouped-query attention.
+TINY_SHAPE = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+
+
 def tiny_llama(**overrides) -> transformers.PreTrainedModel:
-    cfg = dict(
-        vocab_size=160,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
+    cfg = dict(TINY_SHAPE, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     cfg.update(overrides)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
@@ -38,16 +32,7 @@ def tiny_llama(**overrides) -> transformers.PreTrainedModel:
 
 def tiny_qwen2() -> transformers.PreTrainedModel:
     torch.manual_seed(1)
-    cfg = transformers.Qwen2Config(
-        vocab_size=160,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    cfg = transformers.Qwen2Config(**TINY_SHAPE, tie_word_embeddings=True)
     model = transformers.Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():  # random biases so a dropped bias would show
         for layer in model.model.layers:
