@@ -149,7 +149,8 @@ class Authenticator:
         self.runs_inline = store.dialect == "sqlite"
 
     def authenticate(self, authorization: str | None) -> Caller:
-        """Blocking (database reads): call from a worker thread."""
+        """Blocking (a database read unless the key was verified within the last second): called inline on
+        SQLite, from a worker thread otherwise (see `runs_inline`)."""
         try:
             return self._verify(authorization)
         except PlatformError:

@@ -131,11 +131,13 @@ class KeyStore:
         """True if an active key was revoked; False if the id is unknown or already revoked."""
         if not well_formed_id(key_id):
             return False
-        self._forget()
         with self._db.write() as conn:
             result = conn.execute(update(api_keys)
                                   .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                                   .values(revoked_at=datetime.now(UTC)))
+        # After the write, so every lookup from here on reads the revocation (one that read just before it
+        # may still remember the key, for at most VERIFIED_TTL_S).
+        self._forget()
         return result.rowcount == 1
 
     def list(self) -> list[KeyRecord]:
