@@ -243,6 +243,32 @@ def test_usage_writer_tallies_many_threads_into_few_writes(database_url: str, st
         writer.add(key.id, "glm-4", 1, 1)
 
 
+def test_usage_writer_gathers_one_request_after_another_into_one_write(store: Store):
+    """Requests that end one after another (a single client) share a write: the writer gathers for
+    GATHER_SECONDS after the first. A flush does not wait for the gathering to end."""
+    key, _ = store.keys.create("g")
+    writer = UsageWriter(store.usage)
+    writer.GATHER_SECONDS = 3600.0  # only a flush (or close) can end this gathering
+    calls: list[int] = []
+    record = store.usage.record
+
+    def counting_record(*args, **kwargs) -> None:
+        calls.append(kwargs.get("requests", 1))
+        record(*args, **kwargs)
+
+    store.usage.record = counting_record  # type: ignore[method-assign]
+    for _ in range(20):
+        writer.add(key.id, "glm-4", 2, 3)
+        time.sleep(0.005)
+    assert calls == []  # still gathering
+    assert writer.flush(timeout=30)
+    assert calls == [20]
+    assert store.usage.report(key.id) == [UsageRow(key.id, "glm-4", 20, 40, 60)]
+    writer.add(key.id, "glm-4", 1, 1)
+    writer.close()  # ends the next gathering too, and writes it
+    assert calls == [20, 1]
+
+
 def test_usage_writer_keeps_usage_through_a_database_outage(store: Store):
     """A database that refuses writes for a while delays the usage rows; nothing is lost, and close()
     writes what is still pending."""

@@ -79,10 +79,16 @@ class UsageWriter:
     also keeps SQLite's single writer free for everything else. When the database refuses (PostgreSQL
     down), the tally is kept and retried, so an outage delays usage rows instead of losing them. `flush`
     waits until everything added so far is written; `close` flushes and stops the thread. What a process
-    that is killed outright had not yet written (at most the last few milliseconds' requests) is lost.
+    that is killed outright had not yet written (at most the last `GATHER_SECONDS`' requests) is lost.
+
+    The thread gathers for `GATHER_SECONDS` after the first request of a batch before it writes. Writing
+    after every request cost ~3 ms of CPU (SQLAlchemy + SQLite) per request, taken from the engine's
+    threads on a small machine just as the next request's prefill ran; gathered, one write serves every
+    request of that half second.
     """
 
     RETRY_SECONDS = 1.0
+    GATHER_SECONDS = 0.5
 
     def __init__(self, store: UsageStore) -> None:
         self._store = store
@@ -90,6 +96,7 @@ class UsageWriter:
         self._added = self._written = 0  # requests added / written, for flush
         self._changed = threading.Condition()
         self._stopping = False
+        self._wanted = 0  # requests a flush waits for: while some are unwritten, the writer doesn't gather
         self._thread: threading.Thread | None = None
 
     def add(self, key_id: str | None, model: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -97,6 +104,7 @@ class UsageWriter:
         with self._changed:
             if self._stopping:
                 raise RuntimeError("the usage writer is closed")
+            first = not self._pending
             self._pending[(slot, "requests")] += 1
             self._pending[(slot, "prompt_tokens")] += prompt_tokens
             self._pending[(slot, "completion_tokens")] += completion_tokens
@@ -104,12 +112,15 @@ class UsageWriter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="glmstack-usage", daemon=True)
                 self._thread.start()
-            self._changed.notify_all()
+            if first:  # wakes the writer; the rest of the batch joins it while it gathers
+                self._changed.notify_all()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Waits until every request added before the call is in the database; False on timeout."""
         with self._changed:
             target = self._added
+            self._wanted = max(self._wanted, target)
+            self._changed.notify_all()
             return self._changed.wait_for(lambda: self._written >= target, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -126,6 +137,7 @@ class UsageWriter:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending or self._stopping)
+                self._changed.wait_for(lambda: self._stopping or self._wanted > self._written, self.GATHER_SECONDS)
                 if not self._pending:
                     return  # stopping, and nothing left
                 batch, self._pending = self._pending, Counter()
