@@ -6,8 +6,13 @@ fails these tests.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -47,6 +52,26 @@ def aten_only():
     native.set_enabled(previous)
 
 
+@contextlib.contextmanager
+def int4_kernel_path(nk, path: str) -> Iterator[str]:
+    """int4_linear on `path`: "fp32" (fp32 activations) or "vnni" (int8 activations + AVX512-VNNI; skips the
+    test where the CPU has no VNNI)."""
+    if path == "vnni" and not nk.int4_vnni_supported():
+        pytest.skip("the CPU has no AVX512-VNNI")
+    previous = nk.set_int4_vnni(path == "vnni")
+    try:
+        yield path
+    finally:
+        nk.set_int4_vnni(previous)
+
+
+@pytest.fixture(params=["fp32", "vnni"])
+def int4_path(request, nk) -> Iterator[str]:
+    """Runs the test on each int4_linear path."""
+    with int4_kernel_path(nk, request.param) as path:
+        yield path
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
 
@@ -63,6 +88,37 @@ def ref_input(x: torch.Tensor, norm_w: torch.Tensor | None, silu_mul: bool, eps:
     if norm_w is not None:
         x = F.rms_norm(x, (x.shape[-1],), norm_w.float(), eps)
     return x
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (fp32 [M, K]) as the VNNI int4 path sees it: per block of 32 inputs, dx = max|x| / 127 and
+    x^ = dx * round(x * (127 / max|x|)), in the kernel's fp32 operations; blocks under 1e-30 become 0."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    live = amax >= 1e-30
+    inv = torch.where(live, 127 / amax, torch.zeros_like(amax))
+    codes = (blocks * inv).round()
+    return (codes * (amax / 127)).reshape(m, k)
+
+
+def int8_activation_bound(x: torch.Tensor, w: torch.Tensor) -> float:
+    """The most ||x^ w.T - x w.T||_F (Frobenius, over all outputs) that int8 activations can add: rounding
+    to the nearest code moves each element by at most dx_b / 2 (dx_b = max|x| over its block / 127), so the
+    error matrix E = x^ - x has ||E||_F <= ||dx / 2||_F, and ||E w.T||_F <= ||w||_2 ||E||_F (spectral norm)."""
+    m, k = x.shape
+    half_dx = x.float().reshape(m, k // 32, 32).abs().amax(-1) / 127 / 2
+    return torch.linalg.matrix_norm(w.float(), ord=2).item() * half_dx.norm().item() * math.sqrt(32)
+
+
+def int4_close(y: torch.Tensor, ref: torch.Tensor, x_in: torch.Tensor, w: torch.Tensor, path: str) -> bool:
+    """y against the exact fp32 reference: within tol(y.dtype) on the fp32 path; on the VNNI path within
+    the int8-activation bound above (x_in: the fp32 input the kernel quantizes), plus the same rounding."""
+    err, size = (y.float() - ref.float()).norm().item(), ref.float().norm().item()
+    allowed = tol(y.dtype) * size
+    if path == "vnni":
+        allowed += int8_activation_bound(x_in, w)
+    return err <= allowed
 
 
 # ---- int8 / int4 GEMV against the dequantized fp32 matmul --------------------------------------------------
@@ -89,21 +145,91 @@ def test_int8_linear_matches_dequantized_reference(nk, m, k, n, dtype, bias) -> 
                                          (8, 576, 17, 64), (4, 1536, 1, 32), (4, 1536, 1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
-def test_int4_linear_matches_dequantized_reference(nk, m, k, n, group, dtype, scale_dtype) -> None:
+def test_int4_linear_matches_dequantized_reference(nk, int4_path, m, k, n, group, dtype, scale_dtype) -> None:
+    """Each path computes exactly what it approximates: the VNNI path w . x^ (x as int8 blocks), the fp32
+    path w . x, both to fp32 rounding (bf16 rounding of the output)."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     weights = quantize_int4(torch.randn(n, k, generator=g), group, scale_dtype)
     packed, sz = pack_int4_native(weights, scale_dtype)
     bias = torch.randn(n, generator=g)
     x = torch.randn(m, k, generator=g).to(dtype)
     y = nk.int4_linear(x, packed, sz, bias)
-    ref = F.linear(x.float(), weights.dequantize(), bias)
+    x_seen = int8_activations(x.float()) if int4_path == "vnni" else x.float()
+    ref = F.linear(x_seen, weights.dequantize(), bias)
     assert y.dtype == dtype and rel_err(y, ref) < tol(dtype)
+
+
+# K = 576 and 160 end in a short chunk (64 and 32 inputs past the last 128); group 192 puts group boundaries
+# inside a chunk; 128 and 256 have one scale per chunk.
+@pytest.mark.parametrize("k,group", [(576, 32), (576, 64), (160, 32), (640, 128), (768, 256), (576, 192)])
+@pytest.mark.parametrize("m", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_vnni_against_fp32_path_and_reference(nk, k, group, m, dtype) -> None:
+    g = torch.Generator().manual_seed(k * 10 + group + m)
+    n = 38  # 9 tiles of 4 weight rows, then 2 single rows
+    weights = quantize_int4(torch.randn(n, k, generator=g), group, torch.bfloat16)
+    packed, sz = pack_int4_native(weights, torch.bfloat16)
+    w = weights.dequantize()
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    with int4_kernel_path(nk, "vnni"):
+        vnni = nk.int4_linear(x, packed, sz, bias)
+    with int4_kernel_path(nk, "fp32"):
+        fp32 = nk.int4_linear(x, packed, sz, bias)
+    exact = F.linear(x.float(), w, bias)
+    assert rel_err(fp32, exact) < tol(dtype)
+    assert rel_err(vnni, F.linear(int8_activations(x.float()), w, bias)) < tol(dtype)
+    assert int4_close(vnni, exact, x.float(), w, "vnni")
+    assert int4_close(vnni, fp32, x.float(), w, "vnni")  # the two paths differ by the activation rounding only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_vnni_outlier_and_zero_blocks(nk, dtype) -> None:
+    """A block whose scale comes from one huge element (its other inputs round to 0 or near it), an all-zero
+    block (dx = 0: no 0/0) and an all-zero row: finite, and the same answer as w . x^ and within the bound."""
+    g = torch.Generator().manual_seed(11)
+    m, k, n = 4, 576, 20
+    weights = quantize_int4(torch.randn(n, k, generator=g), 32, torch.bfloat16)
+    packed, sz = pack_int4_native(weights, torch.bfloat16)
+    w = weights.dequantize()
+    x = torch.randn(m, k, generator=g)
+    x[0, 70] = 3e4  # an outlier (as in some LLM activation channels), in block 2 of row 0
+    x[1, 32:64] = 0  # a zero block
+    x[1, 544:] = 0  # a zero block in the short last chunk
+    x[2] = 0  # a zero row: y is the bias
+    x[3, :32] = 1e-35  # a block below the kernel's 1e-30 floor: dropped, not divided by
+    x = x.to(dtype)
+    bias = torch.randn(n, generator=g)
+    with int4_kernel_path(nk, "vnni"):
+        y = nk.int4_linear(x, packed, sz, bias)
+    assert torch.isfinite(y).all()
+    exact = F.linear(x.float(), w, bias)
+    assert rel_err(y, F.linear(int8_activations(x.float()), w, bias)) < tol(dtype)
+    assert int4_close(y, exact, x.float(), w, "vnni")
+    assert torch.equal(y[2].float(), bias.to(dtype).float())
+
+
+def test_int4_vnni_env_switch(nk) -> None:
+    """GLMSTACK_INT4_VNNI=0 puts int4_linear on the fp32 path; set_int4_vnni can't turn VNNI on without it."""
+    code = "from glmstack.engine import native; print(native.kernels().int4_path())"
+    env = {**os.environ, "GLMSTACK_INT4_VNNI": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "fp32"
+    with int4_kernel_path(nk, "fp32"):
+        assert nk.int4_path() == "fp32"
+        nk.set_int4_vnni(True)
+        assert nk.int4_path() == ("vnni" if nk.int4_vnni_supported() else "fp32")
 
 
 @pytest.mark.parametrize("fuse", ["norm", "silu_mul", "residual", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_fused_input_transforms_and_residual(nk, fuse, dtype, bits) -> None:
+@pytest.mark.parametrize("bits,path", [(8, "fp32"), (4, "fp32"), (4, "vnni")])  # int8 has one path
+def test_fused_input_transforms_and_residual(nk, fuse, dtype, bits, path) -> None:
+    with int4_kernel_path(nk, path):
+        check_fused_input_transforms(nk, fuse, dtype, bits, path)
+
+
+def check_fused_input_transforms(nk, fuse: str, dtype: torch.dtype, bits: int, int4_path: str) -> None:
     g = torch.Generator().manual_seed(7)
     m, k, n = 3, 96, 48
     linear = nn.Linear(k, n, bias=True)
@@ -122,11 +248,15 @@ def test_fused_input_transforms_and_residual(nk, fuse, dtype, bits) -> None:
     use_norm = fuse in ("norm", "all")
     y = module.native_forward(x, norm=norm if use_norm else None, silu_mul=silu_mul, residual=residual)
     assert y is not None
-    ref = F.linear(ref_input(x, norm.weight.detach() if use_norm else None, silu_mul, 1e-5), w_ref,
-                   linear.bias.detach())
+    x_in = ref_input(x, norm.weight.detach() if use_norm else None, silu_mul, 1e-5)
+    ref = F.linear(x_in, w_ref, linear.bias.detach())
     if residual is not None:
         ref = ref + residual.float()
-    assert y.dtype == dtype and rel_err(y, ref) < tol(dtype) * 2
+    assert y.dtype == dtype
+    if bits == 8 or int4_path == "fp32":
+        assert rel_err(y, ref) < tol(dtype) * 2
+    else:  # x^ from the kernel's own transform of x, so the bound rather than x^ of ours (a tie may round apart)
+        assert int4_close(y, ref, x_in, w_ref, int4_path)
 
 
 def test_bad_shapes_raise(nk) -> None:
@@ -159,7 +289,12 @@ def test_modules_agree_with_and_without_native(bits, rows) -> None:
     finally:
         native.set_enabled(previous)
     native_rows = NATIVE_MAX_ROWS if bits == 8 else INT4_NATIVE_MAX_ROWS
-    assert rel_err(fast, ref) < 1e-5 if rows <= native_rows else rel_err(fast, ref) < 1e-2
+    if rows > native_rows:
+        assert rel_err(fast, ref) < 1e-2  # a bf16 GEMM
+    elif bits == 4 and native.kernels().int4_path() == "vnni":  # type: ignore[union-attr]
+        assert int4_close(fast, ref, x, w_ref, "vnni")
+    else:
+        assert rel_err(fast, ref) < 1e-5
     assert rel_err(fallback, ref) < 1e-2
 
 

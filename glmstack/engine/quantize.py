@@ -54,9 +54,10 @@ from glmstack.engine import native
 log = logging.getLogger(__name__)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# Group 32 (as GGUF Q4_0/Q4_1): 0.625 bytes per weight against 0.53 for group 128, and the CPU kernel is
-# compute-bound, not byte-bound, so no slower. On the bundled SmolLM2 (a Q4_1 GGUF) group 32 reproduces the
-# file's own grid (KL 0.005 to bf16) where group 128 requantizes it (KL 0.38, perplexity 53 -> 78).
+# Group 32 (as GGUF Q4_0/Q4_1): 0.625 bytes per weight against 0.53 for group 128, so ~18% more to read on
+# the native kernel's AVX512-VNNI path, which runs at memory bandwidth (its fp32 path is compute-bound: no
+# slower). On the bundled SmolLM2 (a Q4_1 GGUF) group 32 reproduces the file's own grid (KL 0.005 to bf16)
+# where group 128 requantizes it (KL 0.38, perplexity 53 -> 78).
 DEFAULT_GROUP_SIZE = 32
 # From this many activation rows on, dequantize-then-GEMM beats the fused CPU kernels (measured with
 # benchmarks/bench_quant_kernels.py --m N on AVX-512 + AMX); decode (a row per sequence) takes the fused ones.

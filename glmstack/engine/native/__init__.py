@@ -9,6 +9,11 @@ Threads come from ATen's pool (`at::parallel_for`), so `torch.set_num_threads` g
 
 `kernels()` returns the module, or None when it cannot be used — no AVX-512, no compiler, a failed build,
 or `GLMSTACK_NATIVE=0` — after logging the reason once; callers then take the ATen path.
+
+The int4 GEMV quantizes activations to int8 (blocks of 32) and uses AVX512-VNNI where the CPU has it
+(checked at run time), otherwise it works on fp32 activations. `GLMSTACK_INT4_VNNI=0` (read when the
+module is loaded) or `kernels().set_int4_vnni(False)` selects the fp32 path anyway, e.g. to compare the two;
+`kernels().int4_path()` says which is in use ("vnni" or "fp32").
 """
 
 from __future__ import annotations
@@ -34,9 +39,13 @@ _state: dict[str, ModuleType | None] = {}
 _enabled = True  # tests flip this (set_enabled) to exercise the ATen fallback
 
 
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def unavailable_reason() -> str | None:
     """Why the native kernels cannot be built here, without trying to build them."""
-    if os.environ.get("GLMSTACK_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _env_off("GLMSTACK_NATIVE"):
         return "disabled by GLMSTACK_NATIVE=0"
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability:
@@ -69,8 +78,8 @@ def _build() -> ModuleType | None:
 
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(name=f"glmstack_native_{_key()}", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
-                                  extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
+        module = cpp_extension.load(name=f"glmstack_native_{_key()}", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+                                    extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compile error: everything still runs on ATen
         lines = str(exc).strip().splitlines()
         detail = next((line for line in lines if "error" in line.lower() and "Error building" not in line),
@@ -78,6 +87,10 @@ def _build() -> ModuleType | None:
         log.warning("native decode kernels unavailable (%s: %s); using the ATen kernels",
                     type(exc).__name__, detail.strip()[:500])
         return None
+    if _env_off("GLMSTACK_INT4_VNNI"):
+        module.set_int4_vnni(False)
+    log.info("native decode kernels ready (int4 path: %s)", module.int4_path())
+    return module
 
 
 def kernels() -> ModuleType | None:

@@ -2,13 +2,17 @@
 //
 // - int8_linear: y = (x @ w.T) * scale (+ bias) (+ residual); w int8 [N, K], one scale per row.
 // - int4_linear: the same for group-wise asymmetric int4, w = (q - 8) * s + z per group of G inputs, codes
-//   packed 16 bytes per 32 inputs: byte j holds input j (low nibble) and input j + 16 (high nibble).
+//   packed 16 bytes per 32 inputs: byte j holds input j (low nibble) and input j + 16 (high nibble). Where
+//   the CPU has AVX512-VNNI (checked at run time) x is quantized to int8 per block of 32 inputs, once per
+//   call, and nibbles x int8 are summed in int32 by VPDPBUSD (llama.cpp's Q4 x Q8 dot), which reads the
+//   weights at memory speed; elsewhere, or after set_int4_vnni(false), nibbles are converted to fp32.
 // Both take an optional input transform, fused so decode makes one call instead of three:
 //   norm_weight: x <- rms_norm(x) * norm_weight (the layer's RMSNorm before the projection)
 //   silu_mul:    x is [M, 2K] = [gate | up], x <- silu(gate) * up (the MLP's activation before down_proj)
 // - decode_attention: rotary on q/k, KV-cache write, and attention over each sequence's paged context, for
 //   sequences decoding one token each.
-// Activations are converted to fp32 once per call; all accumulation is fp32. Threads come from ATen's pool.
+// Activations are converted to fp32 once per call (and for int4 on VNNI then to int8); accumulation is fp32
+// (int32 within a 128-input chunk on VNNI). Threads come from ATen's pool.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,7 +21,10 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -247,6 +254,8 @@ inline __m512 loadv(const at::BFloat16* p, __mmask16 mask) {
 // Weights: uint8 [N, K/2], 16 bytes per 32 inputs (byte j: input j low nibble, input j + 16 high nibble).
 // Scales and zeros: [N, 2, K/G] (a row of scales, then a row of zeros), fp32 or bf16; w = (q - 8) s + z.
 // Per group g of a row: y += s_g (q . x)_g + (z_g - 8 s_g) xsum_g, xsum_g = sum of x over the group.
+// Two inner loops: int4_tile_vnni (int8 activations, AVX512-VNNI; the default where the CPU has it) and
+// int4_tile_fp32 (fp32 activations; elsewhere, or when set_int4_vnni(false) asks for it).
 
 // Nibbles -> fp32, FMA with x, the group's scale applied once per group. (A VDPBF16PS variant, with codes
 // turned into bf16 by OR-ing 0x4300 in and x split into two bf16 halves, measured no faster here: the
@@ -294,6 +303,224 @@ inline void int4_tile_fp32(const float* x, const float* xsum, int64_t K, int64_t
     for (int r = 0; r < NT; ++r) ep.store(m0 + m, n0 + r, _mm512_reduce_add_ps(acc[m][r]) + zacc[m][r]);
 }
 
+// ---- int4 x int8 (AVX512-VNNI) ----------------------------------------------------------------------------
+//
+// Converting every nibble to fp32 keeps int4_tile_fp32 compute-bound: on 2 cores it moves packed weights at
+// 6-11 GB/s where int8 moves 12-17 (benchmarks/bench_native_stream.py), so int4 decode was no faster than
+// int8 for half the bytes. As llama.cpp's Q4 x Q8 dot does, x is instead quantized to int8 once per call,
+// in blocks of 32 inputs (dx_b = max|x| / 127), and VPDPBUSD multiplies unsigned nibbles by signed int8
+// activations, summing each 4 products into an int32 lane: 128 weights of a row cost a load, three logic
+// ops, a scale load and permute, and per activation row two VPDPBUSD, a convert, a multiply and an FMA:
+// under half the fp32 loop's instructions per weight, and the weights stream at memory bandwidth.
+//
+// Activation layout, per row of x: 128 bytes per 128 inputs (4 blocks): bytes 0..63 hold inputs 0..15 of
+// blocks 0..3, bytes 64..127 inputs 16..31 of blocks 0..3. One 64-byte weight load covers the same 128
+// inputs (16 bytes per block); its low nibbles pair with the first 64 bytes and its high nibbles with the
+// second, so int32 lane l sums inputs of block l / 4 only, and a per-lane fp32 scale s_group * dx_block
+// finishes it. A last chunk of 32, 64 or 96 inputs (K = 576 is 4.5 chunks) is a masked weight load
+// against zero-padded activations.
+//
+// The error this adds is that of rounding each x to within dx_b / 2, as llama.cpp's Q8 activations: the
+// result is w . x^ with x^ = dx_b * xq (see QuantizedX::xsum for why the zero term uses x^ as well).
+
+constexpr int64_t QBLOCK = 32;   // inputs per activation scale
+constexpr int64_t QCHUNK = 128;  // inputs per 64-byte weight load
+
+inline int64_t q_chunks(int64_t K) { return (K + QCHUNK - 1) / QCHUNK; }
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();  // may run from a static initializer, before libgcc's own
+  return __builtin_cpu_supports("avx512vnni");
+}
+
+const bool kCpuHasVnni = cpu_has_vnni();
+std::atomic<bool> use_int4_vnni{kCpuHasVnni};  // set_int4_vnni(false) forces the fp32 path (tests, benchmarks)
+
+// Everything int4_tile_vnni reads besides the weights, built once per call.
+struct QuantizedX {
+  const int8_t* q;   // [M, chunks * 128] in the layout above, zero past K
+  const float* dx;   // [M, chunks * 16]: lane l of chunk c holds dx of block 4c + l / 4 (0 past K)
+  // [M, chunks * 16]: -8 x the sum of the 8 codes lane l of chunk c multiplies. The int32 dot starts from
+  // it, so it yields (q - 8) . xq exactly, and the zero term needs no scales: only z_g xsum_g is left.
+  const int32_t* minus8;
+  // [M, K / G]: the group's sum of x^ = dx_b * xq, not of x (as llama.cpp's Q8_1 blocks). The kernel then
+  // computes w . x^ exactly (to fp32 rounding): error sum_k w_k (x^_k - x_k), a plain dot that tests can
+  // check. With the sum of x it would be sum_k (w_k - z_g)(x^_k - x_k), and z_g = min + 8 s_g is not the
+  // centre of a near-zero-mean group: 7% more error on SmolLM2's projections with its own activations
+  // (less only for groups far from zero mean).
+  const float* xsum;
+  // Which weight scales a chunk's lanes take (the same for every row): lane l covers block 4c + l / 4, in
+  // group (128c + 32 (l / 4)) / G. A chunk touches at most 4 groups (G >= 32): one masked load of them
+  // from group first[c], spread over the lanes with VPERMPS by idx (relative to first[c]).
+  const int32_t* idx;    // [chunks * 16]
+  const int64_t* first;  // [chunks]
+  const uint8_t* mask;   // [chunks]: the groups the chunk touches, as a load mask
+};
+
+// Blocks with max|x| below 1e-30 (all-zero ones among them) get dx = 0 and codes 0: 127 / max|x| stays
+// finite, nothing divides 0 by 0, and what is dropped is below 32e-30 |w| per block.
+void quantize_row_q8(const float* x, int64_t K, int64_t G, int8_t* q, float* dx, int32_t* minus8, float* xsum) {
+  const int64_t chunks = q_chunks(K);
+  std::memset(q, 0, chunks * QCHUNK);
+  std::fill(dx, dx + chunks * 16, 0.f);
+  std::fill(minus8, minus8 + chunks * 16, 0);
+  std::fill(xsum, xsum + K / G, 0.f);
+  for (int64_t b = 0; b < K / QBLOCK; ++b) {
+    const __m512 lo = _mm512_loadu_ps(x + b * QBLOCK), hi = _mm512_loadu_ps(x + b * QBLOCK + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    if (amax < 1e-30f) continue;
+    const __m512 inv = _mm512_set1_ps(127.f / amax);
+    // round to nearest (MXCSR's default); |x| * 127 / max|x| <= 127 up to rounding, and the pack saturates
+    const __m512i ql = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qh = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+    int8_t* dst = q + (b / 4) * QCHUNK + (b % 4) * 16;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(ql));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64), _mm512_cvtsepi32_epi8(qh));
+    const float d = amax / 127.f;
+    // Lane 4 (b % 4) + i of chunk b / 4 multiplies inputs 4i..4i+3 and 16+4i..16+4i+3 of the block.
+    alignas(64) int32_t pairs[16];
+    _mm512_store_si512(pairs, _mm512_add_epi32(ql, qh));
+    int32_t total = 0;
+    for (int i = 0; i < 4; ++i) {
+      const int32_t lane = pairs[4 * i] + pairs[4 * i + 1] + pairs[4 * i + 2] + pairs[4 * i + 3];
+      dx[b * 4 + i] = d;
+      minus8[b * 4 + i] = -8 * lane;
+      total += lane;
+    }
+    xsum[b * QBLOCK / G] += d * static_cast<float>(total);
+  }
+}
+
+// Quantizes the M rows of x (fp32 [M, K]) into a per-thread buffer that later calls reuse: three tensors
+// and three vectors a call cost about 1 us, a tenth of a small decode GEMV. Valid until the next call on
+// this thread.
+QuantizedX quantize_activations(const float* x, int64_t M, int64_t K, int64_t G) {
+  thread_local std::vector<uint64_t> buffer;
+  const int64_t chunks = q_chunks(K), groups = K / G;
+  auto padded = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
+  const int64_t q_bytes = M * chunks * QCHUNK, lanes_bytes = M * chunks * 16 * 4,
+                xsum_bytes = padded(M * groups * 4), idx_bytes = chunks * 16 * 4, first_bytes = chunks * 8,
+                mask_bytes = chunks;
+  buffer.resize((q_bytes + 2 * lanes_bytes + xsum_bytes + idx_bytes + first_bytes + mask_bytes + 64) / 8 + 1);
+  char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) / 64 * 64);
+  int8_t* q = reinterpret_cast<int8_t*>(p);
+  float* dx = reinterpret_cast<float*>(p += q_bytes);
+  int32_t* minus8 = reinterpret_cast<int32_t*>(p += lanes_bytes);
+  float* xsum = reinterpret_cast<float*>(p += lanes_bytes);
+  int32_t* idx = reinterpret_cast<int32_t*>(p += xsum_bytes);
+  int64_t* first = reinterpret_cast<int64_t*>(p += idx_bytes);
+  uint8_t* mask = reinterpret_cast<uint8_t*>(p + first_bytes);
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row_q8(x + m * K, K, G, q + m * chunks * QCHUNK, dx + m * chunks * 16, minus8 + m * chunks * 16,
+                    xsum + m * groups);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t g0 = c * QCHUNK / G, g1 = (std::min(K, (c + 1) * QCHUNK) - 1) / G;
+    first[c] = g0;
+    mask[c] = static_cast<uint8_t>((1u << (g1 - g0 + 1)) - 1u);
+    for (int l = 0; l < 16; ++l) idx[c * 16 + l] = static_cast<int32_t>((c * QCHUNK + (l / 4) * QBLOCK) / G - g0);
+  }
+  return {q, dx, minus8, xsum, idx, first, mask};
+}
+
+// Up to 4 consecutive scales from p[i], spread over 16 lanes: fp32 by VPERMPS with idx, bf16 by VPERMW with
+// idx16 (= idx << 16: each lane's high word takes the bf16, its low word is zeroed) - one op, not three.
+inline __m512 load_lane_scales(const void* p, int64_t i, bool bf16, __mmask8 mask, __m512i idx, __m512i idx16) {
+  if (bf16) {
+    const __m128i h = _mm_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
+    return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, idx16, _mm512_castsi128_si512(h)));
+  }
+  const __m128 v = _mm_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+}
+
+inline __m512 load16(const void* p, int64_t i, bool bf16, __mmask16 mask) {
+  return bf16 ? loadv(static_cast<const at::BFloat16*>(p) + i, mask) : loadv(static_cast<const float*>(p) + i, mask);
+}
+
+// The sums of a, b, c, d in lanes 0, 4, 8, 12: 9 shuffles and adds for four rows, where four
+// _mm512_reduce_add_ps take 28 (at K = 576 that was a tenth of the tile's instructions).
+inline __m512 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // 128-bit quarters: [a0+a2, a1+a3, b0+b2, b1+b3] and the same for c, d
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  // quarters: [a, b, c, d], four partial sums each
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));  // + the other pair of the quarter
+  return _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));            // + the neighbour
+}
+
+template <int MT, int NT>
+__attribute__((target("avx512vnni"))) void int4_tile_vnni(const QuantizedX& qx, int64_t K, int64_t G,
+                                                          const uint8_t* w, const void* sz, bool sz_bf16,
+                                                          int64_t m0, int64_t n0, const Epilogue& ep) {
+  const int64_t chunks = q_chunks(K), full = K / QCHUNK, groups = K / G;
+  const __mmask64 tail = (uint64_t{1} << ((K % QCHUNK) / 2)) - 1;  // the bytes of a short last chunk
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[MT][NT];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int8_t* xq = qx.q;
+  const float *dx = qx.dx, *xsum = qx.xsum;
+  const int32_t* minus8 = qx.minus8;
+  const int32_t* idx = qx.idx;
+  const int64_t* first = qx.first;
+  const uint8_t* gmask = qx.mask;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __mmask64 wmask = c < full ? ~__mmask64{0} : tail;
+    const __m512i lanes = _mm512_loadu_si512(idx + c * 16), lanes16 = _mm512_slli_epi32(lanes, 16);
+    __m512i lo[NT], hi[NT];
+    __m512 sv[NT];
+    for (int r = 0; r < NT; ++r) {
+      const uint8_t* p = w + (n0 + r) * (K / 2) + c * (QCHUNK / 2);
+      _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
+      const __m512i b = _mm512_maskz_loadu_epi8(wmask, p);
+      lo[r] = _mm512_and_si512(b, nibble);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+      sv[r] = load_lane_scales(sz, (n0 + r) * 2 * groups + first[c], sz_bf16, gmask[c], lanes, lanes16);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* xr = xq + ((m0 + m) * chunks + c) * QCHUNK;
+      const __m512i xl = _mm512_loadu_si512(xr), xh = _mm512_loadu_si512(xr + 64);
+      const __m512 dv = _mm512_loadu_ps(dx + ((m0 + m) * chunks + c) * 16);
+      const __m512i d0 = _mm512_loadu_si512(minus8 + ((m0 + m) * chunks + c) * 16);
+      for (int r = 0; r < NT; ++r) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d0, lo[r], xl), hi[r], xh);  // (q - 8) . xq
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv[r], dv), acc[m][r]);
+      }
+    }
+  }
+  // The zero term sum_g z_g xsum_g, 16 groups at a time, into the same accumulators (only their sum counts).
+  for (int r = 0; r < NT; ++r) {
+    const int64_t zeros = (n0 + r) * 2 * groups + groups;
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 mask = groups - g >= 16 ? __mmask16{0xFFFF} : tail_mask(groups - g);
+      const __m512 z = load16(sz, zeros + g, sz_bf16, mask);
+      for (int m = 0; m < MT; ++m)
+        acc[m][r] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(mask, xsum + (m0 + m) * groups + g), acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    if constexpr (NT == 4) {
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+      for (int r = 0; r < NT; ++r) ep.store(m0 + m, n0 + r, sums[4 * r]);
+    } else {
+      for (int r = 0; r < NT; ++r) ep.store(m0 + m, n0 + r, _mm512_reduce_add_ps(acc[m][r]));
+    }
+  }
+}
+
+// tile(MT, NT, m0, n0) over every tile of an [M, N] output, the weight rows split across ATen's threads.
+template <typename TileFn>
+void for_tiles(int64_t M, int64_t N, int64_t bytes_per_row, TileFn&& tile) {
+  at::parallel_for(0, N, grain_rows(N, bytes_per_row), [&](int64_t begin, int64_t end) {
+    int64_t n = begin;
+    for (; n + NR <= end; n += NR)
+      for_m_tiles<NR>(M, [&](auto mt, int64_t m0) { tile(mt, std::integral_constant<int, NR>{}, m0, n); });
+    for (; n < end; ++n)
+      for_m_tiles<1>(M, [&](auto mt, int64_t m0) { tile(mt, std::integral_constant<int, 1>{}, m0, n); });
+  });
+}
+
 // Same arguments as int8_linear; the group size is K / scales_and_zeros.size(-1).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros,
                        const std::optional<at::Tensor>& bias,
@@ -310,6 +537,18 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, "fp32 or bf16 scales");
   at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
   const int64_t M = xf.size(0), groups = K / G;
+  at::Tensor out = at::empty({M, N}, x.options());
+  Epilogue ep = make_epilogue(std::nullopt, bias, residual, out, M, N);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const void* szp = sz.data_ptr();
+  const bool szb = sz.scalar_type() == at::kBFloat16;
+  if (use_int4_vnni.load(std::memory_order_relaxed)) {
+    const QuantizedX qx = quantize_activations(xf.data_ptr<float>(), M, K, G);
+    for_tiles(M, N, K / 2, [&](auto mt, auto nt, int64_t m0, int64_t n0) {
+      int4_tile_vnni<decltype(mt)::value, decltype(nt)::value>(qx, K, G, wp, szp, szb, m0, n0, ep);
+    });
+    return out;
+  }
   const float* xp = xf.data_ptr<float>();
   at::Tensor xs = at::empty({M, groups}, xf.options());
   float* xsp = xs.data_ptr<float>();
@@ -319,24 +558,15 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       for (int64_t k = g * G; k < (g + 1) * G; ++k) s += xp[m * K + k];
       xsp[m * groups + g] = s;
     }
-  at::Tensor out = at::empty({M, N}, x.options());
-  Epilogue ep = make_epilogue(std::nullopt, bias, residual, out, M, N);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const void* szp = sz.data_ptr();
-  const bool szb = sz.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, N, grain_rows(N, K / 2), [&](int64_t begin, int64_t end) {
-    int64_t n = begin;
-    for (; n + NR <= end; n += NR)
-      for_m_tiles<NR>(M, [&](auto mt, int64_t m0) {
-        int4_tile_fp32<decltype(mt)::value, NR>(xp, xsp, K, G, wp, szp, szb, m0, n, ep);
-      });
-    for (; n < end; ++n)
-      for_m_tiles<1>(M, [&](auto mt, int64_t m0) {
-        int4_tile_fp32<decltype(mt)::value, 1>(xp, xsp, K, G, wp, szp, szb, m0, n, ep);
-      });
+  for_tiles(M, N, K / 2, [&](auto mt, auto nt, int64_t m0, int64_t n0) {
+    int4_tile_fp32<decltype(mt)::value, decltype(nt)::value>(xp, xsp, K, G, wp, szp, szb, m0, n0, ep);
   });
   return out;
 }
+
+// Turn the VNNI int4 path on or off (off: the fp32 one); on has no effect on a CPU without AVX512-VNNI.
+// Returns the previous setting.
+bool set_int4_vnni(bool enabled) { return use_int4_vnni.exchange(enabled && kCpuHasVnni); }
 
 // Dequantize int4 rows (the layout above) to bf16 [N, K] for the prompt path's GEMM.
 at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz) {
@@ -518,13 +748,21 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "int8 weight-only linear (small M)", py::arg("x"), py::arg("w"),
+  // The compute entry points drop the GIL while they run (arguments are converted before, the result after),
+  // as ATen's own ops do: the server's event loop shares the process with the engine thread, and would
+  // otherwise get a turn only between two kernels, after waiting out Python's switch interval.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("int8_linear", &int8_linear, no_gil, "int8 weight-only linear (small M)", py::arg("x"), py::arg("w"),
         py::arg("scale"), py::arg("bias") = py::none(), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0,
         py::arg("silu_mul") = false, py::arg("residual") = py::none());
-  m.def("int4_linear", &int4_linear, "group-wise int4 weight-only linear (small M)", py::arg("x"), py::arg("w"),
+  m.def("int4_linear", &int4_linear, no_gil, "group-wise int4 weight-only linear (small M)", py::arg("x"), py::arg("w"),
         py::arg("scales_and_zeros"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("silu_mul") = false,
         py::arg("residual") = py::none());
-  m.def("int4_dequantize", &int4_dequantize, "int4 (native layout) -> bf16 [N, K]");
-  m.def("decode_attention", &decode_attention, "rotary + KV write + paged decode attention");
+  m.def("set_int4_vnni", &set_int4_vnni, "int4_linear on int8 activations + AVX512-VNNI (true, the default where "
+        "the CPU has it) or on fp32 activations (false); returns the previous setting", py::arg("enabled"));
+  m.def("int4_vnni_supported", [] { return kCpuHasVnni; }, "whether this CPU has AVX512-VNNI");
+  m.def("int4_path", [] { return use_int4_vnni.load() ? "vnni" : "fp32"; }, "the int4_linear path in use");
+  m.def("int4_dequantize", &int4_dequantize, no_gil, "int4 (native layout) -> bf16 [N, K]");
+  m.def("decode_attention", &decode_attention, no_gil, "rotary + KV write + paged decode attention");
 }
