@@ -1,6 +1,7 @@
 """What the HTTP layer costs, and whether it holds up under concurrent streaming clients.
 
-    python benchmarks/bench_http.py [--requests 50] [--clients 32] [--seconds 120] [--max-tokens 64]
+    python benchmarks/bench_http.py [--requests 200] [--clients 32] [--seconds 120] [--max-tokens 64]
+                                    [--quantize int8|int4]
 
 1. Latency: p50 of a 1-token completion (greedy, max_tokens=1) through `glmstack serve` — auth, validation,
    safety, limits, usage accounting, JSON — against the same request on the engine alone (AsyncEngine in
@@ -58,7 +59,7 @@ class EngineAlone:
         from glmstack.engine.api import load
         from glmstack.engine.async_engine import AsyncEngine
 
-        model, _ = load(args.model, device=args.device)
+        model, _ = load(args.model, device=args.device, quantize=args.quantize)
         self.engine = AsyncEngine(model)
         self.loop = asyncio.new_event_loop()
         self.n = 0
@@ -103,6 +104,8 @@ def start_server(args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen
     command = [sys.executable, "-m", "glmstack.cli", "serve", "--port", "0", "--device", args.device]
     if args.model:
         command += ["--model", args.model]
+    if args.quantize:
+        command += ["--quantize", args.quantize]
     proc = subprocess.Popen(
         command, env=env, text=True, stdout=subprocess.PIPE, stderr=(home / "server.log").open("w")
     )
@@ -222,7 +225,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--requests", type=int, default=50, help="1-token requests for the latency figure")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="weight-only quantization for both the server and the engine alone")
+    # The engine's own time varies by several ms from request to request on 2 shared cores: the p50 of a
+    # few hundred pairs is what makes a difference of a few ms stand out from that.
+    parser.add_argument("--requests", type=int, default=200, help="1-token requests for the latency figure")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
     parser.add_argument("--seconds", type=float, default=120, help="how long the streaming load runs")
