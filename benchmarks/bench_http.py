@@ -7,8 +7,9 @@
    safety, limits, usage accounting, JSON — against the same request on the engine alone (AsyncEngine in
    this process). The difference is the platform's overhead per request.
 2. Load: N streaming clients for T seconds against the server, each sending the next request as soon as its
-   stream ends. Prints requests, errors by kind, streamed tokens/s, time to first chunk, and the server's
-   RSS at the start and the end (a growing RSS under steady load is a leak).
+   stream ends, once distinct long prompts have written every block of the KV pool. Prints requests, errors
+   by kind, streamed tokens/s, time to first chunk, and the server's RSS through the run (a growing RSS
+   under steady load is a leak).
 
 The server runs as a subprocess on a free port with a throwaway GLMSTACK_HOME, one API key, and per-key and
 queue limits raised to fit N clients.
@@ -27,12 +28,16 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import psutil
 
+from glmstack.engine.core import DEFAULT_BLOCK_SIZE
+
+FILLER = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
 PROMPTS = [
     "Say hello.",
     "Name a colour.",
@@ -159,6 +164,24 @@ def server_side(log: Path, requests: int) -> list[tuple[float, float]]:
     return rows[-requests:]
 
 
+def fill_kv_pool(url: str, key: str) -> int:
+    """Distinct long prompts until every block of the server's KV pool has been written once. The pool is
+    allocated untouched, and prefix caching keeps finished blocks, so RSS climbs toward start + KV budget
+    during the first minutes of any load; filled first, the load phase's RSS shows steady state (a leak
+    would still climb). Returns the prompt tokens sent."""
+    metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    blocks = float(re.search(r"^glmstack_engine_kv_blocks_total (\S+)$", metrics, re.MULTILINE).group(1))
+    sent = 0
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
+        while sent < blocks * DEFAULT_BLOCK_SIZE:
+            text = f"[{uuid.uuid4().hex}] " + FILLER * 100 + "Summarise."  # ~1,900 tokens, no shared prefix
+            body = {"model": "glm-4", "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+            response = client.post("/api/paas/v4/chat/completions", json=body)
+            response.raise_for_status()
+            sent += response.json()["usage"]["prompt_tokens"]
+    return sent
+
+
 def completion_tokens(url: str, key: str) -> float:
     """Tokens the server generated so far, from its /metrics."""
     text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}).text
@@ -245,6 +268,7 @@ def main() -> None:
             finally:
                 alone.close()
             inside = server_side(Path(tmp) / "server.log", args.requests)
+            filled = fill_kv_pool(url, key)
             server_process = psutil.Process(proc.pid)
             rss: list[int] = [server_process.memory_info().rss]  # every tenth of the run
             done = threading.Event()
@@ -275,7 +299,8 @@ def main() -> None:
     outside_engine = statistics.median(d - e for d, e in inside)
     print(f"  server time outside the engine, p50     {outside_engine:8.1f} ms  (access log: duration - engine)")
     print(f"  client and transport, p50               {p50_ms(server) - duration:8.1f} ms  (client-seen - duration)")
-    print(f"\n{args.clients} streaming clients for {args.seconds:.0f} s (max_tokens={args.max_tokens})")
+    print(f"\n{args.clients} streaming clients for {args.seconds:.0f} s (max_tokens={args.max_tokens}), after "
+          f"{filled} prompt tokens filled the KV pool")
     print(f"  requests completed   {load['requests']}")
     print(f"  errors               {json.dumps(load['errors']) if load['errors'] else 'none'}")
     print(f"  streamed tokens/s    {load['completion_tokens'] / load['elapsed_s']:.1f}")
@@ -284,8 +309,6 @@ def main() -> None:
         f"  server RSS           {rss[0] / 2**20:.0f} MiB at start, {rss[-1] / 2**20:.0f} MiB at end "
         f"({(rss[-1] - rss[0]) / 2**20:+.0f} MiB)"
     )
-    # The KV pool's pages are touched as blocks are first used (and prefix caching keeps finished blocks
-    # until LRU needs them), so RSS climbs toward start + KV budget; a leak keeps climbing after that.
     print("  RSS every tenth     " + " ".join(f"{r / 2**20:.0f}" for r in rss) + " MiB")
     half = len(rss) // 2
     print(f"  RSS growth over the second half of the run {(rss[-1] - rss[half]) / 2**20:+.0f} MiB")
