@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from glmstack.engine import native
 from glmstack.engine.quantize import (
     DEQUANT_MIN_ROWS,
     INT4_DEQUANT_MIN_ROWS,
@@ -62,13 +63,24 @@ def candidates(k: int, n: int, m: int) -> list[tuple[str, Callable[[], object], 
         int8_fp32 = Int8Linear.from_linear(linear, dtype=torch.float32)
         rows.append(("int8pack_mm fused (fp32)", lambda: aten._weight_int8pack_mm(
             x32, int8_fp32.weight, int8_fp32.weight_scale), model_bytes(int8_fp32)))
+    nk = native.kernels()
     for group in (32, 64, 128):
         if k % group:
             continue
+        previous = native.set_enabled(False)  # packed for ATen's kernel, whatever this CPU has
+        try:
+            int4_aten = Int4Linear.from_linear(linear, group_size=group, dtype=torch.bfloat16)
+        finally:
+            native.set_enabled(previous)
+        rows.append((f"int4pack_mm fused g{group}", lambda m4=int4_aten: aten._weight_int4pack_mm_for_cpu(
+            x16, m4.weight, m4.group_size, m4.scales_and_zeros), model_bytes(int4_aten)))
         int4 = Int4Linear.from_linear(linear, group_size=group, dtype=torch.bfloat16)
-        rows.append((f"int4pack_mm fused g{group}", lambda m4=int4: aten._weight_int4pack_mm_for_cpu(
-            x16, m4.weight, m4.group_size, m4.scales_and_zeros), model_bytes(int4)))
         rows.append((f"Int4Linear g{group}", lambda m4=int4: m4(x16), model_bytes(int4)))
+        if nk is not None and int4.packed_for == "cpu-native":  # the two choices Int4Linear makes by rows
+            rows.append((f"native int4 GEMV g{group}", lambda m4=int4: nk.int4_linear(
+                x16, m4.weight, m4.scales_and_zeros), model_bytes(int4)))
+            rows.append((f"dequantize + GEMM g{group}", lambda m4=int4: F.linear(
+                x16, nk.int4_dequantize(m4.weight, m4.scales_and_zeros)), model_bytes(int4)))
     return rows
 
 

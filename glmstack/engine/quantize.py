@@ -66,9 +66,10 @@ INT4_DEQUANT_MIN_ROWS = 64  # int4: unpacking the nibbles costs ~2x the bf16 GEM
 # Our native kernels (glmstack/engine/native, AVX-512) take up to this many rows, for both widths; above,
 # dequantize-then-GEMM (AMX) wins.
 NATIVE_MAX_ROWS = 32
-# The int4 kernel re-expands the nibbles for every 4 rows of activations, so it loses to dequantize + GEMM
-# much sooner (bench_serving's 16-stream decode: 137 tok/s on it).
-INT4_NATIVE_MAX_ROWS = 4
+# The int4 kernel (int8 activations, VNNI) re-expands the nibbles for every 4 rows of activations: at 16
+# rows it is level with dequantize + GEMM on the bundled model's shapes, and beyond it loses
+# (`bench_quant_kernels.py --m 8/16/24`). Up to 16 rows, a 16-stream decode step stays one fused native pass.
+INT4_NATIVE_MAX_ROWS = 16
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK_ELEMENTS = 1 << 24  # weights dequantized (or quantized) per slice: bounds the temporary to 32 MB bf16
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # module names inside a decoder layer (as in inspect.py)
