@@ -7,8 +7,9 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from functools import cache
 
-from sqlalchemy import func, select
+from sqlalchemy import Insert, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from glmstack.store.db import Database
@@ -18,6 +19,19 @@ from glmstack.store.tables import USAGE_KEY, usage
 log = logging.getLogger(__name__)
 
 _INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+_COUNTS = ("requests", "prompt_tokens", "completion_tokens")
+
+
+@cache
+def _upsert(dialect: str) -> Insert:
+    """The usage upsert with bound parameters, built once per dialect: building it per call (and its cache
+    key, every time) cost more than the database write itself. One atomic statement, so concurrent writers
+    add to the row rather than overwrite each other."""
+    statement = _INSERT[dialect](usage).values({c: bindparam(c) for c in ("key_id", "model", "day", *_COUNTS)})
+    return statement.on_conflict_do_update(
+        index_elements=[USAGE_KEY, usage.c.model, usage.c.day],
+        set_={name: usage.c[name] + statement.excluded[name] for name in _COUNTS},
+    )
 
 
 @dataclass(frozen=True)
@@ -43,15 +57,8 @@ class UsageStore:
         existing key's id, or None when the server runs without keys."""
         row = {"key_id": key_id, "model": model, "day": day or datetime.now(UTC).date(), "requests": requests,
                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-        statement = _INSERT[self._db.dialect](usage).values(**row)
-        # One atomic statement: concurrent writers add to the row rather than overwrite each other.
-        statement = statement.on_conflict_do_update(
-            index_elements=[USAGE_KEY, usage.c.model, usage.c.day],
-            set_={name: usage.c[name] + statement.excluded[name]
-                  for name in ("requests", "prompt_tokens", "completion_tokens")},
-        )
         with self._db.write() as conn:
-            conn.execute(statement)
+            conn.execute(_upsert(self._db.dialect), row)
 
     def report(self, key_id: str | None = None) -> list[UsageRow]:
         """Totals per key and model over all days, sorted by key then model; only `key_id`'s when given."""
