@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from glmstack import load
 from glmstack.engine.core import EngineCore, RequestTooLargeError
 from glmstack.protocol import SamplingParams
 
@@ -62,6 +63,19 @@ def test_prompt_longer_than_a_step_alone(bundled) -> None:
     ids = prompt_ids(model, PROMPTS[1])
     core.add_request("alone", ids, SamplingParams(do_sample=False, max_tokens=8))
     assert run_all(core)["alone"] == reference(model, ids, 8)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_prompt_longer_than_a_step_alone(quantize: str) -> None:
+    """The same on quantized weights, whose head is a native GEMV with the final norm fused in: a step that
+    samples no row hands it zero rows (this failed every such step: a server refused all long prompts)."""
+    model, _ = load(quantize=quantize)
+    core = EngineCore(model, kv_cache_bytes=64 << 20, max_batch_tokens=8)
+    ids = prompt_ids(model, PROMPTS[1])
+    core.add_request("alone", ids, SamplingParams(do_sample=False, max_tokens=8))
+    text, tokens, finish = run_all(core)["alone"]  # a failed step raises here
+    assert finish == "length" and len(tokens) == 8 and text
+    assert core.allocator.num_in_use == 0
 
 
 def test_prefix_cache_hit_gives_identical_tokens(bundled) -> None:

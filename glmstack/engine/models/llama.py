@@ -345,8 +345,8 @@ class LlamaForCausalLM(nn.Module):
             x = x[:, logit_rows]
         head = getattr(self.lm_head, "native_forward", None)  # final norm fused into the head's GEMV
         logits = None if head is None else head(x.reshape(-1, x.shape[-1]), norm=self.model.norm)
-        if logits is not None:
-            return logits.view(*x.shape[:-1], -1)
+        if logits is not None:  # (the vocabulary size spelled out: a step may sample no row at all)
+            return logits.view(*x.shape[:-1], logits.shape[-1])
         return self.lm_head(self.model.norm(x))
 
     # ---- checkpoint formats -------------------------------------------------------------------------
