@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from glmstack.engine.sampling import StopStringMatcher, make_generator, sample_token
+from glmstack.engine.sampling import (
+    NUCLEUS_CANDIDATES,
+    StopStringMatcher,
+    make_generator,
+    nucleus,
+    sample_token,
+)
 from glmstack.protocol import SamplingParams
 
 LOGITS = torch.tensor([0.5, 3.0, 2.9, -1.0, float("-inf")])
@@ -35,6 +42,29 @@ def test_top_k_top_p_and_seed() -> None:
             for gen in (make_generator(seeded, cpu), make_generator(seeded, cpu))]
     assert runs[0] == runs[1] and len(set(runs[0])) > 1
     assert sample_token(LOGITS, SamplingParams(do_sample=True, temperature=1.0)) != 4  # -inf: never
+
+
+def _nucleus_by_full_sort(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    ordered, order = torch.sort(probs, descending=True)
+    return ordered.masked_fill(torch.cumsum(ordered, dim=-1) - ordered >= top_p, 0.0), order
+
+
+@pytest.mark.parametrize("spread", [1.0, 3.0, 30.0])  # peaked (a few tokens) to flat (thousands)
+@pytest.mark.parametrize("top_p", [0.1, 0.7, 0.95])
+def test_nucleus_is_the_full_sorts_nucleus(spread: float, top_p: float) -> None:
+    """Looked for among the top candidates first, or over the whole vocabulary when they fall short: the
+    kept tokens and their probabilities are exactly what sorting everything keeps."""
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(int(spread * 100 + top_p * 10))) * 8
+    probs = torch.softmax(logits / spread, dim=-1)
+    kept, order = nucleus(probs, top_p)
+    ref_kept, ref_order = _nucleus_by_full_sort(probs, top_p)
+    n = int((ref_kept > 0).sum())
+    assert int((kept > 0).sum()) == n
+    assert torch.equal(order[:n], ref_order[:n]) and torch.equal(kept[:n], ref_kept[:n])
+    if spread == 1.0:
+        assert kept.shape[0] == NUCLEUS_CANDIDATES  # the candidates sufficed
+    if spread == 30.0 and top_p >= 0.7:
+        assert kept.shape[0] == probs.shape[0] and n > NUCLEUS_CANDIDATES  # they did not: the full sort
 
 
 def test_stop_strings_are_held_back_until_they_cannot_match() -> None:

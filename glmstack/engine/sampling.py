@@ -7,6 +7,7 @@ import torch
 from glmstack.protocol import SamplingParams
 
 GREEDY_TEMPERATURE = 1e-4
+NUCLEUS_CANDIDATES = 64
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -32,13 +33,24 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the most likely token)
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
+        kept, order = nucleus(probs, params.top_p)
+        return int(order[torch.multinomial(kept, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p: the smallest set of most likely tokens whose mass reaches top_p (always at least the first).
+    Returns (their probabilities, zero past the set; the token ids), most likely first.
+
+    The set is usually a handful of tokens, so it is looked for among the NUCLEUS_CANDIDATES most likely
+    (a top-k) before sorting the whole vocabulary: sorting 49k probabilities per sequence per step took
+    half of a 32-stream server's engine time. When the candidates' mass reaches top_p, the set lies
+    within them and the result is the same as the full sort's."""
+    top, order = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]))
+    if top.shape[-1] < probs.shape[-1] and float(top.sum()) < top_p:
+        top, order = torch.sort(probs, descending=True)
+    drop = torch.cumsum(top, dim=-1) - top >= top_p
+    return top.masked_fill(drop, 0.0), order
 
 
 class StopStringMatcher:
