@@ -215,10 +215,8 @@ def test_usage_accumulates_per_key_and_model(database_url: str, store: Store):
     assert len(_rows(database_url, "usage")) == 4
 
 
-def test_usage_writer_tallies_many_threads_into_few_writes(database_url: str, store: Store):
-    """What the server uses: adds from many threads, written behind them; flush waits for all of them."""
-    key, _ = store.keys.create("w")
-    writer = UsageWriter(store.usage)
+def _count_writes(store: Store) -> list[int]:
+    """Wraps store.usage.record: the returned list gets each write's request count."""
     calls: list[int] = []
     record = store.usage.record
 
@@ -227,6 +225,14 @@ def test_usage_writer_tallies_many_threads_into_few_writes(database_url: str, st
         record(*args, **kwargs)
 
     store.usage.record = counting_record  # type: ignore[method-assign]
+    return calls
+
+
+def test_usage_writer_tallies_many_threads_into_few_writes(database_url: str, store: Store):
+    """What the server uses: adds from many threads, written behind them; flush waits for all of them."""
+    key, _ = store.keys.create("w")
+    writer = UsageWriter(store.usage)
+    calls = _count_writes(store)
     threads = [threading.Thread(target=lambda: [writer.add(key.id, "glm-4", 3, 5) for _ in range(100)])
                for _ in range(8)]
     for t in threads:
@@ -249,14 +255,7 @@ def test_usage_writer_gathers_one_request_after_another_into_one_write(store: St
     key, _ = store.keys.create("g")
     writer = UsageWriter(store.usage)
     writer.GATHER_SECONDS = 3600.0  # only a flush (or close) can end this gathering
-    calls: list[int] = []
-    record = store.usage.record
-
-    def counting_record(*args, **kwargs) -> None:
-        calls.append(kwargs.get("requests", 1))
-        record(*args, **kwargs)
-
-    store.usage.record = counting_record  # type: ignore[method-assign]
+    calls = _count_writes(store)
     for _ in range(20):
         writer.add(key.id, "glm-4", 2, 3)
         time.sleep(0.005)
