@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from glmstack import load
-from glmstack.engine.core import EngineCore
+from glmstack.engine.serving.core import EngineCore
 from glmstack.protocol import SamplingParams
 
 

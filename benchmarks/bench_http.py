@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from glmstack.engine.core import DEFAULT_BLOCK_SIZE
+from glmstack.engine.serving.core import DEFAULT_BLOCK_SIZE
 
 FILLER = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
 PROMPTS = [
@@ -61,8 +61,8 @@ class EngineAlone:
     """The same model on an AsyncEngine in this process: what a request costs without the platform."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from glmstack.engine.api import load
-        from glmstack.engine.async_engine import AsyncEngine
+        from glmstack.engine.classic import load
+        from glmstack.engine.serving.async_engine import AsyncEngine
 
         model, _ = load(args.model, device=args.device, quantize=args.quantize)
         self.engine = AsyncEngine(model)
@@ -106,7 +106,7 @@ def start_server(args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen
         "GLMSTACK_MAX_CONCURRENCY_PER_KEY": str(args.clients),
         "GLMSTACK_MAX_QUEUE": str(max(64, 2 * args.clients)),
     }
-    command = [sys.executable, "-m", "glmstack.cli", "serve", "--port", "0", "--device", args.device]
+    command = [sys.executable, "-m", "glmstack.cli.main", "serve", "--port", "0", "--device", args.device]
     if args.model:
         command += ["--model", args.model]
     if args.quantize:

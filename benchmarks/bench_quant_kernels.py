@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from glmstack.engine import native
-from glmstack.engine.quantize import (
+from glmstack.engine.quant.quantize_model import (
     DEQUANT_MIN_ROWS,
     INT4_DEQUANT_MIN_ROWS,
     Int4Linear,

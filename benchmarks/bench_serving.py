@@ -48,7 +48,7 @@ def median(fn, repeats: int = 3) -> float:
 class Ours:
     def __init__(self, quantize: str | None, dtype: str) -> None:
         from glmstack import load
-        from glmstack.engine.core import EngineCore
+        from glmstack.engine.serving.core import EngineCore
 
         self.model, self.tokenizer = load(device="cpu", dtype=dtype, quantize=quantize)
         self.core = EngineCore(self.model)
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from glmstack.engine.loading import bundled_model_path
+    from glmstack.engine.loading.checkpoint import bundled_model_path
 
     path = str(bundled_model_path())
     ours = Ours(None if args.quantize == "none" else args.quantize, args.dtype)

@@ -12,7 +12,7 @@ __all__ = ["load", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "load":
-        from glmstack.engine.api import load
+        from glmstack.engine.classic import load
 
         return load
     raise AttributeError(name)

@@ -25,7 +25,7 @@ def launch_serve(args: list[str], env: dict[str, str], log: Path) -> tuple[subpr
     """Starts `glmstack serve ARGS` and returns the process with the URL its banner prints; its stderr goes
     to `log`."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "glmstack.cli", "serve", *args],
+        [sys.executable, "-m", "glmstack.cli.main", "serve", *args],
         env=env,
         text=True,
         stdout=subprocess.PIPE,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from glmstack.engine.async_engine import AsyncEngine
+from glmstack.engine.serving.async_engine import AsyncEngine
 from glmstack.protocol import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ from glmstack.engine.errors import (
     ModelNotFoundError,
     UnsupportedArchitectureError,
 )
-from glmstack.engine.loading import load_model, resolve_model_path
+from glmstack.engine.loading.checkpoint import load_model, resolve_model_path
 
 
 def tiny_checkpoint(folder: Path) -> Path:
@@ -43,7 +43,7 @@ def tiny_checkpoint(folder: Path) -> Path:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "glmstack.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "glmstack.cli.main", *args], capture_output=True, text=True, timeout=120
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from glmstack.engine.loading import BUNDLED_NAME, bundled_model_path
+from glmstack.engine.loading.checkpoint import BUNDLED_NAME, bundled_model_path
 
 pytestmark = pytest.mark.slow
 FRANCE = "What is the capital of France? Answer in one sentence."
@@ -17,7 +17,7 @@ FRANCE = "What is the capital of France? Answer in one sentence."
 
 def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "glmstack.cli", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "glmstack.cli.main", *args], input=stdin, capture_output=True,
                           text=True, timeout=300, env=full_env)
 
 
@@ -43,7 +43,7 @@ def test_cli_repl_multi_turn_clear_and_stop(tmp_path: Path) -> None:
     """Drive the REPL through a pty-less pipe: input() reads lines from stdin when it is not a terminal."""
     script = f"{FRANCE}\nclear\nSay hello.\nstop\nnever reached\n"
     proc = subprocess.run([sys.executable, "-c", (
-        "import sys, glmstack.cli as c; sys.stdin.isatty = lambda: True; "
+        "import sys, glmstack.cli.main as c; sys.stdin.isatty = lambda: True; "
         "sys.exit(c.main(['chat', '--temperature', '0', '--max-tokens', '40']))")],
         input=script, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

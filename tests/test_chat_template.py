@@ -15,7 +15,7 @@ from glmstack.engine.chat_format import (
     TemplateChatFormat,
     chat_format_for,
 )
-from glmstack.engine.tokenizer import HFTokenizer, tokenizer_from_gguf
+from glmstack.engine.tokenization.base import HFTokenizer, tokenizer_from_gguf
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

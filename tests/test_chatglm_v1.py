@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from glmstack.engine.errors import ModelFileError
 from glmstack.engine.generation import new_cache
-from glmstack.engine.loading import load_model
+from glmstack.engine.loading.checkpoint import load_model
 from glmstack.engine.models import chatglm_v1
 from glmstack.engine.models.chatglm_v1 import ChatGLMv1Config, positions_2d, prefix_mask, prompt_layout
 

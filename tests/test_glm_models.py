@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from glmstack.engine.errors import ModelFileError, UnsupportedArchitectureError
 from glmstack.engine.generation import new_cache
-from glmstack.engine.inspect import describe
-from glmstack.engine.loading import load_model
+from glmstack.engine.describe import describe
+from glmstack.engine.loading.checkpoint import load_model
 from glmstack.engine.models import chatglm, chatglm_v1, glm4, registry
 
 TOL = 1e-4

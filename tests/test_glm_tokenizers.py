@@ -23,7 +23,7 @@ from glm_vocab import (
 )
 
 from glmstack.engine.errors import ModelFileError
-from glmstack.engine.glm_tokenizers import (
+from glmstack.engine.tokenization.glm import (
     ChatGLM2Tokenizer,
     ChatGLMv1Tokenizer,
     GLM4Tokenizer,
@@ -31,7 +31,7 @@ from glmstack.engine.glm_tokenizers import (
     load_glm_checkpoint_tokenizer,
     load_glm_tokenizer,
 )
-from glmstack.engine.tokenizer import HFTokenizer, Tokenizer, tokenizer_from_gguf
+from glmstack.engine.tokenization.base import HFTokenizer, Tokenizer, tokenizer_from_gguf
 
 TEXTS = [
     "你好",

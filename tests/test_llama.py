@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from glmstack.engine.generation import new_cache
-from glmstack.engine.loading import load_model
+from glmstack.engine.loading.checkpoint import load_model
 from glmstack.engine.models.llama import permute_qk
 
 TOL = 1e-4

@@ -21,7 +21,7 @@ from torch import nn
 
 from glmstack.engine import native
 from glmstack.engine.models.llama import LlamaConfig, LlamaForCausalLM, RMSNorm
-from glmstack.engine.quantize import (
+from glmstack.engine.quant.quantize_model import (
     INT4_NATIVE_MAX_ROWS,
     NATIVE_MAX_ROWS,
     Int4Linear,
@@ -31,8 +31,8 @@ from glmstack.engine.quantize import (
     quantize_int8,
     quantize_model,
 )
-from glmstack.engine.runner import ModelRunner, PagedKVCache
-from glmstack.engine.scheduler import ScheduledChunk, Sequence, StepPlan
+from glmstack.engine.serving.runner import ModelRunner, PagedKVCache
+from glmstack.engine.serving.scheduler import ScheduledChunk, Sequence, StepPlan
 
 if "AVX512" not in torch.backends.cpu.get_cpu_capability():
     pytest.skip("the native kernels are built for AVX-512 CPUs only", allow_module_level=True)

@@ -26,9 +26,9 @@ from test_glm_models import thudm_weights, tiny_glm4, write_thudm
 from test_llama import tiny_llama
 from torch import nn
 
-from glmstack.engine import quantize as q
-from glmstack.engine.loading import load_model
-from glmstack.engine.quantize import (
+from glmstack.engine.quant import quantize_model as q
+from glmstack.engine.loading.checkpoint import load_model
+from glmstack.engine.quant.quantize_model import (
     Int4Linear,
     Int8Linear,
     int4_weights_from_chatglm,
@@ -258,7 +258,7 @@ def test_second_quantize_and_zero_bits_are_no_ops(tmp_path: Path, caplog) -> Non
     assert quantize_model(model, 0).quantized == [] and not hasattr(model, "quantization")
     quantize_model(model, 4)
     modules = dict(model.named_modules())
-    with caplog.at_level(logging.INFO, logger="glmstack.engine.quantize"):
+    with caplog.at_level(logging.INFO, logger="glmstack.engine.quant.quantize_model"):
         report = quantize_model(model, 8)
     assert "already quantized" in caplog.text
     assert report.quantized == [] and report.bits == 4 and model.quantization == "int4"

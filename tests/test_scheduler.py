@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from glmstack.engine.block_allocator import BlockAllocator
-from glmstack.engine.scheduler import RequestTooLargeError, Scheduler, Sequence, Status
+from glmstack.engine.serving.block_allocator import BlockAllocator
+from glmstack.engine.serving.scheduler import RequestTooLargeError, Scheduler, Sequence, Status
 
 
 def make(num_blocks: int = 32, block_size: int = 4, budget: int = 16, **kw) -> Scheduler:
@@ -22,7 +22,7 @@ def fake_step(s: Scheduler, next_token: int = 7) -> dict[str, tuple[int, int]]:
 
 
 def test_scheduler_does_not_import_torch() -> None:
-    code = "import glmstack.engine.scheduler, sys; assert 'torch' not in sys.modules"
+    code = "import glmstack.engine.serving.scheduler, sys; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

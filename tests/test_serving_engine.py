@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from glmstack import load
-from glmstack.engine.core import EngineCore, RequestTooLargeError
+from glmstack.engine.serving.core import EngineCore, RequestTooLargeError
 from glmstack.protocol import SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -364,7 +364,7 @@ def test_postgres_outage_after_start_is_reported_not_hung(database_url: str, hom
 
 
 def _glmstack(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "glmstack.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "glmstack.cli.main", *args], env=env, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -413,7 +413,7 @@ def test_command_reports_an_unreachable_database_in_one_line(home: Path):
 
 
 def test_store_and_settings_never_import_torch():
-    code = ("import sys, glmstack.cli, glmstack.settings; glmstack.cli.build_parser(); "
+    code = ("import sys, glmstack.cli.main, glmstack.settings; glmstack.cli.main.build_parser(); "
             "assert 'sqlalchemy' not in sys.modules, 'building the CLI parser loaded SQLAlchemy'; "
             "from glmstack.store import Store, KeyRecord, UsageRow; "
             "assert 'torch' not in sys.modules, 'the store imported torch'")

@@ -13,8 +13,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 from transformers import AutoTokenizer
 
-from glmstack.engine.gguf_file import GGUFFile
-from glmstack.engine.tokenizer import Tokenizer, load_tokenizer_json, tokenizer_from_gguf
+from glmstack.engine.loading.gguf_file import GGUFFile
+from glmstack.engine.tokenization.base import Tokenizer, load_tokenizer_json, tokenizer_from_gguf
 
 CORPUS = [
     "Hello world",

@@ -17,7 +17,7 @@ from glmstack.engine.sampling import StopStringMatcher, make_generator, sample_t
 from glmstack.protocol import GenerationEvent, SamplingParams, Usage
 
 if TYPE_CHECKING:
-    from glmstack.engine.tokenizer import Tokenizer
+    from glmstack.engine.tokenization.base import Tokenizer
 
 PREFILL_CHUNK = 512  # bounds the attention matrix of a long prompt
 

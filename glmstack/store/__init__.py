@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyRecord", "KeyStore", "Store", "StoreError", "StoreUnavailableError", "UsageRow", "UsageStore"]
 
-# Loaded on first use: every `glmstack` command builds a parser that imports glmstack.store.cli, and
+# Loaded on first use: every `glmstack` command builds a parser that imports glmstack.cli.keys, and
 # importing SQLAlchemy up front would add ~0.4 s to `glmstack chat`.
 _LAZY = {
     "Store": "glmstack.store.store",

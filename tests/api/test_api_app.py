@@ -343,7 +343,7 @@ def test_request_log_lines(client: TestClient, caplog: pytest.LogCaptureFixture)
 
 def test_http_side_never_imports_torch() -> None:
     code = (
-        "import sys, glmstack.api.app, glmstack.api.serve, glmstack.cli; "
+        "import sys, glmstack.api.app, glmstack.cli.serve, glmstack.cli.main; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

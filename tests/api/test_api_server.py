@@ -327,7 +327,7 @@ def test_refuses_to_serve_open_beyond_loopback(tmp_path: Path) -> None:
         "GLMSTACK_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "glmstack.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+        [sys.executable, "-m", "glmstack.cli.main", "serve", "--host", "0.0.0.0", "--port", "0"],
         env=env,
         capture_output=True,
         text=True,

@@ -13,11 +13,11 @@ import torch
 import transformers
 from hostile_files import MARKER, reduce_pickle, torch_zip
 
-from glmstack.cli import build_parser
-from glmstack.engine import loading
-from glmstack.engine.convert import convert_checkpoint
+from glmstack.cli.main import build_parser
+from glmstack.engine.loading import checkpoint as loading
+from glmstack.engine.loading.convert import convert_checkpoint
 from glmstack.engine.errors import ModelFileError
-from glmstack.engine.loading import load_model
+from glmstack.engine.loading.checkpoint import load_model
 
 pytestmark = pytest.mark.reliability
 
@@ -116,7 +116,7 @@ def test_cli_convert(tmp_path: Path) -> None:
     if "convert" not in commands:
         pytest.skip("`glmstack convert` is not wired into the CLI yet")
     src = write_bin_checkpoint(tmp_path / "bin", tiny_llama(False), 1)
-    run = [sys.executable, "-m", "glmstack.cli", "convert", str(src), str(tmp_path / "st")]
+    run = [sys.executable, "-m", "glmstack.cli.main", "convert", str(src), str(tmp_path / "st")]
     result = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "st" / "model.safetensors").is_file()

@@ -17,8 +17,8 @@ from hostile_files import CASES, MARKER, HostileCase, config
 
 from glmstack.engine.chat_format import TemplateChatFormat
 from glmstack.engine.errors import ModelFileError
-from glmstack.engine.loading import bundled_model_path, load_model
-from glmstack.engine.tokenizer import tokenizer_from_gguf
+from glmstack.engine.loading.checkpoint import bundled_model_path, load_model
+from glmstack.engine.tokenization.base import tokenizer_from_gguf
 
 pytestmark = pytest.mark.reliability
 
@@ -123,7 +123,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
         folder = tmp_path / f"m{number}"
         folder.mkdir()
         path = case.build(folder)
-        command = [sys.executable, "-m", "glmstack.cli", "chat", "--model", str(path), "-p", "hi"]
+        command = [sys.executable, "-m", "glmstack.cli.main", "chat", "--model", str(path), "-p", "hi"]
         runs.append(
             (folder, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         )

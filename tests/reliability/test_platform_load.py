@@ -34,7 +34,7 @@ from platform_server import (
     running_server,
 )
 
-from glmstack.engine.core import DEFAULT_BLOCK_SIZE
+from glmstack.engine.serving.core import DEFAULT_BLOCK_SIZE
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from glmstack.api.auth import CallerDep, keyed_router
-from glmstack.api.platform import PlatformDep
+from glmstack.api.deps import PlatformDep
 from glmstack.api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from glmstack.api.schemas.errors import error_responses
 from glmstack.api.services import chat

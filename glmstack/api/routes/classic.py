@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from glmstack.api.auth import CallerDep, keyed_router
-from glmstack.api.platform import PlatformDep
+from glmstack.api.deps import PlatformDep
 from glmstack.api.schemas.classic import ClassicRequest, ClassicResponse
 from glmstack.api.schemas.errors import error_responses
 from glmstack.api.services import classic

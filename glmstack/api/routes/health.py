@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from glmstack.api.auth import keyed_router
-from glmstack.api.platform import PlatformDep
+from glmstack.api.deps import PlatformDep
 
 router = keyed_router(tags=["operations"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from glmstack.api.auth import keyed_router
 from glmstack.api.errors import PlatformError
-from glmstack.api.platform import Platform, PlatformDep
+from glmstack.api.deps import Platform, PlatformDep
 from glmstack.api.schemas.errors import error_responses
 from glmstack.api.schemas.models import ModelCard, ModelList
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmstack.api.auth import Caller
-from glmstack.api.platform import Platform
+from glmstack.api.deps import Platform
 from glmstack.protocol import EngineRequestError, GenerateRequest, GenerationEvent
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import logging
 from abc import abstractmethod
 
 from glmstack.engine.chat_format.template import ChatFormat, ChatPrompt, ChatTemplateError, message_text
-from glmstack.engine.tokenizer import Tokenizer
+from glmstack.engine.tokenization.base import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import json
 
 from glmstack.engine.chat_format.chatglm import require_token
 from glmstack.engine.chat_format.template import ChatFormat, ChatPrompt, ChatTemplateError, message_text
-from glmstack.engine.tokenizer import Tokenizer
+from glmstack.engine.tokenization.base import Tokenizer
 
 DEFAULT_TOOLS_PROMPT = (
     "Answer the following questions as best as you can. You have access to the following tools:"

@@ -27,7 +27,7 @@ import json
 from glmstack.engine.chat_format.chatglm import require_token
 from glmstack.engine.chat_format.chatglm3 import ROLES, glm_role, with_tools_message
 from glmstack.engine.chat_format.template import ChatFormat, ChatPrompt, message_text
-from glmstack.engine.tokenizer import Tokenizer
+from glmstack.engine.tokenization.base import Tokenizer
 
 # The texts below are verbatim from the reference (spec 3.2); `FUNCTION` takes the name and the JSON.
 SELF_INTRO = "你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。"

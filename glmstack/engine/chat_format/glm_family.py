@@ -17,7 +17,7 @@ from glmstack.engine.chat_format.chatglm import ChatGLM2ChatFormat, ChatGLM6BCha
 from glmstack.engine.chat_format.chatglm3 import ChatGLM3ChatFormat
 from glmstack.engine.chat_format.glm4 import GLM4ChatFormat
 from glmstack.engine.chat_format.template import ChatFormat, ChatTemplateError
-from glmstack.engine.tokenizer import Tokenizer
+from glmstack.engine.tokenization.base import Tokenizer
 
 GLM_CHAT_FORMATS: dict[str, type[ChatFormat]] = {
     "chatglm-6b": ChatGLM6BChatFormat,

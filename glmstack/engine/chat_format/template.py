@@ -26,7 +26,7 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from glmstack.engine.errors import EngineError
-from glmstack.engine.tokenizer import Tokenizer
+from glmstack.engine.tokenization.base import Tokenizer
 
 # Tokens that end a turn in the common template families. A format stops on the ones its vocabulary has
 # and its template writes, plus eos.

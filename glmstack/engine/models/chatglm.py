@@ -28,13 +28,13 @@ from torch import nn
 
 from glmstack.engine.chat_format import ChatFormat, glm_chat_format_for_model
 from glmstack.engine.errors import UnsupportedArchitectureError
-from glmstack.engine.glm_tokenizers import load_glm_checkpoint_tokenizer
+from glmstack.engine.tokenization.glm import load_glm_checkpoint_tokenizer
 from glmstack.engine.kv_cache import DenseKVCache, cached_attention
 from glmstack.engine.models.llama import RMSNorm
-from glmstack.engine.tokenizer import Tokenizer
+from glmstack.engine.tokenization.base import Tokenizer
 
 if TYPE_CHECKING:
-    from glmstack.engine.loading import Checkpoint
+    from glmstack.engine.loading.checkpoint import Checkpoint
 
 
 def resolve(config: dict[str, Any]) -> ModuleType:

@@ -17,13 +17,13 @@ import torch
 
 from glmstack.engine.chat_format import ChatFormat, GLM4ChatFormat, TemplateChatFormat
 from glmstack.engine.chat_format.glm4 import STOP_TOKENS
-from glmstack.engine.glm_tokenizers import load_glm_checkpoint_tokenizer
+from glmstack.engine.tokenization.glm import load_glm_checkpoint_tokenizer
 from glmstack.engine.kv_cache import DenseKVCache
 from glmstack.engine.models.chatglm import ChatGLMConfig, ChatGLMForCausalLM, GLMBlock, make_norm
-from glmstack.engine.tokenizer import Tokenizer
+from glmstack.engine.tokenization.base import Tokenizer
 
 if TYPE_CHECKING:
-    from glmstack.engine.loading import Checkpoint
+    from glmstack.engine.loading.checkpoint import Checkpoint
 
 
 class Glm4Block(GLMBlock):

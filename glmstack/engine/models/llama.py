@@ -17,7 +17,7 @@ from torch import nn
 
 from glmstack.engine import native
 from glmstack.engine.kv_cache import DenseKVCache, cached_attention
-from glmstack.engine.quantize import INT4_NATIVE_MAX_ROWS, NATIVE_MAX_ROWS, Int4Linear
+from glmstack.engine.quant.quantize_model import INT4_NATIVE_MAX_ROWS, NATIVE_MAX_ROWS, Int4Linear
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 

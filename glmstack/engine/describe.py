@@ -65,7 +65,7 @@ def _build(config: dict[str, Any] | str | Path) -> tuple[Any, nn.Module, dict[st
             return module, module.Model(model_config), config
     path = Path(config)
     if path.suffix == ".gguf":
-        from glmstack.engine.loading import build_model, open_checkpoint
+        from glmstack.engine.loading.checkpoint import build_model, open_checkpoint
 
         ckpt = open_checkpoint(path)
         module, model = build_model(ckpt)

@@ -26,7 +26,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as BackendTokenizer
 
 from glmstack.engine.errors import ModelFileError
-from glmstack.engine.gguf_file import GGUFFile
+from glmstack.engine.loading.gguf_file import GGUFFile
 
 log = logging.getLogger(__name__)
 

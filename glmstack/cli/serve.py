@@ -78,10 +78,10 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
     import uvicorn
 
     from glmstack.api.app import create_app
-    from glmstack.api.http_protocol import EnvelopeH11Protocol
+    from glmstack.api.h11_envelope import EnvelopeH11Protocol
     from glmstack.api.limits import MAX_HEAD_BYTES
-    from glmstack.engine.api import load
-    from glmstack.engine.async_engine import AsyncEngine
+    from glmstack.engine.classic import load
+    from glmstack.engine.serving.async_engine import AsyncEngine
 
     model, _ = load(
         settings.model,

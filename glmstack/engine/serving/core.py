@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glmstack.engine.api import ChatModel
-from glmstack.engine.block_allocator import BlockAllocator
-from glmstack.engine.runner import ModelRunner, PagedKVCache, StepCancelled
+from glmstack.engine.classic import ChatModel
+from glmstack.engine.serving.block_allocator import BlockAllocator
+from glmstack.engine.serving.runner import ModelRunner, PagedKVCache, StepCancelled
 from glmstack.engine.sampling import StopStringMatcher, make_generator, sample_token
-from glmstack.engine.scheduler import RequestTooLargeError, Scheduler, Sequence
-from glmstack.engine.tokenizer import StreamDecoder
+from glmstack.engine.serving.scheduler import RequestTooLargeError, Scheduler, Sequence
+from glmstack.engine.tokenization.base import StreamDecoder
 from glmstack.protocol import GenerationEvent, SamplingParams, Usage
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ import sentencepiece
 import tiktoken
 
 from glmstack.engine.errors import ModelFileError
-from glmstack.engine.tokenizer import (
+from glmstack.engine.tokenization.base import (
     Tokenizer,
     _bytes_to_unicode,
     load_tokenizer_json,
@@ -40,7 +40,7 @@ from glmstack.engine.tokenizer import (
 )
 
 if TYPE_CHECKING:
-    from glmstack.engine.loading import Checkpoint
+    from glmstack.engine.loading.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 

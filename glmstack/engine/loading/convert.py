@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from glmstack.engine.errors import ModelFileError
-from glmstack.engine.loading import load_bin, open_checkpoint, validate_safetensors_header
+from glmstack.engine.loading.checkpoint import load_bin, open_checkpoint, validate_safetensors_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SKIPPED_FILES = {"pytorch_model.bin.index.json"}

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from glmstack.engine.block_allocator import BlockAllocator, OutOfBlocks
+from glmstack.engine.serving.block_allocator import BlockAllocator, OutOfBlocks
 
 
 class RequestTooLargeError(ValueError):

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from glmstack.engine.config_checks import check_declared_sizes
+from glmstack.engine.loading.config_checks import check_declared_sizes
 from glmstack.engine.errors import ModelFileError, ModelNotFoundError, UnsupportedArchitectureError
-from glmstack.engine.gguf_file import GGUFFile
+from glmstack.engine.loading.gguf_file import GGUFFile
 from glmstack.engine.models import registry
-from glmstack.engine.safetensors_file import parse_json, validate_safetensors_header
+from glmstack.engine.loading.safetensors_file import parse_json, validate_safetensors_header
 
 log = logging.getLogger(__name__)
 

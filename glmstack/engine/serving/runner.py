@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmstack.engine.scheduler import StepPlan
+from glmstack.engine.serving.scheduler import StepPlan
 
 
 class StepCancelled(Exception):  # noqa: N818 — a signal, not an error

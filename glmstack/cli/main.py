@@ -4,9 +4,9 @@
     glmstack models                             what models can be found
     glmstack inspect MODEL                      architecture, size, context, memory per precision
     glmstack convert SRC DST                    rewrite a pickle (.bin) checkpoint as safetensors
-    glmstack keys create|list|revoke            API keys (see glmstack/store/cli.py)
+    glmstack keys create|list|revoke            API keys (see glmstack/cli/keys.py)
     glmstack usage [--key ID]                   requests and tokens per key and model
-    glmstack serve [--host H] [--port P]        the HTTP API (see glmstack/api/serve.py)
+    glmstack serve [--host H] [--port P]        the HTTP API (see glmstack/cli/serve.py)
 
 Errors on bad input print one line (`glmstack: error: ...`) and exit with status 2; `--debug` shows the
 traceback instead.
@@ -21,8 +21,8 @@ import sys
 import time
 from typing import Any
 
-from glmstack.api import serve
-from glmstack.store import cli as store_cli
+from glmstack.cli import serve
+from glmstack.cli import keys as store_cli
 
 EXIT_USAGE = 2
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "convert":
-            from glmstack.engine.convert import convert_checkpoint
+            from glmstack.engine.loading.convert import convert_checkpoint
 
             print(convert_checkpoint(args.src, args.dst))
             return 0
@@ -105,7 +105,7 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from glmstack.engine.api import load
+    from glmstack.engine.classic import load
 
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():
@@ -182,7 +182,7 @@ def _print_stats(event: Any, elapsed: float) -> None:
 
 
 def cmd_models() -> int:
-    from glmstack.engine.loading import list_models, models_dir
+    from glmstack.engine.loading.checkpoint import list_models, models_dir
 
     entries = list_models()
     if not entries:
@@ -195,8 +195,8 @@ def cmd_models() -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from glmstack.engine.inspect import describe
-    from glmstack.engine.loading import resolve_model_path
+    from glmstack.engine.describe import describe
+    from glmstack.engine.loading.checkpoint import resolve_model_path
 
     info = describe(resolve_model_path(args.model))
     for key, value in info.items():

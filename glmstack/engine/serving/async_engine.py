@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from glmstack.engine.api import DEFAULT_REPLY_RESERVE, ChatModel
-from glmstack.engine.core import EngineCore, RequestTooLargeError
+from glmstack.engine.classic import DEFAULT_REPLY_RESERVE, ChatModel
+from glmstack.engine.serving.core import EngineCore, RequestTooLargeError
 from glmstack.protocol import (
     EngineOverloadedError,
     GenerateRequest,

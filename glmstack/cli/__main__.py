@@ -1,0 +1,7 @@
+"""`python -m glmstack.cli`: the `glmstack` command."""
+
+import sys
+
+from glmstack.cli.main import main
+
+sys.exit(main())
