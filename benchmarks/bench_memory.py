@@ -15,8 +15,8 @@ import resource
 import torch
 
 from glmstack import load
-from glmstack.engine.serving.core import EngineCore
 from glmstack.engine.quant.quantize_model import model_bytes
+from glmstack.engine.serving.core import EngineCore
 from glmstack.protocol import SamplingParams
 
 

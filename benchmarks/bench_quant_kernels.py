@@ -21,13 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from glmstack.engine import native
-from glmstack.engine.quant.quantize_model import (
-    DEQUANT_MIN_ROWS,
-    INT4_DEQUANT_MIN_ROWS,
-    Int4Linear,
-    Int8Linear,
-    model_bytes,
-)
+from glmstack.engine.quant.int4 import INT4_DEQUANT_MIN_ROWS, Int4Linear
+from glmstack.engine.quant.int8 import DEQUANT_MIN_ROWS, Int8Linear
+from glmstack.engine.quant.quantize_model import model_bytes
 
 aten = torch.ops.aten
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096)]  # (in_features K, out_features N)

@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from glmstack.engine.loading.checkpoint import bundled_model_path
+    from glmstack.engine.loading.catalog import bundled_model_path
 
     path = str(bundled_model_path())
     ours = Ours(None if args.quantize == "none" else args.quantize, args.dtype)

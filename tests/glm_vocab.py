@@ -196,7 +196,7 @@ def write_rank_file(path: Path, ranks: dict[bytes, int]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
     mapping = {b: chr(b) for b in printable}
     extra = 0
@@ -228,7 +228,7 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 def glm4_gguf_metadata() -> dict:
     """GGUF tokenizer metadata the way llama.cpp's converter writes GLM-4-9B-chat ("chatglm-bpe")."""
     ranks = glm4_ranks()
-    alphabet = _bytes_to_unicode()
+    alphabet = bytes_to_unicode()
 
     def spell(token: bytes) -> str:
         return "".join(alphabet[b] for b in token)

@@ -23,7 +23,8 @@ from glmstack.engine.errors import (
     ModelNotFoundError,
     UnsupportedArchitectureError,
 )
-from glmstack.engine.loading.checkpoint import load_model, resolve_model_path
+from glmstack.engine.loading.catalog import resolve_model_path
+from glmstack.engine.loading.checkpoint import load_model
 
 
 def tiny_checkpoint(folder: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from glmstack.engine.loading.checkpoint import BUNDLED_NAME, bundled_model_path
+from glmstack.engine.loading.catalog import BUNDLED_NAME, bundled_model_path
 
 pytestmark = pytest.mark.slow
 FRANCE = "What is the capital of France? Answer in one sentence."

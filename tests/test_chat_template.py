@@ -15,7 +15,8 @@ from glmstack.engine.chat_format import (
     TemplateChatFormat,
     chat_format_for,
 )
-from glmstack.engine.tokenization.base import HFTokenizer, tokenizer_from_gguf
+from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
+from glmstack.engine.tokenization.hf import HFTokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

@@ -38,7 +38,8 @@ from test_glm_models import thudm_weights, tiny_glm4, write_thudm
 import glmstack
 from glmstack.engine.classic import ChatModel
 from glmstack.engine.models.chatglm_v1 import ChatGLMv1ForCausalLM
-from glmstack.engine.tokenization.base import Tokenizer, tokenizer_from_gguf
+from glmstack.engine.tokenization.base import Tokenizer
+from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
 from glmstack.protocol import GenerationEvent, SamplingParams
 
 FAMILIES = ["chatglm-6b", "chatglm2", "chatglm3", "glm4-9b-chat", "glm4-0414"]

@@ -28,8 +28,8 @@ from glmstack.engine.chat_format import (
     glm_chat_format_for,
     glm_chat_format_for_model,
 )
+from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
 from glmstack.engine.tokenization.glm import ChatGLM2Tokenizer, ChatGLMv1Tokenizer, GLM4Tokenizer
-from glmstack.engine.tokenization.base import tokenizer_from_gguf
 
 SYSTEM = "你是一个乐于助人的助手。Answer briefly."
 Q1, A1 = "你好", "你好！有什么可以帮你的吗？"

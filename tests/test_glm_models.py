@@ -17,9 +17,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from glmstack.engine.describe import describe
 from glmstack.engine.errors import ModelFileError, UnsupportedArchitectureError
 from glmstack.engine.generation import new_cache
-from glmstack.engine.describe import describe
 from glmstack.engine.loading.checkpoint import load_model
 from glmstack.engine.models import chatglm, chatglm_v1, glm4, registry
 

@@ -23,6 +23,8 @@ from glm_vocab import (
 )
 
 from glmstack.engine.errors import ModelFileError
+from glmstack.engine.tokenization.base import Tokenizer
+from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
 from glmstack.engine.tokenization.glm import (
     ChatGLM2Tokenizer,
     ChatGLMv1Tokenizer,
@@ -31,7 +33,7 @@ from glmstack.engine.tokenization.glm import (
     load_glm_checkpoint_tokenizer,
     load_glm_tokenizer,
 )
-from glmstack.engine.tokenization.base import HFTokenizer, Tokenizer, tokenizer_from_gguf
+from glmstack.engine.tokenization.hf import HFTokenizer
 
 TEXTS = [
     "你好",

@@ -20,18 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmstack.engine import native
-from glmstack.engine.models.llama import LlamaConfig, LlamaForCausalLM, RMSNorm
-from glmstack.engine.quant.quantize_model import (
-    INT4_NATIVE_MAX_ROWS,
-    NATIVE_MAX_ROWS,
-    Int4Linear,
-    Int8Linear,
-    pack_int4_native,
-    quantize_int4,
-    quantize_int8,
-    quantize_model,
-)
-from glmstack.engine.serving.runner import ModelRunner, PagedKVCache
+from glmstack.engine.kv_cache import PagedKVCache
+from glmstack.engine.models.layers import RMSNorm
+from glmstack.engine.models.llama import LlamaConfig, LlamaForCausalLM
+from glmstack.engine.quant.int4 import INT4_NATIVE_MAX_ROWS, Int4Linear, pack_int4_native, quantize_int4
+from glmstack.engine.quant.int8 import Int8Linear, quantize_int8
+from glmstack.engine.quant.linear_base import NATIVE_MAX_ROWS
+from glmstack.engine.quant.quantize_model import quantize_model
+from glmstack.engine.serving.runner import ModelRunner
 from glmstack.engine.serving.scheduler import ScheduledChunk, Sequence, StepPlan
 
 if "AVX512" not in torch.backends.cpu.get_cpu_capability():
@@ -461,14 +457,14 @@ def test_fused_decode_path_is_taken(nk, monkeypatch) -> None:
     import glmstack.engine.models.llama as llama
 
     calls: list[bool] = []
-    real = llama._native_decode
+    real = llama.fused_llama_decode
 
     def spy(*args):  # type: ignore[no-untyped-def]
         result = real(*args)
         calls.append(result is not None)
         return result
 
-    monkeypatch.setattr(llama, "_native_decode", spy)
+    monkeypatch.setattr(llama, "fused_llama_decode", spy)
     decode_logits(tiny_model(8, torch.float32), [[1, 2, 3]], 2)
     assert calls == [False, True, True]  # prefill on the modules, both decode steps fused
 

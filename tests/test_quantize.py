@@ -26,17 +26,12 @@ from test_glm_models import thudm_weights, tiny_glm4, write_thudm
 from test_llama import tiny_llama
 from torch import nn
 
-from glmstack.engine.quant import quantize_model as q
 from glmstack.engine.loading.checkpoint import load_model
-from glmstack.engine.quant.quantize_model import (
-    Int4Linear,
-    Int8Linear,
-    int4_weights_from_chatglm,
-    int4_weights_from_gguf,
-    model_bytes,
-    quantize_int4,
-    quantize_model,
-)
+from glmstack.engine.quant import int4 as q
+from glmstack.engine.quant.int4 import Int4Linear, quantize_int4
+from glmstack.engine.quant.int8 import Int8Linear
+from glmstack.engine.quant.prequantized import int4_weights_from_chatglm, int4_weights_from_gguf
+from glmstack.engine.quant.quantize_model import model_bytes, quantize_model
 
 LINEAR_TOL = 1e-2
 COSINE = {8: 0.999, 4: 0.98}

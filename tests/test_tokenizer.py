@@ -14,7 +14,9 @@ from tokenizers import Tokenizer as BackendTokenizer
 from transformers import AutoTokenizer
 
 from glmstack.engine.loading.gguf_file import GGUFFile
-from glmstack.engine.tokenization.base import Tokenizer, load_tokenizer_json, tokenizer_from_gguf
+from glmstack.engine.tokenization.base import Tokenizer
+from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
+from glmstack.engine.tokenization.hf import load_tokenizer_json
 
 CORPUS = [
     "Hello world",

@@ -21,8 +21,8 @@ import sys
 import time
 from typing import Any
 
-from glmstack.cli import serve
 from glmstack.cli import keys as store_cli
+from glmstack.cli import serve
 
 EXIT_USAGE = 2
 
@@ -182,7 +182,7 @@ def _print_stats(event: Any, elapsed: float) -> None:
 
 
 def cmd_models() -> int:
-    from glmstack.engine.loading.checkpoint import list_models, models_dir
+    from glmstack.engine.loading.catalog import list_models, models_dir
 
     entries = list_models()
     if not entries:
@@ -196,7 +196,7 @@ def cmd_models() -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from glmstack.engine.describe import describe
-    from glmstack.engine.loading.checkpoint import resolve_model_path
+    from glmstack.engine.loading.catalog import resolve_model_path
 
     info = describe(resolve_model_path(args.model))
     for key, value in info.items():

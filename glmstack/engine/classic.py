@@ -29,9 +29,13 @@ import torch
 from glmstack.engine.chat_format import ChatFormat, chat_format_for
 from glmstack.engine.errors import ContextLengthError
 from glmstack.engine.generation import generate_stream
-from glmstack.engine.loading.checkpoint import LoadedModel, load_model, pick_device, resolve_model_path
-from glmstack.engine.quant.quantize_model import DEFAULT_GROUP_SIZE, quantize_model
-from glmstack.engine.tokenization.base import Tokenizer, load_tokenizer_json, tokenizer_from_gguf
+from glmstack.engine.loading.catalog import resolve_model_path
+from glmstack.engine.loading.checkpoint import LoadedModel, load_model, pick_device
+from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE
+from glmstack.engine.quant.quantize_model import quantize_model
+from glmstack.engine.tokenization.base import Tokenizer
+from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
+from glmstack.engine.tokenization.hf import load_tokenizer_json
 from glmstack.protocol import GenerationEvent, SamplingParams
 
 log = logging.getLogger(__name__)

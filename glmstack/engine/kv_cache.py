@@ -1,14 +1,46 @@
-"""KV caches.
+"""KV caches, behind one contract: `AttentionCache`.
 
-`DenseKVCache` is the simple contiguous cache behind `model.chat` and the reference generation loop: one
-sequence (or a batch of equal-length sequences), grown in chunks so a short chat does not reserve the whole
-context window up front.
+A model forward takes `cache: AttentionCache | None` and calls `attention(q, k, v, layer, cache)` once per
+layer, then `cache.advance(T)` once at the end. What the cache does with the new keys is its own business:
+
+- `DenseKVCache`: one sequence (or a batch of equal-length ones) in contiguous tensors, grown in chunks so a
+  short chat does not reserve the whole context window up front. Behind `model.chat` and the reference loop.
+- `PagedAttentionBatch`: one serving step over the block pool (`PagedKVCache`): all scheduled tokens of all
+  sequences flattened into a single row, each sequence attending to its own blocks.
+
+Masks are the cache's job too: it knows which earlier tokens each new one may see, so model code stays plain
+PyTorch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
+
+
+class AttentionCache(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               scale: float | None = None) -> torch.Tensor:
+        """Store this forward's k/v ([B, Hkv, T, D]) for `layer`, and return attention of q ([B, H, T, D])
+        over everything the sequence may see ([B, H, T, Dv])."""
+        ...
+
+    def advance(self, num_tokens: int) -> None:
+        """Called once per forward, after every layer attended: the new tokens are now part of the past."""
+        ...
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: AttentionCache | None,
+              *, scale: float | None = None) -> torch.Tensor:
+    """One layer's attention: through the cache, or plain causal attention over these tokens without one."""
+    if cache is not None:
+        return cache.attend(layer, q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=q.shape[1] != k.shape[1],
+                                          scale=scale)
 
 
 class DenseKVCache:
@@ -28,10 +60,13 @@ class DenseKVCache:
     ) -> None:
         self.num_layers = num_layers
         self.length = 0  # tokens already committed (visible to the next forward)
+        # What a model remembers about the sequence besides keys and values (ChatGLM-6B: its prompt layout).
+        self.model_state: dict[str, Any] = {}
         self._shape = (batch_size, num_kv_heads)
         self._head_dim, self._value_head_dim = head_dim, value_head_dim or head_dim
         self._dtype, self._device = dtype, torch.device(device)
         self._capacity = 0
+        self._mask: torch.Tensor | None = None  # this forward's causal mask, built by the first layer
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._reserve(max(capacity, 1))
@@ -59,13 +94,26 @@ class DenseKVCache:
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               scale: float | None = None) -> torch.Tensor:
+        new_tokens = q.shape[2]
+        mask = None
+        if self.length > 0 and new_tokens > 1:  # a later chunk: see the whole prefix, causal among the new
+            if self._mask is None:
+                self._mask = self.causal_mask(new_tokens, q.device)
+            mask = self._mask
+        k, v = self.update(layer, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and new_tokens > 1,
+                                              enable_gqa=q.shape[1] != k.shape[1], scale=scale)
+
     def advance(self, num_tokens: int) -> None:
-        """Called once per forward after every layer wrote its k/v."""
         self.length += num_tokens
+        self._mask = None
 
     def truncate(self, length: int) -> None:
         """Forget everything after `length` tokens (reuse a shared prefix for the next turn)."""
         self.length = min(self.length, length)
+        self._mask = None
 
     def causal_mask(self, new_tokens: int, device: torch.device) -> torch.Tensor:
         """Boolean [T, L+T] mask: new token i sees the whole cached prefix and new tokens 0..i."""
@@ -77,26 +125,112 @@ class DenseKVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-def cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layer: int,
-    cache: object | None,
-    mask: torch.Tensor | None,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Attention for one layer, wherever the keys live. q: [B, H, T, D], k/v: [B, Hkv, T, D] (new tokens).
+# ---- the serving engine's paged cache ----------------------------------------------------------------------
 
-    - no cache: plain causal attention over these tokens;
-    - a `DenseKVCache`: append, then attend over the whole cached sequence (`mask` covers the prefix);
-    - a paged batch (runner.PagedAttentionBatch): it writes the slots and attends per sequence itself.
-    """
-    attend = getattr(cache, "attend", None)
-    if attend is not None:
-        return attend(layer, q, k, v, scale=scale)
-    if cache is not None:
-        k, v = cache.update(layer, k, v)  # type: ignore[attr-defined]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-                                          enable_gqa=q.shape[1] != k.shape[1], scale=scale)
+
+class StepCancelled(Exception):  # noqa: N818 — a signal, not an error
+    """Raised inside a forward pass when every sequence of the step has been abandoned (see `attend`)."""
+
+
+class PagedKVCache:
+    """The block pool's storage: per layer, keys and values for `num_blocks * block_size` token slots."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 *, dtype: torch.dtype, device: torch.device, value_head_dim: int | None = None) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        # Left uninitialised (torch.empty), so the budget costs memory only as slots are first written:
+        # attention only ever reads slots its sequence wrote, or the pad block. RSS therefore climbs
+        # toward start + budget as prefix caching keeps finished blocks, then stays there. One extra
+        # block past the pool is kept at zero: padded decode gathers read it.
+        self.pad_slot = num_blocks * block_size
+        slots = self.pad_slot + block_size
+        self.keys = [torch.empty(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+                     for _ in range(num_layers)]
+        self.values = [torch.empty(slots, num_kv_heads, value_head_dim or head_dim, dtype=dtype, device=device)
+                       for _ in range(num_layers)]
+        for t in self.keys + self.values:
+            t[self.pad_slot :].zero_()
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass
+class PagedPrefill:
+    """One sequence's prompt chunk in a paged step."""
+
+    start: int  # first row of this chunk in the flattened batch
+    length: int
+    context_slots: torch.Tensor  # [L] slots of the whole context, in position order
+    mask: torch.Tensor | None  # [n, L] causal-with-offset; None when the chunk is the whole context
+
+
+@dataclass
+class PagedDecode:
+    """The step's decoding sequences (one new token each, the first rows of the batch), padded to the longest
+    context with the pool's zeroed pad slot."""
+
+    gather: torch.Tensor  # [B, Lmax] slots of each sequence's context
+    mask: torch.Tensor  # [B, 1, 1, Lmax] true where a slot belongs to the sequence
+    lengths: torch.Tensor  # [B] context length of each sequence
+
+
+@dataclass
+class PagedAttentionBatch:
+    """One serving step as the model's `cache`: `slots` [N] says where each new token's k/v go; decoding
+    sequences share one padded attention call, each prefill chunk gets its own."""
+
+    kv: PagedKVCache
+    slots: torch.Tensor
+    decode: PagedDecode | None = None
+    prefills: list[PagedPrefill] = field(default_factory=list)
+    cancelled: Callable[[], bool] | None = None
+
+    @property
+    def decode_only(self) -> bool:
+        """Every row is a sequence decoding one token (what the fused native decode takes)."""
+        return self.decode is not None and not self.prefills
+
+    def raise_if_cancelled(self) -> None:
+        """StepCancelled once every sequence of the step is abandoned; checked between layers (by `attend`,
+        or directly by a fused path that does not call it)."""
+        if self.cancelled is not None and self.cancelled():
+            raise StepCancelled
+
+    def advance(self, num_tokens: int) -> None:
+        """Positions are tracked by the scheduler; nothing to do."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               scale: float | None = None) -> torch.Tensor:
+        """q: [1, H, N, D]; k, v: [1, Hkv, N, D] for the N new tokens. Returns [1, H, N, Dv].
+
+        Every architecture calls this once per layer, which makes it the place to give up a step nobody
+        waits for any more: a 512-token prefill chunk takes a second on two cores, and a client that hung
+        up should get its KV blocks back within a layer, not a chunk."""
+        self.raise_if_cancelled()
+        key_cache, value_cache = self.kv.keys[layer], self.kv.values[layer]
+        key_cache.index_copy_(0, self.slots, k[0].transpose(0, 1).to(key_cache.dtype))
+        value_cache.index_copy_(0, self.slots, v[0].transpose(0, 1).to(value_cache.dtype))
+        gqa = q.shape[1] != k.shape[1]
+        outs = []
+        if self.decode is not None:
+            b = self.decode.lengths.shape[0]
+            qd = q[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+            kd = key_cache[self.decode.gather].transpose(1, 2)  # [B, Hkv, Lmax, D]
+            vd = value_cache[self.decode.gather].transpose(1, 2)
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode.mask, enable_gqa=gqa,
+                                                 scale=scale)
+            outs.append(out.squeeze(2).transpose(0, 1))  # [H, B, Dv]
+        for p in self.prefills:
+            qp = q[:, :, p.start : p.start + p.length]
+            kp = key_cache[p.context_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            vp = value_cache[p.context_slots].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None,
+                                                 enable_gqa=gqa, scale=scale)
+            outs.append(out[0])
+        return torch.cat(outs, dim=1).unsqueeze(0) if len(outs) > 1 else outs[0].unsqueeze(0)

@@ -14,10 +14,10 @@ import transformers
 from hostile_files import MARKER, reduce_pickle, torch_zip
 
 from glmstack.cli.main import build_parser
-from glmstack.engine.loading import checkpoint as loading
-from glmstack.engine.loading.convert import convert_checkpoint
 from glmstack.engine.errors import ModelFileError
+from glmstack.engine.loading import checkpoint as loading
 from glmstack.engine.loading.checkpoint import load_model
+from glmstack.engine.loading.convert import convert_checkpoint
 
 pytestmark = pytest.mark.reliability
 

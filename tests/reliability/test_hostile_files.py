@@ -17,8 +17,9 @@ from hostile_files import CASES, MARKER, HostileCase, config
 
 from glmstack.engine.chat_format import TemplateChatFormat
 from glmstack.engine.errors import ModelFileError
-from glmstack.engine.loading.checkpoint import bundled_model_path, load_model
-from glmstack.engine.tokenization.base import tokenizer_from_gguf
+from glmstack.engine.loading.catalog import bundled_model_path
+from glmstack.engine.loading.checkpoint import load_model
+from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
 
 pytestmark = pytest.mark.reliability
 

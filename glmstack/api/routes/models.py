@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from glmstack.api.auth import keyed_router
-from glmstack.api.errors import PlatformError
 from glmstack.api.deps import Platform, PlatformDep
+from glmstack.api.errors import PlatformError
 from glmstack.api.schemas.errors import error_responses
 from glmstack.api.schemas.models import ModelCard, ModelList
 

@@ -10,9 +10,9 @@ from typing import Any
 from starlette.types import Receive
 
 from glmstack.api.auth import Caller
+from glmstack.api.deps import Platform
 from glmstack.api.disconnect import unless_disconnected
 from glmstack.api.errors import PlatformError
-from glmstack.api.deps import Platform
 from glmstack.api.safety import LEVEL
 from glmstack.api.schemas.chat import (
     AssistantMessage,

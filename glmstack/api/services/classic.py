@@ -10,9 +10,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive
 
 from glmstack.api.auth import Caller
+from glmstack.api.deps import Platform
 from glmstack.api.disconnect import unless_disconnected
 from glmstack.api.errors import PlatformError
-from glmstack.api.deps import Platform
 from glmstack.api.safety import LEVEL
 from glmstack.api.schemas.classic import ClassicRequest, ClassicResponse
 from glmstack.api.services.chat import MIN_TEMPERATURE, MIN_TOP_P, collect

@@ -4,6 +4,7 @@
 `glm_chat_format_for_model(tokenizer, config)` (or `glm_chat_format_for(tokenizer, generation)`).
 """
 
+from glmstack.engine.chat_format.base import ChatFormat, ChatPrompt, ChatTemplateError, message_text
 from glmstack.engine.chat_format.chatglm import ChatGLM2ChatFormat, ChatGLM6BChatFormat
 from glmstack.engine.chat_format.chatglm3 import ChatGLM3ChatFormat
 from glmstack.engine.chat_format.glm4 import GLM4ChatFormat
@@ -13,15 +14,7 @@ from glmstack.engine.chat_format.glm_family import (
     glm_chat_format_for,
     glm_chat_format_for_model,
 )
-from glmstack.engine.chat_format.template import (
-    ChatFormat,
-    ChatPrompt,
-    ChatTemplateError,
-    PlainChatFormat,
-    TemplateChatFormat,
-    chat_format_for,
-    message_text,
-)
+from glmstack.engine.chat_format.template import PlainChatFormat, TemplateChatFormat, chat_format_for
 
 __all__ = [
     "GLM_CHAT_FORMATS",

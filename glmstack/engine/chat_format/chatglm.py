@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 
-from glmstack.engine.chat_format.template import ChatFormat, ChatPrompt, ChatTemplateError, message_text
+from glmstack.engine.chat_format.base import ChatFormat, ChatPrompt, ChatTemplateError, message_text
 from glmstack.engine.tokenization.base import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 
+from glmstack.engine.chat_format.base import ChatFormat, ChatPrompt, ChatTemplateError, message_text
 from glmstack.engine.chat_format.chatglm import require_token
-from glmstack.engine.chat_format.template import ChatFormat, ChatPrompt, ChatTemplateError, message_text
 from glmstack.engine.tokenization.base import Tokenizer
 
 DEFAULT_TOOLS_PROMPT = (

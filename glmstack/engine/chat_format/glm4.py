@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import json
 
+from glmstack.engine.chat_format.base import ChatFormat, ChatPrompt, message_text
 from glmstack.engine.chat_format.chatglm import require_token
 from glmstack.engine.chat_format.chatglm3 import ROLES, glm_role, with_tools_message
-from glmstack.engine.chat_format.template import ChatFormat, ChatPrompt, message_text
 from glmstack.engine.tokenization.base import Tokenizer
 
 # The texts below are verbatim from the reference (spec 3.2); `FUNCTION` takes the name and the JSON.

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from glmstack.engine.chat_format.base import ChatFormat, ChatTemplateError
 from glmstack.engine.chat_format.chatglm import ChatGLM2ChatFormat, ChatGLM6BChatFormat
 from glmstack.engine.chat_format.chatglm3 import ChatGLM3ChatFormat
 from glmstack.engine.chat_format.glm4 import GLM4ChatFormat
-from glmstack.engine.chat_format.template import ChatFormat, ChatTemplateError
 from glmstack.engine.tokenization.base import Tokenizer
 
 GLM_CHAT_FORMATS: dict[str, type[ChatFormat]] = {

@@ -28,10 +28,10 @@ from torch import nn
 
 from glmstack.engine.chat_format import ChatFormat, glm_chat_format_for_model
 from glmstack.engine.errors import UnsupportedArchitectureError
-from glmstack.engine.tokenization.glm import load_glm_checkpoint_tokenizer
-from glmstack.engine.kv_cache import DenseKVCache, cached_attention
-from glmstack.engine.models.llama import RMSNorm
+from glmstack.engine.kv_cache import AttentionCache, attention
+from glmstack.engine.models.layers import RMSNorm, apply_interleaved_rotary
 from glmstack.engine.tokenization.base import Tokenizer
+from glmstack.engine.tokenization.glm import load_glm_checkpoint_tokenizer
 
 if TYPE_CHECKING:
     from glmstack.engine.loading.checkpoint import Checkpoint
@@ -171,15 +171,6 @@ def rope_inv_freq(config: ChatGLMConfig) -> torch.Tensor:
     return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
-def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """GPT-J style partial rotary: pairs (2i, 2i+1) of the first 2·len(cos) dims turn by angle i; the rest of
-    the head passes through. This is what the THUDM code, transformers' Glm and llama.cpp's ROPE_TYPE_NORM
-    compute. x: [B, H, T, D], cos/sin: [B, 1, T, R/2]."""
-    rotary_dim = 2 * cos.shape[-1]
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    even, odd = rot[..., 0::2], rot[..., 1::2]
-    turned = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    return torch.cat((turned, rest), dim=-1)
 
 
 def make_norm(config: ChatGLMConfig) -> nn.Module:
@@ -204,8 +195,7 @@ class SelfAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layer: int,
-        cache: DenseKVCache | None,
-        mask: torch.Tensor | None,
+        cache: AttentionCache | None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -215,7 +205,7 @@ class SelfAttention(nn.Module):
         v = v.view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_interleaved_rotary(q, cos, sin), apply_interleaved_rotary(k, cos, sin)
         # Query head j reads KV group j // (heads / groups), which is what enable_gqa does.
-        out = cached_attention(q, k, v, layer, cache, mask)
+        out = attention(q, k, v, layer, cache)
         return self.dense(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -244,11 +234,10 @@ class GLMBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layer: int,
-        cache: DenseKVCache | None,
-        mask: torch.Tensor | None,
+        cache: AttentionCache | None,
     ) -> torch.Tensor:
         # Residuals take the un-normalised input (apply_residual_connection_post_layernorm=false).
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layer, cache, mask)
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layer, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -297,7 +286,7 @@ class ChatGLMForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        cache: DenseKVCache | None = None,
+        cache: AttentionCache | None = None,
         last_only: bool = False,
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -307,11 +296,8 @@ class ChatGLMForCausalLM(nn.Module):
         # Angles in fp32, then cos/sin in the model dtype, as the reference does.
         angles = positions[..., None].float() * self.inv_freq  # [B, T, R/2]
         cos, sin = angles.cos()[:, None].to(x.dtype), angles.sin()[:, None].to(x.dtype)
-        mask = None
-        if cache is not None and cache.length > 0 and input_ids.shape[1] > 1:
-            mask = cache.causal_mask(input_ids.shape[1], x.device)
         for i, layer in enumerate(self.transformer.encoder.layers):
-            x = layer(x, cos, sin, i, cache, mask)
+            x = layer(x, cos, sin, i, cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if last_only:

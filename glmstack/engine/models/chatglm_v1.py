@@ -25,10 +25,10 @@ from torch import nn
 
 from glmstack.engine.chat_format import ChatFormat, glm_chat_format_for_model
 from glmstack.engine.errors import UnsupportedArchitectureError
-from glmstack.engine.tokenization.glm import load_glm_checkpoint_tokenizer
 from glmstack.engine.kv_cache import DenseKVCache
-from glmstack.engine.models.llama import apply_rotary
+from glmstack.engine.models.layers import apply_rotary
 from glmstack.engine.tokenization.base import Tokenizer
+from glmstack.engine.tokenization.glm import load_glm_checkpoint_tokenizer
 
 if TYPE_CHECKING:
     from glmstack.engine.loading.checkpoint import Checkpoint
@@ -249,9 +249,9 @@ class ChatGLMv1ForCausalLM(nn.Module):
         if cache is None or cache.length == 0:
             prefix, mask_position = prompt_layout(input_ids, self.config)
             if cache is not None:
-                cache.prefix_length, cache.mask_position = prefix, mask_position
+                cache.model_state["prompt_layout"] = prefix, mask_position
         else:
-            prefix, mask_position = cache.prefix_length, cache.mask_position
+            prefix, mask_position = cache.model_state["prompt_layout"]
         x = self.transformer.word_embeddings(input_ids)
         rotary = self._rotary(positions_2d(positions, prefix, mask_position), x.dtype)
         past = cache.length if cache is not None else 0

@@ -17,10 +17,10 @@ import torch
 
 from glmstack.engine.chat_format import ChatFormat, GLM4ChatFormat, TemplateChatFormat
 from glmstack.engine.chat_format.glm4 import STOP_TOKENS
-from glmstack.engine.tokenization.glm import load_glm_checkpoint_tokenizer
-from glmstack.engine.kv_cache import DenseKVCache
+from glmstack.engine.kv_cache import AttentionCache
 from glmstack.engine.models.chatglm import ChatGLMConfig, ChatGLMForCausalLM, GLMBlock, make_norm
 from glmstack.engine.tokenization.base import Tokenizer
+from glmstack.engine.tokenization.glm import load_glm_checkpoint_tokenizer
 
 if TYPE_CHECKING:
     from glmstack.engine.loading.checkpoint import Checkpoint
@@ -38,10 +38,9 @@ class Glm4Block(GLMBlock):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layer: int,
-        cache: DenseKVCache | None,
-        mask: torch.Tensor | None,
+        cache: AttentionCache | None,
     ) -> torch.Tensor:
-        attn = self.self_attention(self.input_layernorm(x), cos, sin, layer, cache, mask)
+        attn = self.self_attention(self.input_layernorm(x), cos, sin, layer, cache)
         x = x + self.post_self_attn_layernorm(attn)
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 

@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmstack.engine import native
-from glmstack.engine.kv_cache import DenseKVCache, cached_attention
-from glmstack.engine.quant.quantize_model import INT4_NATIVE_MAX_ROWS, NATIVE_MAX_ROWS, Int4Linear
-
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+from glmstack.engine.kv_cache import AttentionCache, attention
+from glmstack.engine.models.layers import RMSNorm, apply_rotary
+from glmstack.engine.native.fused_decode import fused_llama_decode
 
 
 @dataclass
@@ -143,23 +141,8 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (NeoX) rotary: dims i and i + d/2 form a pair. x: [B, T, H, D], cos/sin: [B, T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op (small-batch decode is bound by op count); it accumulates in fp32 for bf16/fp16
-        # inputs, as the reference implementations do by upcasting.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -178,8 +161,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layer: int,
-        cache: DenseKVCache | None,
-        mask: torch.Tensor | None,
+        cache: AttentionCache | None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
@@ -188,7 +170,7 @@ class Attention(nn.Module):
         q = qk[:, :, :heads].transpose(1, 2)
         k = qk[:, :, heads:].transpose(1, 2)
         v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-        out = cached_attention(q, k, v, layer, cache, mask)
+        out = attention(q, k, v, layer, cache)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -212,8 +194,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, layer, cache, mask):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: AttentionCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -225,66 +208,8 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def _native_plan(model: LlamaForCausalLM) -> tuple[list[tuple], int] | None:
-    """Per layer: the input norm's (weight, eps), the qkv / o / gate_up / down projections' native arguments
-    (`native_args`) and the post-attention norm's (weight, eps) — when every projection is a quantized linear
-    our native kernels take (`native_ready`), else None; with the most rows they all take. Cached per
-    quantization state."""
-    key = getattr(model, "quantization", None)
-    cached = model.__dict__.get("_native_plan_cache")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    plan: list[tuple] | None = []
-    max_rows = NATIVE_MAX_ROWS
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not all(hasattr(m, "native_ready") and m.native_ready(torch.empty(1, m.in_features)) for m in linears):
-            plan = None
-            break
-        assert plan is not None
-        if any(isinstance(m, Int4Linear) for m in linears):
-            max_rows = min(max_rows, INT4_NATIVE_MAX_ROWS)
-        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        plan.append((norm1.weight, norm1.eps, attn.qkv_proj.native_args(), attn.o_proj.native_args(),
-                     norm2.weight, norm2.eps, mlp.gate_up_proj.native_args(), mlp.down_proj.native_args()))
-    result = None if plan is None else (plan, max_rows)
-    model.__dict__["_native_plan_cache"] = (key, result)
-    return result
 
 
-def _native_decode(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   cache: object | None) -> torch.Tensor | None:
-    """All decoder layers for a serving step in which every row is a sequence decoding one token, as five
-    native calls per layer: norm+qkv, rotary+KV write+attention, o+residual, norm+gate_up, silu·mul+down+
-    residual. None (the caller runs the modules) unless the kernels, the weights and the step all fit."""
-    lengths = getattr(cache, "decode_lengths", None)
-    if lengths is None or x.dim() != 3 or x.shape[0] != 1 or x.dtype not in _NATIVE_DTYPES or not x.is_cpu:
-        return None
-    n = x.shape[1]
-    if cache.prefills or cache.num_decode != n or n > NATIVE_MAX_ROWS:  # type: ignore[attr-defined]
-        return None
-    kv = cache.kv  # type: ignore[attr-defined]
-    if kv.keys[0].dtype != x.dtype or kv.values[0].dtype != x.dtype:
-        return None
-    nk = native.kernels()
-    planned = _native_plan(model) if nk is not None else None
-    if planned is None or n > planned[1]:
-        return None
-    plan = planned[0]
-    cfg = model.config
-    heads, kv_heads, scale = cfg.num_heads, cfg.num_kv_heads, 1.0 / math.sqrt(cfg.head_dim)
-    c, s = cos.reshape(n, -1).to(x.dtype).contiguous(), sin.reshape(n, -1).to(x.dtype).contiguous()
-    slots, gather, attention = cache.slots, cache.decode_gather, nk.decode_attention  # type: ignore[attr-defined]
-    keys, values = kv.keys, kv.values
-    h = x[0].contiguous()
-    for i, (w1, eps1, (qkv, *qkv_w), (o, *o_w), w2, eps2, (gate_up, *gu_w), (down, *down_w)) in enumerate(plan):
-        cache.raise_if_cancelled()  # type: ignore[attr-defined]
-        a = attention(qkv(h, *qkv_w, w1, eps1, False, None), c, s, keys[i], values[i], slots, gather, lengths,
-                      heads, kv_heads, scale)
-        h = o(a, *o_w, None, 0.0, False, h)
-        h = down(gate_up(h, *gu_w, w2, eps2, False, None), *down_w, None, 0.0, True, h)
-    return h[None]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -314,7 +239,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        cache: DenseKVCache | None = None,
+        cache: AttentionCache | None = None,
         last_only: bool = False,
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -328,15 +253,12 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # [B, T, 1, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = None
-        if cache is not None and cache.length > 0 and input_ids.shape[1] > 1:
-            mask = cache.causal_mask(input_ids.shape[1], x.device)
-        fused = _native_decode(self, x, cos, sin, cache)
+        fused = fused_llama_decode(self, x, cos, sin, cache)  # None unless a native decode-only step
         if fused is not None:
             x = fused
         else:
             for i, layer in enumerate(self.model.layers):
-                x = layer(x, cos, sin, i, cache, mask)
+                x = layer(x, cos, sin, i, cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if last_only:

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from glmstack.engine.classic import ChatModel
-from glmstack.engine.serving.block_allocator import BlockAllocator
-from glmstack.engine.serving.runner import ModelRunner, PagedKVCache, StepCancelled
+from glmstack.engine.kv_cache import PagedKVCache, StepCancelled
 from glmstack.engine.sampling import StopStringMatcher, make_generator, sample_token
+from glmstack.engine.serving.block_allocator import BlockAllocator
+from glmstack.engine.serving.runner import ModelRunner
 from glmstack.engine.serving.scheduler import RequestTooLargeError, Scheduler, Sequence
 from glmstack.engine.tokenization.base import StreamDecoder
 from glmstack.protocol import GenerationEvent, SamplingParams, Usage

@@ -32,12 +32,9 @@ import sentencepiece
 import tiktoken
 
 from glmstack.engine.errors import ModelFileError
-from glmstack.engine.tokenization.base import (
-    Tokenizer,
-    _bytes_to_unicode,
-    load_tokenizer_json,
-    tokenizer_from_gguf,
-)
+from glmstack.engine.tokenization.base import Tokenizer
+from glmstack.engine.tokenization.gguf_vocab import bytes_to_unicode, tokenizer_from_gguf
+from glmstack.engine.tokenization.hf import load_tokenizer_json
 
 if TYPE_CHECKING:
     from glmstack.engine.loading.checkpoint import Checkpoint
@@ -445,7 +442,7 @@ class GLM4Tokenizer(Tokenizer):
 
     @cached_property
     def _char_of_byte(self) -> dict[int, str]:
-        return _bytes_to_unicode()
+        return bytes_to_unicode()
 
     @cached_property
     def _byte_of_char(self) -> dict[str, int]:

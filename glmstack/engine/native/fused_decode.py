@@ -1,0 +1,82 @@
+"""A Llama decoder as native calls: for a serving step in which every row is a sequence decoding one token,
+each layer runs as five calls of kernels.cpp (norm+qkv, rotary+KV write+attention, o+residual,
+norm+gate_up, silu·mul+down+residual) instead of dozens of small ATen ops. It reads the model's quantized linears
+(`native_args`) and writes the paged KV cache itself, so it lives here, next to the kernels it drives."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from glmstack.engine import native
+from glmstack.engine.kv_cache import AttentionCache, PagedAttentionBatch
+from glmstack.engine.quant.int4 import INT4_NATIVE_MAX_ROWS, Int4Linear
+from glmstack.engine.quant.linear_base import NATIVE_DTYPES, NATIVE_MAX_ROWS
+
+if TYPE_CHECKING:
+    from glmstack.engine.models.llama import LlamaForCausalLM
+
+
+def _native_plan(model: LlamaForCausalLM) -> tuple[list[tuple], int] | None:
+    """Per layer: the input norm's (weight, eps), the qkv / o / gate_up / down projections' native arguments
+    (`native_args`) and the post-attention norm's (weight, eps) — when every projection is a quantized linear
+    our native kernels take (`native_ready`), else None; with the most rows they all take. Cached per
+    quantization state."""
+    key = getattr(model, "quantization", None)
+    cached = model.__dict__.get("_native_plan_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan: list[tuple] | None = []
+    max_rows = NATIVE_MAX_ROWS
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(hasattr(m, "native_ready") and m.native_ready(torch.empty(1, m.in_features)) for m in linears):
+            plan = None
+            break
+        assert plan is not None
+        if any(isinstance(m, Int4Linear) for m in linears):
+            max_rows = min(max_rows, INT4_NATIVE_MAX_ROWS)
+        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        plan.append((norm1.weight, norm1.eps, attn.qkv_proj.native_args(), attn.o_proj.native_args(),
+                     norm2.weight, norm2.eps, mlp.gate_up_proj.native_args(), mlp.down_proj.native_args()))
+    result = None if plan is None else (plan, max_rows)
+    model.__dict__["_native_plan_cache"] = (key, result)
+    return result
+
+
+def fused_llama_decode(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       cache: AttentionCache | None) -> torch.Tensor | None:
+    """All decoder layers of `model` for a decode-only paged step, natively; x: [1, N, hidden], cos/sin as
+    the model computed them. None (the caller runs the modules) unless the kernels, the weights and the step
+    all fit."""
+    if not isinstance(cache, PagedAttentionBatch) or not cache.decode_only or cache.decode is None:
+        return None
+    if x.dim() != 3 or x.shape[0] != 1 or x.dtype not in NATIVE_DTYPES or not x.is_cpu:
+        return None
+    n = x.shape[1]
+    if cache.decode.lengths.shape[0] != n or n > NATIVE_MAX_ROWS:
+        return None
+    kv = cache.kv
+    if kv.keys[0].dtype != x.dtype or kv.values[0].dtype != x.dtype:
+        return None
+    nk = native.kernels()
+    planned = _native_plan(model) if nk is not None else None
+    if nk is None or planned is None or n > planned[1]:
+        return None
+    plan = planned[0]
+    cfg = model.config
+    heads, kv_heads, scale = cfg.num_heads, cfg.num_kv_heads, 1.0 / math.sqrt(cfg.head_dim)
+    c, s = cos.reshape(n, -1).to(x.dtype).contiguous(), sin.reshape(n, -1).to(x.dtype).contiguous()
+    slots, gather, lengths, attention = cache.slots, cache.decode.gather, cache.decode.lengths, nk.decode_attention
+    keys, values = kv.keys, kv.values
+    h = x[0].contiguous()
+    for i, (w1, eps1, (qkv, *qkv_w), (o, *o_w), w2, eps2, (gate_up, *gu_w), (down, *down_w)) in enumerate(plan):
+        cache.raise_if_cancelled()
+        a = attention(qkv(h, *qkv_w, w1, eps1, False, None), c, s, keys[i], values[i], slots, gather, lengths,
+                      heads, kv_heads, scale)
+        h = o(a, *o_w, None, 0.0, False, h)
+        h = down(gate_up(h, *gu_w, w2, eps2, False, None), *down_w, None, 0.0, True, h)
+    return h[None]

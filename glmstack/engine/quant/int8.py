@@ -1,0 +1,116 @@
+"""Weight-only int8: `Int8Linear`.
+
+Off the native kernels: `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])`, symmetric per
+output row — ChatGLM's W8A16 scheme (spec 7.2), with its state-dict names (`weight`, `weight_scale`). x and scales
+must share a dtype. On x86 only bf16 is vectorised (fp32/fp16 run a scalar loop, ~12x slower), and the
+AVX-512 loop reads x and w with *aligned* 16-element loads: K must be a multiple of 16 and x's data
+32-byte aligned (we keep 64), or the process segfaults — hence the checks below. The CUDA version is a
+naive one-thread-per-output kernel, so on GPUs we dequantize and call cuBLAS instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmstack.engine import native
+from glmstack.engine.quant.linear_base import (
+    NATIVE_DTYPES,
+    NATIVE_MAX_ROWS,
+    NativeLinear,
+    aligned,
+    bias_parameter,
+    kernel_dtype,
+    row_slices,
+    scratch_buffer,
+)
+
+# From this many activation rows on, dequantize-then-GEMM beats the fused CPU kernels (measured with
+# benchmarks/bench_quant_kernels.py --m N on AVX-512 + AMX); decode (a row per sequence) takes the fused ones.
+DEQUANT_MIN_ROWS = 16  # int8: converting int8 -> bf16 is one cheap copy
+
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8, scale = max|W[row]| / 127 (ChatGLM's formula): (int8 [N, K], scale [N]).
+
+    The scale is rounded to `scale_dtype` *before* rounding the weights, so the codes are chosen against
+    the scale the kernel will actually multiply by."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
+    tiny = torch.finfo(scale_dtype).tiny
+    for rows in row_slices(weight.shape[0], weight.shape[1]):
+        w = weight[rows].float()
+        s = (w.abs().amax(dim=1) / 127).clamp_(min=tiny).to(scale_dtype)
+        scale[rows] = s
+        q[rows].copy_(torch.div(w, s.float()[:, None]).round_().clamp_(-127, 127))
+    return q, scale
+
+
+class Int8Linear(NativeLinear, nn.Module):
+    """y = (x @ weight.T) · weight_scale + bias, weight int8 [out, in], one scale per output row."""
+
+    _kernel, _scales = "int8_linear", "weight_scale"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        weight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = bias_parameter(bias, out_features, dtype, device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, dtype: torch.dtype | None = None) -> Int8Linear:
+        w = linear.weight.detach()
+        dtype = dtype or kernel_dtype(w.device, w.dtype)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype,
+                     device=w.device)
+        module.weight, module.weight_scale = quantize_int8(w, dtype)
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().clone()  # bias keeps the model dtype
+        return module
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scale_dtype={self.weight_scale.dtype}")
+
+    def native_ready(self, x2: torch.Tensor) -> bool:
+        return (x2.is_cpu and self.weight.is_cpu and x2.shape[0] <= NATIVE_MAX_ROWS and x2.dtype in NATIVE_DTYPES
+                and self.weight_scale.dtype in NATIVE_DTYPES and self.weight.is_contiguous()
+                and (self.bias is None or self.bias.dtype in NATIVE_DTYPES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Decode calls this ~200 times per token: every buffer lookup and no-op `.to` costs ~1.5 µs.
+        x2 = x.reshape(-1, self.in_features)
+        weight, scale = self.weight, self.weight_scale
+        nk = native.kernels() if weight.is_cpu else None
+        if nk is not None and self.native_ready(x2):
+            y = nk.int8_linear(x2.contiguous(), weight, scale, self.bias)  # bias included, x's dtype
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+        if weight.is_cpu and x2.shape[0] < DEQUANT_MIN_ROWS and self.in_features % 16 == 0:
+            if weight.data_ptr() % 64:  # e.g. after load_state_dict(assign=True) from a mapped file
+                weight = self.weight = aligned(weight)
+            xk = x2 if x2.dtype == scale.dtype else x2.to(scale.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(aligned(xk), weight, scale)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+        else:
+            y = self._dequantized_matmul(x2)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def _dequantized_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        dtype = self.weight_scale.dtype if x2.device.type == "cpu" else x2.dtype
+        xk = x2.to(dtype)
+        outs = []
+        for rows in row_slices(self.out_features, self.in_features):
+            w = self.weight[rows]
+            w_deq = scratch_buffer(w.numel(), dtype, w.device).view(w.shape).copy_(w)
+            outs.append(F.linear(xk, w_deq) * self.weight_scale[rows].to(dtype))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return y.to(x2.dtype)
+
+
