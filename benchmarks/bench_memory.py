@@ -2,9 +2,9 @@
 
     python benchmarks/bench_memory.py [--quantize int8|int4|none] [--streams 16] [--max-tokens 64]
 
-One process: load the bundled model, build EngineCore with the default KV budget (GLMSTACK_KV_CACHE_MB,
-512 MiB), run `--streams` greedy requests to the end together, then print the weights' bytes, the KV pool's
-bytes, the process's peak RSS (ru_maxrss, so loading counts too) and the budget.
+One process: load the bundled model, build EngineCore with the default KV budget (512 MiB, as `glmstack serve`
+without GLMSTACK_KV_CACHE_MB), run `--streams` greedy requests to the end together, then print the weights'
+bytes, the KV pool's bytes, the process's peak RSS (ru_maxrss, so loading counts too) and the budget.
 """
 
 from __future__ import annotations

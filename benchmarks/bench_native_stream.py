@@ -91,7 +91,8 @@ def main() -> None:
     started = time.perf_counter()
     for _ in range(5):
         plain.sum()
-    print(f"plain fp32 read (torch.sum, 256 MB): {5 * plain.numel() * 4 / (time.perf_counter() - started) / 1e9:.1f} GB/s")
+    rate = 5 * plain.numel() * 4 / (time.perf_counter() - started) / 1e9
+    print(f"plain fp32 read (torch.sum, 256 MB): {rate:.1f} GB/s")
     if args.bits == 8:
         bench_int8(kernels, args.megabytes)
     else:

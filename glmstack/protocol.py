@@ -1,9 +1,14 @@
-"""The engine <-> platform contract: plain dataclasses, standard library only, so the HTTP side can describe a
-request without importing torch."""
+"""The engine <-> platform contract: plain dataclasses and the `Engine` verbs, standard library only, so the
+HTTP side can describe a request and drive the engine without importing torch.
+
+`glmstack.engine.serving.async_engine.AsyncEngine` implements `Engine`; `glmstack.api` sees nothing else of it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 @dataclass
@@ -90,3 +95,19 @@ class PromptTooLongError(EngineRequestError):
 
 class EngineOverloadedError(EngineRequestError):
     kind = "overloaded"
+
+
+class Engine(Protocol):
+    """What the platform asks of a running engine."""
+
+    def info(self) -> ModelInfo: ...
+
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerationEvent, None]:
+        """Events as they are produced; the last one carries the finish reason and usage."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...

@@ -1,7 +1,8 @@
-"""One Settings object for the whole platform, read from GLMSTACK_* environment variables.
+"""One Settings object for the whole of glmstack, read from GLMSTACK_* environment variables.
 
-The CLI builds it (`Settings.from_env()`, then `dataclasses.replace` for its flags) and passes it in; nothing
-else reads the environment. Standard library only, so any part of glmstack can import it.
+The CLI builds it (`Settings.from_env()`, then `dataclasses.replace` for its flags) and passes it in; the
+classic `glmstack.load()` builds one when not given one. Nothing else reads a GLMSTACK_* variable (the
+boundary test checks). Standard library only, so any part of glmstack can import it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 QUANTIZE_CHOICES = ("int8", "int4")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 _MiB = 1024 * 1024
 
 
@@ -32,6 +35,15 @@ class Settings:
     max_messages: int = 256
     safety_dir: Path | None = None      # None: the word lists shipped with glmstack
     log_level: str = "INFO"
+    kv_cache_mb: int = 512              # the serving engine's paged KV pool
+    native: bool = True                 # the native CPU kernels (glmstack/engine/native), where they build
+    native_dir: Path | None = None      # None: torch's extension cache, shared by every home
+    int4_vnni: bool = True              # False keeps the native int4 kernel on fp32 activations
+
+    @property
+    def models_dir(self) -> Path:
+        """Where `--model NAME` looks when NAME is not a path."""
+        return self.home / "models"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -59,6 +71,20 @@ class Settings:
             value = get_optional_int(name, minimum=minimum)
             return default if value is None else value
 
+        def get_bool(name: str, default: bool) -> bool:
+            raw = get(name)
+            if raw is None:
+                return default
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"GLMSTACK_{name} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
+
+        def get_path(name: str) -> Path | None:
+            raw = get(name)
+            return Path(raw).expanduser() if raw else None
+
         home = Path(get("HOME") or Path.home() / ".glmstack").expanduser().absolute()
         quantize = get("QUANTIZE")
         if quantize is not None and quantize.lower() == "none":
@@ -66,7 +92,6 @@ class Settings:
         if quantize is not None and quantize not in QUANTIZE_CHOICES:
             choices = ", ".join(QUANTIZE_CHOICES)
             raise ValueError(f"GLMSTACK_QUANTIZE must be one of {choices}, got {quantize!r}")
-        safety_dir = get("SAFETY_DIR")
         defaults = cls(home=home, database_url="")
         return cls(
             home=home,
@@ -83,6 +108,10 @@ class Settings:
             max_queue=get_int("MAX_QUEUE", defaults.max_queue, minimum=0),
             max_tokens_cap=get_optional_int("MAX_TOKENS_CAP", minimum=1),
             max_messages=get_int("MAX_MESSAGES", defaults.max_messages, minimum=1),
-            safety_dir=Path(safety_dir).expanduser() if safety_dir else None,
+            safety_dir=get_path("SAFETY_DIR"),
             log_level=(get("LOG_LEVEL") or defaults.log_level).upper(),
+            kv_cache_mb=get_int("KV_CACHE_MB", defaults.kv_cache_mb, minimum=1),
+            native=get_bool("NATIVE", defaults.native),
+            native_dir=get_path("NATIVE_DIR"),
+            int4_vnni=get_bool("INT4_VNNI", defaults.int4_vnni),
         )

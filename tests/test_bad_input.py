@@ -25,6 +25,7 @@ from glmstack.engine.errors import (
 )
 from glmstack.engine.loading.catalog import resolve_model_path
 from glmstack.engine.loading.checkpoint import load_model
+from glmstack.settings import Settings
 
 
 def tiny_checkpoint(folder: Path) -> Path:
@@ -48,21 +49,21 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_missing_model_names_every_place_searched(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("GLMSTACK_HOME", str(tmp_path / "home"))
+def test_missing_model_names_every_place_searched(tmp_path: Path) -> None:
+    settings = Settings.from_env({"GLMSTACK_HOME": str(tmp_path / "home")})
     with pytest.raises(ModelNotFoundError) as err:
-        resolve_model_path("no-such-model")
+        resolve_model_path("no-such-model", settings)
     message = str(err.value)
     assert "'no-such-model' not found" in message
     assert "no-such-model" in message and str(tmp_path / "home" / "models" / "no-such-model") in message
     assert "bundled" in message and "\n" not in message
 
 
-def test_env_var_model_is_used_and_explicit_wins(tmp_path: Path, monkeypatch) -> None:
+def test_env_var_model_is_used_and_explicit_wins(tmp_path: Path) -> None:
     tiny_checkpoint(tmp_path / "tiny")
-    monkeypatch.setenv("GLMSTACK_MODEL", str(tmp_path / "tiny"))
-    assert resolve_model_path(None) == tmp_path / "tiny"
-    assert resolve_model_path("smollm2").suffix == ".gguf"
+    settings = Settings.from_env({"GLMSTACK_HOME": str(tmp_path / "home"), "GLMSTACK_MODEL": str(tmp_path / "tiny")})
+    assert resolve_model_path(None, settings) == tmp_path / "tiny"
+    assert resolve_model_path("smollm2", settings).suffix == ".gguf"
 
 
 def test_cli_missing_model_is_one_line_exit_2(tmp_path: Path) -> None:

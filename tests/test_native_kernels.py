@@ -206,8 +206,9 @@ def test_int4_vnni_outlier_and_zero_blocks(nk, dtype) -> None:
 
 
 def test_int4_vnni_env_switch(nk) -> None:
-    """GLMSTACK_INT4_VNNI=0 puts int4_linear on the fp32 path; set_int4_vnni can't turn VNNI on without it."""
-    code = "from glmstack.engine import native; print(native.kernels().int4_path())"
+    """GLMSTACK_INT4_VNNI=0 (applied by glmstack.load) puts int4_linear on the fp32 path; set_int4_vnni can't
+    turn VNNI on without it."""
+    code = "import glmstack; from glmstack.engine import native; glmstack.load(); print(native.kernels().int4_path())"
     env = {**os.environ, "GLMSTACK_INT4_VNNI": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "fp32"

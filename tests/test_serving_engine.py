@@ -130,7 +130,8 @@ def test_kv_pressure_preempts_and_still_matches(bundled) -> None:
 
 def core_bytes(model, tokens: int) -> int:
     cfg = model.module.config
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.module.model.embed_tokens.weight.element_size()
+    element = model.module.model.embed_tokens.weight.element_size()
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * element
     return per_token * (tokens + 32)
 
 

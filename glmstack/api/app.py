@@ -16,12 +16,13 @@ from starlette.concurrency import run_in_threadpool
 import glmstack
 from glmstack.api import errors
 from glmstack.api.auth import Authenticator, is_loopback
-from glmstack.api.deps import Engine, Platform
+from glmstack.api.deps import Platform
 from glmstack.api.limits import BodySizeLimit, ConcurrencyLimiter, RequestHeadCheck
 from glmstack.api.observability import Metrics, RequestLog
 from glmstack.api.routes import chat, classic, health, models
 from glmstack.api.safety import SafetyPolicy
 from glmstack.api.services.models import ModelCatalog
+from glmstack.protocol import Engine
 from glmstack.settings import Settings
 from glmstack.store import Store
 from glmstack.store.usage import UsageWriter

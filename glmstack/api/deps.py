@@ -1,12 +1,10 @@
 """What every route works with: the engine, the store and the policies built from Settings, gathered once
-by create_app. The engine is seen only through `Engine` — the verbs of glmstack.protocol — so nothing here
-imports torch."""
+by create_app. The engine is seen only through `glmstack.protocol.Engine`, so nothing here imports torch."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -15,22 +13,10 @@ from glmstack.api.limits import ConcurrencyLimiter
 from glmstack.api.observability import Metrics
 from glmstack.api.safety import SafetyPolicy
 from glmstack.api.services.models import ModelCatalog
-from glmstack.protocol import GenerateRequest, GenerationEvent, ModelInfo
+from glmstack.protocol import Engine
 from glmstack.settings import Settings
 from glmstack.store import Store
 from glmstack.store.usage import UsageWriter
-
-
-class Engine(Protocol):
-    def info(self) -> ModelInfo: ...
-
-    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int: ...
-
-    def stats(self) -> dict[str, Any]: ...
-
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]: ...
-
-    async def abort(self, request_id: str) -> None: ...
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any
 
 from glmstack.cli import keys as store_cli
 from glmstack.cli import serve
+from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, Settings
 
 EXIT_USAGE = 2
 
@@ -30,9 +31,9 @@ EXIT_USAGE = 2
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None,
                         help="path or name of a model (default: $GLMSTACK_MODEL, then the bundled SmolLM2)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+    parser.add_argument("--device", default=None, choices=DEVICE_CHOICES, help="(default: $GLMSTACK_DEVICE, then auto)")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="(default: $GLMSTACK_DTYPE, then auto)")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
                         help="weight-only quantization after loading (on CPU, dtype auto becomes bfloat16)")
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             return cmd_chat(args)
         if args.command == "models":
-            return cmd_models()
+            return cmd_models(serve.settings_from(args))
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "convert":
@@ -112,9 +113,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise ValueError("no prompt: stdin was empty")
-    show_progress = sys.stderr.isatty()
-    model, _ = load(args.model, device=args.device, dtype=args.dtype, progress=show_progress,
-                    quantize=args.quantize)
+    settings = serve.settings_from(args)
+    model, _ = load(settings.model, device=settings.device, dtype=settings.dtype, progress=sys.stderr.isatty(),
+                    quantize=settings.quantize, settings=settings)
     params = _sampling(args)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if prompt is not None:
@@ -181,12 +182,12 @@ def _print_stats(event: Any, elapsed: float) -> None:
 # ---- models / inspect ----------------------------------------------------------------------------------
 
 
-def cmd_models() -> int:
-    from glmstack.engine.loading.catalog import list_models, models_dir
+def cmd_models(settings: Settings) -> int:
+    from glmstack.engine.loading.catalog import list_models
 
-    entries = list_models()
+    entries = list_models(settings)
     if not entries:
-        print(f"no models found (bundled model not installed; {models_dir()} is empty)", file=sys.stderr)
+        print(f"no models found (bundled model not installed; {settings.models_dir} is empty)", file=sys.stderr)
         return 1
     width = max(len(e.name) for e in entries)
     for e in entries:
@@ -198,7 +199,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from glmstack.engine.describe import describe
     from glmstack.engine.loading.catalog import resolve_model_path
 
-    info = describe(resolve_model_path(args.model))
+    info = describe(resolve_model_path(args.model, serve.settings_from(args)))
     for key, value in info.items():
         if isinstance(value, dict):
             print(f"{key}:")

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from glmstack.settings import QUANTIZE_CHOICES, Settings
+from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, Settings
 
 EXIT_USAGE = 2
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -30,16 +30,17 @@ def add_subcommands(subparsers: Any) -> None:
         default=None,
         help="path or name of a model (default: $GLMSTACK_MODEL, then the bundled SmolLM2)",
     )
-    serve.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"])
-    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--device", default=None, choices=DEVICE_CHOICES)
+    serve.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
     serve.add_argument(
         "--quantize", default=None, choices=QUANTIZE_CHOICES, help="weight-only quantization at load time"
     )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The GLMSTACK_* settings, with the command's flags (those it has and were given) on top."""
     settings = Settings.from_env()
-    flags = {name: getattr(args, name) for name in ("host", "port", "model", "device", "dtype", "quantize")}
+    flags = {name: getattr(args, name, None) for name in ("host", "port", "model", "device", "dtype", "quantize")}
     return dataclasses.replace(settings, **{k: v for k, v in flags.items() if v is not None})
 
 
@@ -89,8 +90,10 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
         dtype=settings.dtype,
         quantize=settings.quantize,
         progress=sys.stderr.isatty(),
+        settings=settings,
     )
-    engine = AsyncEngine(model, max_waiting=settings.max_queue or 2**31)
+    engine = AsyncEngine(model, max_waiting=settings.max_queue or 2**31,
+                         kv_cache_bytes=settings.kv_cache_mb * 1024 * 1024)
     # The event loop and the engine's thread share the GIL. At Python's default 5 ms switch interval, a
     # request arriving while the engine runs Python (scheduling, sampling) waits up to 5 ms for the loop to
     # get a turn; the engine spends its time in kernels that release the GIL, so handing over sooner costs

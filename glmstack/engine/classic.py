@@ -26,17 +26,20 @@ from typing import Any
 
 import torch
 
+from glmstack.engine import native
 from glmstack.engine.chat_format import ChatFormat, chat_format_for
 from glmstack.engine.errors import ContextLengthError
 from glmstack.engine.generation import generate_stream
 from glmstack.engine.loading.catalog import resolve_model_path
 from glmstack.engine.loading.checkpoint import LoadedModel, load_model, pick_device
+from glmstack.engine.native import NativeOptions
 from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE
 from glmstack.engine.quant.quantize_model import quantize_model
 from glmstack.engine.tokenization.base import Tokenizer
 from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
 from glmstack.engine.tokenization.hf import load_tokenizer_json
 from glmstack.protocol import GenerationEvent, SamplingParams
+from glmstack.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +215,12 @@ def load(
     dtype: str | torch.dtype = "auto",
     progress: bool = False,
     quantize: str | None = None,
+    settings: Settings | None = None,
 ) -> tuple[ChatModel, Tokenizer]:
     """Load a model by path or name (see `resolve_model_path`); returns `(model, tokenizer)`.
+
+    `settings` (default: `Settings.from_env()`, the GLMSTACK_* variables) gives the model when none is named,
+    the models folder, and the native-kernel options.
 
     `quantize="int8"` or `"int4"` quantizes the weights after loading (`ChatModel.quantize`). On CPU,
     dtype "auto" then means bfloat16 rather than float32: the CPU int8/int4 kernels compute in bf16 (their
@@ -224,7 +231,9 @@ def load(
         raise ValueError(f"unknown quantize={quantize!r}; use None, 'int8' or 'int4'")
     if bits and dtype == "auto" and pick_device(device).type == "cpu":
         dtype = torch.bfloat16
-    path = resolve_model_path(None if name_or_path is None else str(name_or_path))
+    settings = Settings.from_env() if settings is None else settings
+    native.configure(NativeOptions(settings.native, settings.native_dir, settings.int4_vnni))
+    path = resolve_model_path(None if name_or_path is None else str(name_or_path), settings)
     loaded = load_model(path, device=device, dtype=dtype, progress=progress)
     tokenizer = load_tokenizer(loaded)
     custom_format = getattr(loaded.arch_module, "chat_format_for", None)

@@ -2,43 +2,44 @@
 
 The model is built on the meta device, so counting a 9B model takes no memory: parameter counts come from
 the real module shapes, never from a second hand-written formula that could drift from the architecture.
+Likewise the int8/int4 figures: the meta model is quantized by `quantize_model` itself (which modules, the
+int8 head, group-size fallbacks, skipped shapes, scale dtypes, packed layouts) and its bytes counted by
+`model_bytes`, as a real quantized load reports them.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from glmstack.engine.errors import ModelFileError
+from glmstack.engine.loading.checkpoint import build_model, open_checkpoint, pick_device, pick_dtype
+from glmstack.engine.loading.json_files import read_json
 from glmstack.engine.models import registry
-
-# Weights inside a decoder layer (`...layers.N...`) are the ones weight-only quantization replaces (spec 7.2):
-# embeddings, the output head, norms and biases stay 16-bit.
-_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
+from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE
+from glmstack.engine.quant.quantize_model import quantize_model
 
 
-def describe(config: dict[str, Any] | str | Path, *, group_size: int | None = None) -> dict[str, Any]:
+def describe(config: dict[str, Any] | str | Path, *, group_size: int | None = None,
+             device: str | torch.device = "auto") -> dict[str, Any]:
     """Architecture, parameter count, context length, KV cache and weight memory of a model.
 
     `config` is a config.json dict, a config.json path, a checkpoint folder or a .gguf file. Memory is in
-    bytes, weights only: fp16/bf16 at 2 bytes per parameter; int8/int4 quantize every linear weight inside
-    the decoder layers with one fp16 scale per output row (or per `group_size` inputs of a row) and keep
-    everything else at 16 bits.
+    bytes, weights only: fp16/bf16 at 2 bytes per parameter; int8/int4 are what `glmstack.load(...,
+    quantize="int8"/"int4", device=device)` holds once quantized (its report's `bytes_after`, `model_bytes`):
+    the model in the dtype that load picks, quantized by `quantize_model` for `device` with int4 groups of
+    `group_size` (default: the loader's, DEFAULT_GROUP_SIZE). `quantizable_parameters` counts the weights
+    that quantization replaces (the decoder layers' linears and the output head, a tied one included).
     """
     module, model, cfg_dict = _build(config)
     model.tie_weights()  # a tied head is one tensor, counted once
     total = sum(p.numel() for p in model.parameters())
-    linear = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and _LAYER.search(name)]
-    quantized = sum(m.weight.numel() for m in linear)
-    groups_per_row = [1 if group_size is None else math.ceil(m.in_features / group_size) for m in linear]
-    scales = sum(m.out_features * g for m, g in zip(linear, groups_per_row, strict=True))
-    kept = 2 * (total - quantized + scales)  # unquantized parameters and the fp16 scales
+    target = pick_device(device) if isinstance(device, str) else device
+    quantized_bytes, quantized_names = _quantized_bytes(model, target, group_size or DEFAULT_GROUP_SIZE)
+    quantized = sum(model.get_submodule(name).weight.numel() for name in quantized_names)
     cfg = model.config
     architectures = cfg_dict.get("architectures") or [cfg_dict.get("general.architecture", "")]
     return {
@@ -51,10 +52,30 @@ def describe(config: dict[str, Any] | str | Path, *, group_size: int | None = No
         "memory_bytes": {
             "fp16": 2 * total,
             "bf16": 2 * total,
-            "int8": kept + quantized,
-            "int4": kept + quantized // 2,
+            "int8": quantized_bytes[8],
+            "int4": quantized_bytes[4],
         },
     }
+
+
+def _quantized_bytes(model: nn.Module, device: torch.device,
+                     group_size: int) -> tuple[dict[int, int], list[str]]:
+    """{bits: bytes} for int8 and int4 of the meta `model` as a quantized load onto `device` holds it, and
+    the names of the linears int8 replaces."""
+    # As glmstack.load(quantize=...): dtype "auto" is bf16 on CPU (the quantized kernels compute in bf16).
+    dtype = torch.bfloat16 if device.type == "cpu" else pick_dtype("auto", device)
+    loaded: Any = copy.deepcopy(model).to(dtype)  # as load_model: every checkpoint tensor in the load dtype,
+    loaded.tie_weights()
+    loaded.init_buffers(torch.device("meta"))  # and the recomputed (non-persistent) buffers as it makes them
+    sizes: dict[int, int] = {}
+    names: list[str] = []
+    for bits in (8, 4):
+        quantized = copy.deepcopy(loaded)
+        report = quantize_model(quantized, bits, group_size=group_size, device=device)
+        sizes[bits] = report.bytes_after
+        if bits == 8:
+            names = report.quantized
+    return sizes, names
 
 
 def _build(config: dict[str, Any] | str | Path) -> tuple[Any, nn.Module, dict[str, Any]]:
@@ -65,16 +86,7 @@ def _build(config: dict[str, Any] | str | Path) -> tuple[Any, nn.Module, dict[st
             return module, module.Model(model_config), config
     path = Path(config)
     if path.suffix == ".gguf":
-        from glmstack.engine.loading.checkpoint import build_model, open_checkpoint
-
         ckpt = open_checkpoint(path)
         module, model = build_model(ckpt)
         return module, model, ckpt.config
-    json_path = path / "config.json" if path.is_dir() else path
-    try:
-        config_dict = json.loads(json_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFileError(json_path, "file is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(json_path, f"invalid JSON: {exc}") from None
-    return _build(config_dict)
+    return _build(read_json(path / "config.json" if path.is_dir() else path))

@@ -128,7 +128,7 @@ class DenseKVCache:
 # ---- the serving engine's paged cache ----------------------------------------------------------------------
 
 
-class StepCancelled(Exception):  # noqa: N818 — a signal, not an error
+class StepCancelled(Exception):  # a signal, not an error: no "Error" suffix
     """Raised inside a forward pass when every sequence of the step has been abandoned (see `attend`)."""
 
 

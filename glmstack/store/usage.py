@@ -163,7 +163,7 @@ class UsageWriter:
 
     def _write(self, batch: Counter[tuple[_Slot, str]]) -> tuple[int, Counter[tuple[_Slot, str]]]:
         """Writes each row of `batch`: (requests written, the rows that failed, to retry)."""
-        written, failed = 0, Counter()
+        written, failed = 0, Counter[tuple[_Slot, str]]()
         for slot in dict.fromkeys(slot for slot, _ in batch):
             key_id, model, day = slot
             requests = batch[(slot, "requests")]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.reliability
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "glmstack"
-SANDBOX = PACKAGE / "engine" / "chat_format" / "template.py"  # the one place Jinja environments are made
+SANDBOX = PACKAGE / "engine" / "chat_format" / "jinja_sandbox.py"  # the one place Jinja environments are made
 FLOORS = {  # distribution -> lowest safe version, and why
     "jinja2": ("3.1.6", "sandbox escapes through str.format and |attr fixed in 3.1.5/3.1.6"),
     "python-multipart": ("0.0.18", "CVE-2024-53981: form parsing DoS"),

@@ -1,4 +1,5 @@
-"""What every prompt family implements: `ChatFormat` (messages -> prompt token ids and stop ids), the `ChatPrompt` it returns, and the error a render raises."""
+"""What every prompt family implements: `ChatFormat` (messages -> prompt token ids and stop ids), the
+`ChatPrompt` it returns, and the error a render raises."""
 
 from __future__ import annotations
 

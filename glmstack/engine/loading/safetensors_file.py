@@ -8,12 +8,12 @@ file, the tensor and the byte offset.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any
 
 from glmstack.engine.errors import ModelFileError
+from glmstack.engine.loading.json_files import parse_json
 
 SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -115,21 +115,3 @@ def _tensor_span(path: Path, name: str, info: Any, data_start: int, data_size: i
 
 def _is_size(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def parse_json(path: Path, raw: bytes, what: str, offset: int | None = None) -> Any:
-    """JSON from a model file: UTF-8, no duplicate keys, no nesting deep enough to exhaust the stack."""
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise ModelFileError(path, f"{what} is not valid JSON: {problem}", offset=offset) from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {duplicate!r}")
-    return data

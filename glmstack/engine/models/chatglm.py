@@ -171,8 +171,6 @@ def rope_inv_freq(config: ChatGLMConfig) -> torch.Tensor:
     return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
-
-
 def make_norm(config: ChatGLMConfig) -> nn.Module:
     if config.rmsnorm:
         return RMSNorm(config.hidden_size, config.norm_eps)

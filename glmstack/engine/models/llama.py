@@ -141,10 +141,6 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
 
-
-
-
-
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -206,10 +202,6 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-
-
 
 
 class LlamaForCausalLM(nn.Module):

@@ -8,12 +8,16 @@ compiler; ~20 s once, then cached: see `build_dir()`), for x86 CPUs with AVX-512
 Threads come from ATen's pool (`at::parallel_for`), so `torch.set_num_threads` governs them.
 
 `kernels()` returns the module, or None when it cannot be used — no AVX-512, no compiler, a failed build,
-or `GLMSTACK_NATIVE=0` — after logging the reason once; callers then take the ATen path.
+or turned off (`GLMSTACK_NATIVE=0`, through `configure`) — after logging the reason
+once; callers then take the ATen path.
 
 The int4 GEMV quantizes activations to int8 (blocks of 32) and uses AVX512-VNNI where the CPU has it
-(checked at run time), otherwise it works on fp32 activations. `GLMSTACK_INT4_VNNI=0` (read when the
-module is loaded) or `kernels().set_int4_vnni(False)` selects the fp32 path anyway, e.g. to compare the two;
-`kernels().int4_path()` says which is in use ("vnni" or "fp32").
+(checked at run time), otherwise it works on fp32 activations. `int4_vnni=False`
+(`GLMSTACK_INT4_VNNI=0`, applied when the module is built) or `kernels().set_int4_vnni(False)` selects the
+fp32 path anyway, e.g. to compare the two; `kernels().int4_path()` says which is in use ("vnni" or "fp32").
+
+`glmstack.load()` calls `configure` with its Settings' options before anything is built; `set_enabled`
+is the switch tests and benchmarks flip to compare with the ATen path.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import hashlib
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -39,14 +44,30 @@ _state: dict[str, ModuleType | None] = {}
 _enabled = True  # tests flip this (set_enabled) to exercise the ATen fallback
 
 
-def _env_off(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+@dataclass(frozen=True)
+class NativeOptions:
+    enabled: bool = True  # False: never build, always the ATen path
+    build_dir: Path | None = None  # None: torch's extension cache (see build_dir())
+    int4_vnni: bool = True  # False: the int4 GEMV keeps fp32 activations
+
+
+_options = NativeOptions()
+
+
+def configure(options: NativeOptions) -> None:
+    """Apply the settings (GLMSTACK_NATIVE, GLMSTACK_NATIVE_DIR, GLMSTACK_INT4_VNNI). A module already built
+    stays built; `enabled=False` stops its use and `int4_vnni` switches its int4 path."""
+    global _options
+    _options = options
+    module = _state.get("module")
+    if module is not None:
+        module.set_int4_vnni(options.int4_vnni)  # (it stays off where the CPU has no VNNI)
 
 
 def unavailable_reason() -> str | None:
     """Why the native kernels cannot be built here, without trying to build them."""
-    if _env_off("GLMSTACK_NATIVE"):
-        return "disabled by GLMSTACK_NATIVE=0"
+    if not _options.enabled:
+        return "disabled (GLMSTACK_NATIVE=0)"
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability:
         return f"the CPU has no AVX-512 (torch reports {capability})"
@@ -60,11 +81,11 @@ def _key() -> str:
 
 
 def build_dir() -> Path:
-    """`$GLMSTACK_NATIVE_DIR`, else torch's extension cache (`$TORCH_EXTENSIONS_DIR`, default
-    ~/.cache/torch_extensions): shared by every GLMSTACK_HOME, so a server with a fresh home (tests do that)
-    doesn't compile again."""
-    root = os.environ.get("GLMSTACK_NATIVE_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "torch_extensions"
+    """The configured `build_dir` (`GLMSTACK_NATIVE_DIR`), else torch's extension cache (its own
+    `TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions): shared by every GLMSTACK_HOME, so a server
+    with a fresh home (tests do that) doesn't compile again."""
+    torch_root = os.environ.get("TORCH_EXTENSIONS_DIR")  # torch's own variable, as cpp_extension reads it
+    base = _options.build_dir or (Path(torch_root) if torch_root else Path.home() / ".cache" / "torch_extensions")
     return base / "glmstack_native" / _key()
 
 
@@ -87,7 +108,7 @@ def _build() -> ModuleType | None:
         log.warning("native decode kernels unavailable (%s: %s); using the ATen kernels",
                     type(exc).__name__, detail.strip()[:500])
         return None
-    if _env_off("GLMSTACK_INT4_VNNI"):
+    if not _options.int4_vnni:
         module.set_int4_vnni(False)
     log.info("native decode kernels ready (int4 path: %s)", module.int4_path())
     return module
@@ -95,7 +116,7 @@ def _build() -> ModuleType | None:
 
 def kernels() -> ModuleType | None:
     """The compiled module (building it on first call), or None where it can't be used."""
-    if not _enabled:
+    if not (_enabled and _options.enabled):
         return None
     try:
         return _state["module"]

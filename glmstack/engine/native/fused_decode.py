@@ -6,17 +6,17 @@ norm+gate_up, silu·mul+down+residual) instead of dozens of small ATen ops. It r
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from glmstack.engine import native
 from glmstack.engine.kv_cache import AttentionCache, PagedAttentionBatch
 from glmstack.engine.quant.int4 import INT4_NATIVE_MAX_ROWS, Int4Linear
-from glmstack.engine.quant.linear_base import NATIVE_DTYPES, NATIVE_MAX_ROWS
+from glmstack.engine.quant.linear_base import NATIVE_DTYPES, NATIVE_MAX_ROWS, NativeLinear
 
 if TYPE_CHECKING:
-    from glmstack.engine.models.llama import LlamaForCausalLM
+    from glmstack.engine.models.llama import DecoderLayer, LlamaForCausalLM
 
 
 def _native_plan(model: LlamaForCausalLM) -> tuple[list[tuple], int] | None:
@@ -28,21 +28,21 @@ def _native_plan(model: LlamaForCausalLM) -> tuple[list[tuple], int] | None:
     cached = model.__dict__.get("_native_plan_cache")
     if cached is not None and cached[0] == key:
         return cached[1]
-    plan: list[tuple] | None = []
+    plan: list[tuple] = []
     max_rows = NATIVE_MAX_ROWS
-    for layer in model.model.layers:
+    layers: list[DecoderLayer] = list(model.model.layers)  # type: ignore[arg-type]  # a ModuleList of them
+    for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not all(hasattr(m, "native_ready") and m.native_ready(torch.empty(1, m.in_features)) for m in linears):
-            plan = None
-            break
-        assert plan is not None
+        linears: list[Any] = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        if not all(isinstance(m, NativeLinear) and m.native_ready(torch.empty(1, m.in_features)) for m in linears):
+            model.__dict__["_native_plan_cache"] = (key, None)
+            return None
         if any(isinstance(m, Int4Linear) for m in linears):
             max_rows = min(max_rows, INT4_NATIVE_MAX_ROWS)
+        qkv, o, gate_up, down = (m.native_args() for m in linears)
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        plan.append((norm1.weight, norm1.eps, attn.qkv_proj.native_args(), attn.o_proj.native_args(),
-                     norm2.weight, norm2.eps, mlp.gate_up_proj.native_args(), mlp.down_proj.native_args()))
-    result = None if plan is None else (plan, max_rows)
+        plan.append((norm1.weight, norm1.eps, qkv, o, norm2.weight, norm2.eps, gate_up, down))
+    result = (plan, max_rows)
     model.__dict__["_native_plan_cache"] = (key, result)
     return result
 

@@ -1,9 +1,9 @@
 """Weight-only int4: `Int4Linear`.
 
-Group-wise asymmetric, `w = (q - 8) * scale + zero` with q in 0..15 and
-`scales_and_zeros` [K/group, N, 2] (zero = min + 8·scale, torchao's convention), group 32/64/128/256.
-Off the native kernels, PyTorch's tinygemm ops. CPU: `_convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` → uint8 [N, K/2] in a layout that depends on
-the CPU's vector width, then `_weight_int4pack_mm_for_cpu`; needs N % 16 == 0 and K % group == 0; only
+Group-wise asymmetric, `w = (q - 8) * scale + zero` with q in 0..15 and `scales_and_zeros` [K/group, N, 2]
+(zero = min + 8·scale, torchao's convention), group 32/64/128/256. Off the native kernels, PyTorch's
+tinygemm ops. CPU: `_convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` → uint8 [N, K/2] in a layout that
+depends on the CPU's vector width, then `_weight_int4pack_mm_for_cpu`; needs N % 16 == 0 and K % group == 0; only
 bf16 is vectorised. CUDA: `_convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles)` with the even
 element in the high nibble → int32 [N/8, K/(16·tiles), 32, tiles/2], then `_weight_int4pack_mm`; bf16
 only, sm80+, N % 8 == 0, K % 32 == 0. Packed weights are device- (and CPU-capability-) specific:
@@ -137,17 +137,22 @@ class Int4Linear(NativeLinear, nn.Module):
 
     @classmethod
     def from_weights(cls, weights: Int4Weights, *, bias: torch.Tensor | None = None,
-                     dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> Int4Linear:
+                     dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                     for_device: torch.device | str | None = None) -> Int4Linear:
         """Pack `weights` for `device`. Raises ValueError for shapes the kernel cannot take
-        (`int4_unsupported_reason` says which)."""
+        (`int4_unsupported_reason` says which). `for_device` packs for that device's kernels while the tensors
+        go to `device`: with device "meta", the module holds exactly the shapes and dtypes it would there (how
+        `quantize_model` counts a model on the meta device)."""
         device = torch.device(device)
+        target = device if for_device is None else torch.device(for_device)
         n, k = weights.codes.shape
-        reason = int4_unsupported_reason(n, k, weights.group_size, device)
+        reason = int4_unsupported_reason(n, k, weights.group_size, target)
         if reason:
-            raise ValueError(f"cannot pack a {n}x{k} int4 weight for {device.type}: {reason}")
+            raise ValueError(f"cannot pack a {n}x{k} int4 weight for {target.type}: {reason}")
         module = cls(k, n, bias is not None, group_size=weights.group_size, dtype=dtype, device=device)
+        module.packed_for = target.type
         codes = weights.codes.to(device)
-        if device.type == "cpu" and native.available():
+        if target.type == "cpu" and native.available():
             # Our kernel's layout: 16 bytes per 32 inputs (input j in the low nibble, j + 16 in the high one),
             # scales and zeros row-major [N, K/group, 2].
             module.packed_for = "cpu-native"
@@ -155,7 +160,7 @@ class Int4Linear(NativeLinear, nn.Module):
             if bias is not None:
                 module.bias.data = bias.to(device).clone()
             return module
-        if device.type == "cuda":
+        if target.type == "cuda":
             tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
             packed = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()  # even element in the high nibble
             module.weight = torch.ops.aten._convert_weight_to_int4pack(packed, tiles)

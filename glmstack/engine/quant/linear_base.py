@@ -59,6 +59,7 @@ class NativeLinear:
     glmstack/engine/native, `_scales` the attribute holding its scales; `native_ready` is each class's own."""
 
     _kernel: str
+    in_features: int
     _scales: str
     weight: torch.Tensor
     bias: torch.Tensor | None

@@ -18,6 +18,11 @@ boundary): that is where the fast kernels are.
 Which modules: every `nn.Linear` inside a decoder layer, plus the output head (unless `quantize_head=False`).
 Embeddings, norms and biases stay as they are. A tied head gets its own quantized copy; the embedding is
 never touched. Linears a kernel cannot take (shapes) stay unquantized and are listed in the report.
+
+A model on the meta device (describe.py's: built from a config, no weights) goes through the very same code
+with `device=` naming the device it would be quantized on: every linear is replaced by the module a real
+load would get, holding meta tensors of the same shapes and dtypes, and `model_bytes` then counts what those
+would hold. So `glmstack inspect`'s int8/int4 figures are this module's decisions, not a second formula.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from glmstack.engine.quant.int4 import (
     Int4Linear,
     Int4Weights,
     int4_unsupported_reason,
+    quantize_int4,
 )
 from glmstack.engine.quant.int8 import Int8Linear
 from glmstack.engine.quant.linear_base import (
@@ -44,22 +50,7 @@ from glmstack.engine.quant.linear_base import (
 
 log = logging.getLogger(__name__)
 
-_LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # module names inside a decoder layer (as in inspect.py)
-
-
-# ---- quantization math ---------------------------------------------------------------------------------
-
-
-# ---- scratch space for dequantized weight slices ---------------------------------------------------------
-
-
-# ---- modules ---------------------------------------------------------------------------------------------
-
-
-# ---- reading the CPU int4 packed layout back (for the prompt path) -----------------------------------------
-
-
-# ---- weights that arrive already quantized ----------------------------------------------------------------
+_LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # module names inside a decoder layer
 
 
 # ---- whole models -----------------------------------------------------------------------------------------
@@ -82,14 +73,14 @@ class QuantizationReport:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (a tied head is shared)."""
+    """Bytes of the model's parameters and buffers, each storage counted once (a tied head is shared).
+    Meta tensors count the bytes they would hold (a meta storage has a size but no address: it is told apart
+    by identity)."""
     seen: set[tuple[torch.device, int]] = set()
     total = 0
     for t in [*model.parameters(), *model.buffers()]:
-        if t.is_meta:
-            continue
         storage = t.untyped_storage()
-        key = (t.device, storage.data_ptr())
+        key = (t.device, storage._cdata if t.is_meta else storage.data_ptr())
         if key not in seen:
             seen.add(key)
             total += storage.nbytes()
@@ -103,6 +94,7 @@ def quantize_model(
     group_size: int = DEFAULT_GROUP_SIZE,
     quantize_head: bool = True,
     prequantized: Mapping[str, Int4Weights] | None = None,
+    device: torch.device | str | None = None,
 ) -> QuantizationReport:
     """Replace the decoder layers' linears (and the output head) with `Int8Linear` (bits=8) or `Int4Linear`
     (bits=4) in place. bits=0 does nothing; a second call logs "already quantized" and changes nothing.
@@ -112,6 +104,10 @@ def quantize_model(
     bf16 model from 0.005 to 0.054 (top-1 agreement 0.95 -> 0.83); llama.cpp's 4-bit presets likewise keep
     output.weight at 6 bits. `prequantized` maps module names to weights that arrived quantized (GGUF
     Q4_0/Q4_1 via `int4_weights_from_gguf`), used as they are whatever `bits` says.
+
+    `device` is the device whose kernels the linears are quantized for: by default the one the model's weights
+    are on. A model on the meta device needs it, and is quantized as it would be there, in shapes only (the
+    report's bytes are then what that model would hold; see the module docstring).
     """
     if bits not in (0, 4, 8):
         raise ValueError(f"bits must be 0 (no quantization), 4 or 8, not {bits}")
@@ -128,13 +124,22 @@ def quantize_model(
         return report
     head = getattr(model, "output_weight_name", "lm_head.weight").rsplit(".", 1)[0]
     # With `prequantized`, the loader may have left those linears' float weights on the meta device.
-    device = next(t.device for t in [*model.parameters(), *model.buffers()] if not t.is_meta)
+    where = next((t.device for t in [*model.parameters(), *model.buffers()] if not t.is_meta),
+                 torch.device("meta"))
+    if device is None:
+        if where.type == "meta":
+            raise ValueError("the model is on the meta device: say which device to quantize it for (device=)")
+        device = where
+    device = torch.device(device)
+    if where.type not in ("meta", device.type):
+        raise ValueError(f"the model is on {where}, not {device}: move it there before quantizing")
     prequantized = dict(prequantized or {})
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and (_LAYER.search(name) or (quantize_head and name == head))]
     for name, linear in targets:
         module_bits = 8 if name == head else bits  # see the docstring
-        new = _quantized(name, linear, module_bits, group_size, prequantized.pop(name, None), device, report)
+        new = _quantized(name, linear, module_bits, group_size, prequantized.pop(name, None), device, where,
+                         report)
         if new is None:
             continue
         parent_name, _, child = name.rpartition(".")
@@ -150,13 +155,15 @@ def quantize_model(
 
 
 def _quantized(name: str, linear: nn.Linear, bits: int, group_size: int, ready: Int4Weights | None,
-               device: torch.device, report: QuantizationReport) -> nn.Module | None:
+               device: torch.device, where: torch.device, report: QuantizationReport) -> nn.Module | None:
+    """The module replacing `linear` when quantized for `device` (None: it stays), its tensors on `where`
+    (`device`, or meta); the reason a linear stays goes into `report.skipped`."""
     bias = None if linear.bias is None else linear.bias.detach()
     if ready is not None:
         dtype = kernel_dtype(device, linear.weight.dtype, bits=4)
-        return Int4Linear.from_weights(ready, bias=bias, dtype=dtype, device=device)
+        return Int4Linear.from_weights(ready, bias=bias, dtype=dtype, device=where, for_device=device)
     if bits == 8:
-        return Int8Linear.from_linear(linear)
+        return Int8Linear.from_linear(linear, dtype=kernel_dtype(device, linear.weight.dtype))
     n, k = linear.out_features, linear.in_features
     dtype = kernel_dtype(device, linear.weight.dtype, bits=4)
     sizes = [g for g in INT4_GROUP_SIZES if g <= group_size and k % g == 0]
@@ -170,4 +177,6 @@ def _quantized(name: str, linear: nn.Linear, bits: int, group_size: int, ready: 
         return None
     if sizes[-1] != group_size:
         log.debug("%s: in_features %d needs group size %d instead of %d", name, k, sizes[-1], group_size)
-    return Int4Linear.from_linear(linear, group_size=sizes[-1], dtype=dtype)
+    weights = quantize_int4(linear.weight.detach(), sizes[-1], dtype)  # what Int4Linear.from_linear does
+    return Int4Linear.from_weights(weights, bias=bias, dtype=dtype, device=linear.weight.device,
+                                   for_device=device)

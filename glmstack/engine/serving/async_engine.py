@@ -15,7 +15,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +83,7 @@ class AsyncEngine:
         core = self._core_stats
         return {**core, "waiting": max(0, known - core["running"])}
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream events for `request`. Cancelling the consumer (client disconnect) aborts the request."""
         job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:

@@ -10,7 +10,6 @@ Synchronous and single-threaded on purpose: `AsyncEngine` calls `step()` from it
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +24,11 @@ from glmstack.engine.serving.runner import ModelRunner
 from glmstack.engine.serving.scheduler import RequestTooLargeError, Scheduler, Sequence
 from glmstack.engine.tokenization.base import StreamDecoder
 from glmstack.protocol import GenerationEvent, SamplingParams, Usage
+from glmstack.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KV_CACHE_MB = 512
+DEFAULT_KV_CACHE_MB = Settings.kv_cache_mb  # GLMSTACK_KV_CACHE_MB, passed in by `glmstack serve`
 DEFAULT_BLOCK_SIZE = 16
 
 
@@ -62,7 +62,7 @@ class EngineCore:
         self.model = model
         cfg = model.module.config
         if kv_cache_bytes is None:
-            kv_cache_bytes = int(os.environ.get("GLMSTACK_KV_CACHE_MB", DEFAULT_KV_CACHE_MB)) * 1024 * 1024
+            kv_cache_bytes = DEFAULT_KV_CACHE_MB * 1024 * 1024
         value_dim = getattr(cfg, "value_head_dim", None) or cfg.head_dim
         per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads,
                                                  (cfg.head_dim + value_dim) // 2, model.dtype)

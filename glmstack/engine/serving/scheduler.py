@@ -239,7 +239,7 @@ class Scheduler:
     def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
         """Record a step's results: computed tokens advance, sampled tokens append. Returns the sequences
         that finished in this step (their blocks already freed)."""
-        finished = []
+        finished: list[Sequence] = []
         for chunk in plan.chunks:
             seq = chunk.seq
             if seq.status is not Status.RUNNING:

@@ -1,23 +1,19 @@
 """Tokenizers behind one small interface.
 
 Everything above the engine talks to `Tokenizer`: encode text, decode ids, stream ids back into text, and
-know the special ids (bos/eos/pad) and the chat template shipped with the model. Two constructors live
-here, both producing an `HFTokenizer` around the `tokenizers` library:
+know the special ids (bos/eos/pad) and the chat template shipped with the model. Two constructors produce
+an `HFTokenizer` around the `tokenizers` library:
 
-    load_tokenizer_json("path/to/model")       # tokenizer.json (+ tokenizer_config.json) from a HF repo
-    tokenizer_from_gguf("model.gguf")          # the vocabulary llama.cpp stores in GGUF metadata
+    load_tokenizer_json("path/to/model")       # hf.py: tokenizer.json (+ tokenizer_config.json) from a HF repo
+    tokenizer_from_gguf("model.gguf")          # gguf_vocab.py: the vocabulary llama.cpp stores in GGUF metadata
 
-GLM's own tokenizers (sentencepiece ice_text.model / tokenizer.model, tiktoken for GLM-4) are subclasses in
-glm_tokenizers.py.
+GLM's own tokenizers (sentencepiece ice_text.model / tokenizer.model, tiktoken for GLM-4) are in glm.py.
 """
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-
-log = logging.getLogger(__name__)
 
 
 class Tokenizer(ABC):
@@ -93,33 +89,3 @@ class StreamDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens) if ids else ""
-
-
-
-
-# --- tokenizer.json -----------------------------------------------------------------------------------------
-
-
-
-
-
-
-# --- GGUF -------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

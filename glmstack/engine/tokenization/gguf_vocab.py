@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from glmstack.engine.errors import ModelFileError
 from glmstack.engine.loading.gguf_file import GGUFFile
-from glmstack.engine.tokenization.base import log
 from glmstack.engine.tokenization.hf import HFTokenizer
+
+log = logging.getLogger(__name__)
 
 # Pre-tokenizer splits for byte-level vocabularies, keyed by `tokenizer.ggml.pre`: text must be cut the way it
 # was cut when the merges were learned. Regexes as in llama.cpp / the models' own tokenizer.json files.

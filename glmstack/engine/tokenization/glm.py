@@ -32,6 +32,7 @@ import sentencepiece
 import tiktoken
 
 from glmstack.engine.errors import ModelFileError
+from glmstack.engine.loading.json_files import read_json
 from glmstack.engine.tokenization.base import Tokenizer
 from glmstack.engine.tokenization.gguf_vocab import bytes_to_unicode, tokenizer_from_gguf
 from glmstack.engine.tokenization.hf import load_tokenizer_json
@@ -64,7 +65,7 @@ def load_glm_tokenizer(folder: Path, config: dict[str, Any], *, role_tokens: boo
     added when the folder shows it is ChatGLM3 (see `_has_chatglm3_roles`).
     """
     folder = Path(folder)
-    tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    tokenizer_config = read_json(folder / "tokenizer_config.json", missing_ok=True)
     if (folder / "tokenizer.json").is_file():
         return load_tokenizer_json(folder)
     model = folder / "tokenizer.model"
@@ -123,10 +124,6 @@ def _v1_id_offset(
     if isinstance(tokenizer_config.get("num_image_tokens"), int):
         return tokenizer_config["num_image_tokens"]
     return 0
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _split_on(text: str, pattern: re.Pattern[str] | None) -> Iterator[tuple[str, bool]]:
@@ -300,7 +297,8 @@ class ChatGLM2Tokenizer(Tokenizer):
         # reference does. ChatGLM3 writes the special text out so a caller can split on "<|assistant|>";
         # ChatGLM2 decodes every special to "". bos/eos/pad always decode to "".
         dropped = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
-        text, run = [], []
+        text: list[str] = []
+        run: list[int] = []
         for token_id in ids:
             if token_id in self._special_names:
                 text.append(self.sp.decode(run))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 
+from glmstack.engine.loading.json_files import read_json
 from glmstack.engine.tokenization.base import Tokenizer
 
 
@@ -63,8 +62,8 @@ def load_tokenizer_json(path_or_dir: str | Path) -> HFTokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     backend = BackendTokenizer.from_file(str(path))
-    config = _read_json(path.parent / "tokenizer_config.json")
-    special_map = _read_json(path.parent / "special_tokens_map.json")
+    config = read_json(path.parent / "tokenizer_config.json", missing_ok=True)
+    special_map = read_json(path.parent / "special_tokens_map.json", missing_ok=True)
 
     def token_id(name: str) -> int | None:
         token = config.get(name) or special_map.get(name)
@@ -86,9 +85,5 @@ def load_tokenizer_json(path_or_dir: str | Path) -> HFTokenizer:
         pad_token_id=token_id("pad_token"),
         chat_template=template,
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
