@@ -52,7 +52,23 @@ def with_tools_message(messages: list[dict], tools: list[dict], system_content: 
     return [{"role": "system", "content": system_content, "tools": tools}, *rest]
 
 
-class ChatGLM3ChatFormat(ChatFormat):
+class RoleTokenChatFormat(ChatFormat):
+    """What ChatGLM3 and GLM-4 share: turns open with a `<|role|>` token, user text is encoded with special
+    tokens off, and the prompt ends with `<|assistant|>` when a reply is wanted."""
+
+    role_ids: dict[str, int]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False, allow_special=False)
+
+    def _prompt(self, ids: list[int], text: list[str], add_generation_prompt: bool) -> ChatPrompt:
+        if add_generation_prompt:
+            ids.append(self.role_ids["assistant"])
+            text.append("<|assistant|>")
+        return ChatPrompt(token_ids=ids, text="".join(text), stop_token_ids=set(self.stop_token_ids))
+
+
+class ChatGLM3ChatFormat(RoleTokenChatFormat):
     name = "chatglm3"
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -78,10 +94,4 @@ class ChatGLM3ChatFormat(ChatFormat):
                 content += "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
             ids += [self.role_ids[role], *self._encode(f"{metadata}\n"), *self._encode(content)]
             text.append(f"<|{role}|>{metadata}\n{content}")
-        if add_generation_prompt:
-            ids.append(self.role_ids["assistant"])
-            text.append("<|assistant|>")
-        return ChatPrompt(token_ids=ids, text="".join(text), stop_token_ids=set(self.stop_token_ids))
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False, allow_special=False)
+        return self._prompt(ids, text, add_generation_prompt)

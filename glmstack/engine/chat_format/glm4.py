@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import json
 
-from glmstack.engine.chat_format.base import ChatFormat, ChatPrompt, message_text
+from glmstack.engine.chat_format.base import ChatPrompt, message_text
 from glmstack.engine.chat_format.chatglm import require_token
-from glmstack.engine.chat_format.chatglm3 import ROLES, glm_role, with_tools_message
+from glmstack.engine.chat_format.chatglm3 import ROLES, RoleTokenChatFormat, glm_role, with_tools_message
 from glmstack.engine.tokenization.base import Tokenizer
 
 # The texts below are verbatim from the reference (spec 3.2); `FUNCTION` takes the name and the JSON.
@@ -95,7 +95,7 @@ def expand_tool_calls(messages: list[dict]) -> list[dict]:
     return expanded
 
 
-class GLM4ChatFormat(ChatFormat):
+class GLM4ChatFormat(RoleTokenChatFormat):
     name = "glm4"
 
     def __init__(self, tokenizer: Tokenizer, *, self_intro: str | None = None) -> None:
@@ -125,10 +125,4 @@ class GLM4ChatFormat(ChatFormat):
                 body = f"{message.get('metadata') or ''}\n{content}"
                 ids += [self.role_ids[role], *self._encode(body)]
                 text.append(f"<|{role}|>{body}")
-        if add_generation_prompt:
-            ids.append(self.role_ids["assistant"])
-            text.append("<|assistant|>")
-        return ChatPrompt(token_ids=ids, text="".join(text), stop_token_ids=set(self.stop_token_ids))
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False, allow_special=False)
+        return self._prompt(ids, text, add_generation_prompt)

@@ -13,6 +13,7 @@ quantize on the device the model runs on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,7 @@ class Int4Weights:
     zeros: torch.Tensor  # float32 [N, K // group_size]
     group_size: int
 
-    def map_rows(self, fn) -> Int4Weights:  # type: ignore[no-untyped-def]
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Int4Weights:
         return Int4Weights(fn(self.codes), fn(self.scales), fn(self.zeros), self.group_size)
 
     @staticmethod
