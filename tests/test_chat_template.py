@@ -2,6 +2,7 @@
 sandbox holding against hostile templates."""
 
 import importlib.util
+import re
 import time
 from pathlib import Path
 
@@ -139,35 +140,40 @@ def test_template_errors_are_chat_template_errors(tokenizer):
 
 
 @pytest.mark.parametrize(
-    "template",
+    ("template", "blocked"),
     [
-        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-        "{{ cycler.__init__.__globals__ }}",
-        "{{ self.__init__.__globals__ }}",
-        "{{ messages.append({'role': 'system'}) }}",
-        "{{ messages.__class__ }}",
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "'__class__' of 'str'"),
+        ("{{ cycler.__init__.__globals__ }}", "'__init__' of 'type'"),
+        ("{{ self.__init__.__globals__ }}", "'__init__' of 'TemplateReference'"),
+        ("{{ messages.append({'role': 'system'}) }}", "'append' of 'list'"),
+        ("{{ messages.__class__ }}", "'__class__' of 'list'"),
     ],
+    ids=["str-subclasses", "cycler-globals", "self-globals", "list-append", "list-class"],
 )
-def test_hostile_templates_are_blocked(tokenizer, template):
+def test_hostile_templates_are_blocked(tokenizer, template, blocked):
     messages = [{"role": "user", "content": "x"}]
-    with pytest.raises(ChatTemplateError) as caught:
+    message = f"^chat template tried a blocked operation: access to attribute {re.escape(blocked)} is unsafe$"
+    with pytest.raises(ChatTemplateError, match=message) as caught:
         TemplateChatFormat(tokenizer, template).render(messages)
     assert isinstance(caught.value.__cause__, jinja2.exceptions.SecurityError)
     assert messages == [{"role": "user", "content": "x"}]
 
 
 @pytest.mark.parametrize(
-    "template",
+    ("template", "message"),
     [
-        "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",  # many small pieces
-        "{{ 'a' * 10**9 }}",  # one huge value, stopped before it is built
-        "{{ [1, 2] * 10**9 }}",
-        "{{ 9 ** 999999999 }}",
+        # many small pieces
+        ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "output exceeds 1000000 characters"),
+        # one huge value, stopped before it is built
+        ("{{ 'a' * 10**9 }}", "builds a value larger than the output cap"),
+        ("{{ [1, 2] * 10**9 }}", "builds a value larger than the output cap"),
+        ("{{ 9 ** 999999999 }}", "computes an oversized power"),
     ],
+    ids=["many-pieces", "huge-string", "huge-list", "huge-power"],
 )
-def test_output_size_is_capped(tokenizer, template):
+def test_output_size_is_capped(tokenizer, template, message):
     start = time.perf_counter()
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match=f"^chat template {message}$"):
         TemplateChatFormat(tokenizer, template, max_output_chars=1_000_000).render([])
     assert time.perf_counter() - start < 5
 

@@ -14,6 +14,7 @@ import secrets
 import string
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -85,9 +86,11 @@ _RECORD_COLUMNS = (api_keys.c.id, api_keys.c.name, api_keys.c.created_at, api_ke
 
 
 class KeyStore:
-    def __init__(self, db: Database, sealer: Fernet):
+    def __init__(self, db: Database, sealer: Fernet, *, clock: Callable[[], float] = time.monotonic):
+        """`clock` times the remembered keys (seconds, only ever compared): tests pass a fake one."""
         self._db = db
         self._sealer = sealer
+        self._clock = clock
         # (key id, hash of the secret) -> (expiry, record); key id -> (expiry, secret). Hits only.
         self._verified: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
         self._secrets: dict[str, tuple[float, str]] = {}
@@ -102,12 +105,11 @@ class KeyStore:
         with self._remembered_lock:
             if len(cache) >= _MAX_REMEMBERED:
                 cache.clear()
-            cache[key] = (time.monotonic() + VERIFIED_TTL_S, value)
+            cache[key] = (self._clock() + VERIFIED_TTL_S, value)
 
-    @staticmethod
-    def _recall(cache: dict[Any, tuple[float, Any]], key: object) -> object | None:
+    def _recall(self, cache: dict[Any, tuple[float, Any]], key: object) -> object | None:
         hit = cache.get(key)
-        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+        return hit[1] if hit is not None and hit[0] > self._clock() else None
 
     def create(self, name: str = "", *, concurrency_limit: int | None = None) -> tuple[KeyRecord, str]:
         """A new key. Returns its record and the full `id.secret` key, which is never retrievable again."""

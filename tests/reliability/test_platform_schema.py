@@ -25,6 +25,9 @@ SHARES = {
     "GET /api/paas/v4/models/{model_id}": 0.15,
 }
 FIXED_CASES = 5
+# The chat endpoint makes up what the other operations fell short by, in at most this many rounds; each must
+# get answers, or the server is not serving any more and more rounds would only spin.
+MAKE_UP_ROUNDS = 20
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
 
 
@@ -42,6 +45,16 @@ def forbidden_strings(server: Server) -> dict[str, str]:
         "sqlite:///": "a database URL",
     }
     return {text: what for text, what in strings.items() if text}
+
+
+def server_gone(server: Server) -> str | None:
+    """Why the server can answer no more (it exited), with the end of its log; None while it runs."""
+    status = server.proc.poll()
+    if status is None:
+        return None
+    log = server.home / "server.log"
+    tail = (log.read_text(errors="replace")[-3000:] if log.exists() else "") or "(nothing)"
+    return f"the server exited with status {status}; its log ends:\n{tail}"
 
 
 def problems_with(response: Any, forbidden: dict[str, str]) -> list[str]:
@@ -97,6 +110,10 @@ def test_generated_requests(api_server: Server) -> None:
                 response = case.call(base_url=api_server.url, headers=api_server.auth, timeout=60)
             except Exception as e:  # the server hung up or never answered
                 failures.append((operation.label, repr(case.body)[:300], [f"{type(e).__name__}: {e}"]))
+                response = None
+            if response is None:
+                if gone := server_gone(api_server):
+                    pytest.fail(gone, pytrace=False)  # every case from here on would fail the same way
                 return
             calls[operation.label] = calls.get(operation.label, 0) + 1
             if found := problems_with(response, forbidden):
@@ -116,13 +133,25 @@ def test_generated_requests(api_server: Server) -> None:
                 skipped.append(f"{operation.label} {mode.value}: {type(e).__name__}")
     # Hypothesis stops early where a space is small (the model ids): the chat endpoint makes up the rest
     chat = next(op for op in operations if op.label == next(iter(SHARES)))
-    while (total := sum(calls.values())) < PROFILE.schema_cases:
+    for _ in range(MAKE_UP_ROUNDS):
+        if (total := sum(calls.values())) >= PROFILE.schema_cases:
+            break
+        if gone := server_gone(api_server):
+            pytest.fail(gone)
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             run(chat, mode, max(1, (PROFILE.schema_cases - total + 1) // 2))
+        if sum(calls.values()) == total:
+            pytest.fail(
+                f"a round of {chat.label} cases got no answer at all; the last failures: {failures[-5:]}"
+            )
+    total = sum(calls.values())
     database = "postgresql" if api_server.database_url.startswith("postgresql") else "sqlite"
     record(f"schemathesis_{database}", cases=total, failures=len(failures), per_operation=calls)
     assert failures == [], "\n".join(map(str, failures[:20]))
-    assert total >= PROFILE.schema_cases, (calls, skipped)
+    assert total >= PROFILE.schema_cases, (
+        f"{total} of {PROFILE.schema_cases} cases answered after {MAKE_UP_ROUNDS} make-up rounds: {calls}; "
+        f"skipped: {skipped}"
+    )
 
 
 def test_server_log_is_clean(api_server: Server) -> None:
