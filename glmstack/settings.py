@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 QUANTIZE_CHOICES = ("int8", "int4")
@@ -29,12 +29,17 @@ class Settings:
     dtype: str = "auto"
     quantize: str | None = None         # None | "int8" | "int4"
     max_body_bytes: int = 4 * _MiB
-    max_concurrency_per_key: int = 4    # a key's own concurrency_limit overrides this
+    # None: a caller is bounded only by max_queue (the engine's), so one app can use the whole server; a key's
+    # own concurrency_limit (`glmstack keys create --concurrency N`) overrides this.
+    max_concurrency_per_key: int | None = None
     max_queue: int = 64
     max_tokens_cap: int | None = None   # None: only the model's context length limits a reply
     max_messages: int = 256
     safety_dir: Path | None = None      # None: the word lists shipped with glmstack
     log_level: str = "INFO"
+    # More names the API answers to: name -> a name it answers to already (GLMSTACK_MODEL_ALIASES, written
+    # "my-model=glm-4,gpt-4o-mini=glm-4"); GET /models lists them.
+    model_aliases: dict[str, str] = field(default_factory=dict)
     kv_cache_mb: int = 512              # the serving engine's paged KV pool
     native: bool = True                 # the native CPU kernels (glmstack/engine/native), where they build
     native_dir: Path | None = None      # None: torch's extension cache, shared by every home
@@ -81,6 +86,17 @@ class Settings:
                 return False
             raise ValueError(f"GLMSTACK_{name} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
 
+        def get_map(name: str) -> dict[str, str]:
+            mapping = {}
+            for item in (get(name) or "").split(","):
+                if not item.strip():
+                    continue
+                key, sep, value = (part.strip() for part in item.partition("="))
+                if not (sep and key and value):
+                    raise ValueError(f"GLMSTACK_{name} must be name=target pairs separated by commas, got {item!r}")
+                mapping[key] = value
+            return mapping
+
         def get_path(name: str) -> Path | None:
             raw = get(name)
             return Path(raw).expanduser() if raw else None
@@ -103,13 +119,13 @@ class Settings:
             dtype=get("DTYPE") or defaults.dtype,
             quantize=quantize,
             max_body_bytes=get_int("MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1),
-            max_concurrency_per_key=get_int("MAX_CONCURRENCY_PER_KEY", defaults.max_concurrency_per_key,
-                                            minimum=1),
+            max_concurrency_per_key=get_optional_int("MAX_CONCURRENCY_PER_KEY", minimum=1),
             max_queue=get_int("MAX_QUEUE", defaults.max_queue, minimum=0),
             max_tokens_cap=get_optional_int("MAX_TOKENS_CAP", minimum=1),
             max_messages=get_int("MAX_MESSAGES", defaults.max_messages, minimum=1),
             safety_dir=get_path("SAFETY_DIR"),
             log_level=(get("LOG_LEVEL") or defaults.log_level).upper(),
+            model_aliases=get_map("MODEL_ALIASES"),
             kv_cache_mb=get_int("KV_CACHE_MB", defaults.kv_cache_mb, minimum=1),
             native=get_bool("NATIVE", defaults.native),
             native_dir=get_path("NATIVE_DIR"),

@@ -41,7 +41,7 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
         settings=settings,
         engine=engine,
         store=store,
-        models=ModelCatalog(engine.info().name, created=int(time.time())),
+        models=ModelCatalog(engine.info().name, created=int(time.time()), aliases=settings.model_aliases),
         safety=SafetyPolicy.from_dir(settings.safety_dir),
         limiter=limiter,
         # Decided from the configured bind address only, never from anything a request says.

@@ -44,8 +44,10 @@ class Lease:
 
 
 class ConcurrencyLimiter:
-    def __init__(self, *, per_key: int, total: int) -> None:
-        self.per_key = per_key  # the default for keys without their own concurrency_limit
+    def __init__(self, *, per_key: int | None, total: int) -> None:
+        # The default for keys without their own concurrency_limit (and the open mode's caller); None: only
+        # `total` bounds them.
+        self.per_key = per_key
         self.total = total  # generations admitted at once, across all keys
         self._active: Counter[str] = Counter()
         self._total_active = 0
@@ -57,7 +59,7 @@ class ConcurrencyLimiter:
     def acquire(self, caller: Caller) -> Lease:
         key = caller.key_id or ""
         limit = caller.concurrency_limit or self.per_key
-        if self._active[key] >= limit:
+        if limit is not None and self._active[key] >= limit:
             raise PlatformError(1302, f"this key already has {limit} request(s) in flight")
         if self._total_active >= self.total:
             raise PlatformError(1305, f"the server is busy ({self.total} requests in flight)")

@@ -31,7 +31,7 @@ def add_subcommands(subparsers: Any) -> None:
     create.add_argument("--name", default="", help="a label for the key, e.g. who or what uses it")
     create.add_argument("--concurrency", type=int, default=None, metavar="N",
                         help="most requests this key may run at once "
-                             "(default: $GLMSTACK_MAX_CONCURRENCY_PER_KEY)")
+                             "(default: $GLMSTACK_MAX_CONCURRENCY_PER_KEY, else only the server's queue)")
     keys_sub.add_parser("list", help="list keys, revoked ones included")
     revoke = keys_sub.add_parser("revoke", help="revoke a key; requests using it are refused from now on")
     revoke.add_argument("id", help="the key's id (the part before the '.')")

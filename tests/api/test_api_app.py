@@ -159,6 +159,33 @@ def test_models(client: TestClient) -> None:
     assert error_of(client.get("/v1/models/gpt-4")) == (404, "1211")
 
 
+@pytest.mark.parametrize("code", ["glm-4.5", "GLM-4.5-Air", "glm-4.5-flash", "glm-4.6", "glm-4.7", "glm-z1-flash",
+                                  "glm-4-flash-250414", "glm-4-32b-0414-128k", "glm-4-plus"])
+def test_todays_model_codes_are_answered(client: TestClient, code: str) -> None:
+    reply = client.post(CHAT, json=chat_body(model=code))
+    assert reply.status_code == 200 and reply.json()["model"] == code
+    assert code.lower() in {m["id"].lower() for m in client.get("/v1/models").json()["data"]}
+
+
+@pytest.mark.parametrize(("code", "capability"), [("glm-4v-plus", "vision"), ("glm-4.5v", "vision"),
+                                                  ("embedding-3", "embeddings"), ("cogview-3-plus", "image")])
+def test_a_code_of_another_capability_is_refused_not_substituted(client: TestClient, code: str,
+                                                                 capability: str) -> None:
+    reply = client.post(CHAT, json=chat_body(model=code))
+    assert error_of(reply) == (400, "1211") and capability in reply.json()["error"]["message"]
+
+
+def test_aliases_from_settings(make_client, key: str) -> None:
+    client = make_client(model_aliases={"my-app-model": "glm-4", "gpt-4o-mini": "scripted-1b"})
+    client.headers["Authorization"] = f"Bearer {key}"
+    ids = [m["id"] for m in client.get("/api/paas/v4/models").json()["data"]]
+    assert ids[-2:] == ["my-app-model", "gpt-4o-mini"]
+    assert client.post(CHAT, json=chat_body(model="My-App-Model")).status_code == 200
+    assert error_of(client.post(CHAT, json=chat_body(model="gpt-4o"))) == (400, "1211")
+    with pytest.raises(ValueError, match="'gpt-5' is not a model this server answers to"):
+        make_client(model_aliases={"x": "gpt-5"})
+
+
 # ---- errors -----------------------------------------------------------------------------------------------
 
 

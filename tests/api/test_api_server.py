@@ -201,8 +201,10 @@ def test_zhipu_sdks(server: Server, sdk: str, jwt_mode: bool) -> None:
     assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens > 0
 
-    chunks = list(client.chat.completions.create(model="glm-4", messages=HI, max_tokens=6, stream=True))
+    # the code the Z.ai SDK's own examples send
+    chunks = list(client.chat.completions.create(model="glm-4.5", messages=HI, max_tokens=6, stream=True))
     assert len(chunks) >= 2 and "".join(c.choices[0].delta.content for c in chunks)
+    assert chunks[-1].model == "glm-4.5"
     assert all(c.usage is None and c.choices[0].finish_reason is None for c in chunks[:-1])
     assert (
         chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens <= 6

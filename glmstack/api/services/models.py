@@ -1,38 +1,66 @@
 """Which model names the API answers to.
 
-The server runs one model. It answers to that model's own name and to a fixed list of aliases: "glmstack"
-and "default", and the platform's GLM-4 chat model codes (spec §2.1), so code written for the hosted
-platform — `model="glm-4"` — runs unchanged against a local server. Names match case-insensitively (the doc
-writes both "GLM-4-Flash" and "glm-4-flash"). Anything else is business error 1211.
+The server runs one model. It answers to that model's own name, to "glmstack" and "default", to the
+platform's chat model codes - the GLM-4 codes of the documentation (spec §2.1) and the codes applications
+send today (`glm-4.5` ... `glm-4.7` in the Z.ai SDK's own examples, `glm-z1-*`, the `-0414`/`-250414` releases)
+- and to the aliases in Settings (GLMSTACK_MODEL_ALIASES), so code written for the hosted platform runs
+unchanged against a local server. Names match case-insensitively (the doc writes both "GLM-4-Flash" and
+"glm-4-flash"). Anything else is business error 1211; a code of a capability this server lacks (vision,
+embeddings, images, video, voice) says so rather than being answered by the chat model.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
 from glmstack.api.errors import PlatformError
 
-ALIASES = (
-    "glmstack",
-    "default",
-    "glm-4",
-    "glm-4-plus",
-    "glm-4-0520",
-    "glm-4-air",
-    "glm-4-airx",
-    "glm-4-long",
-    "glm-4-flash",
+ALIASES = ("glmstack", "default")
+CHAT_MODEL_CODES = (
+    # GLM-4 and GLM-3 (the platform documentation)
+    "glm-4", "glm-4-plus", "glm-4-0520", "glm-4-air", "glm-4-airx", "glm-4-long", "glm-4-flash", "glm-4-flashx",
     "glm-3-turbo",
+    # GLM-4.5 and later (the Z.ai SDK's examples and model list)
+    "glm-4.5", "glm-4.5-air", "glm-4.5-airx", "glm-4.5-x", "glm-4.5-flash", "glm-4.6", "glm-4.7",
+    # the April 2025 releases and the Z1 reasoning models
+    "glm-4-air-250414", "glm-4-flash-250414", "glm-4-flashx-250414", "glm-4-32b-0414-128k", "glm-4-9b-0414",
+    "glm-z1-air", "glm-z1-airx", "glm-z1-flash", "glm-z1-flashx", "glm-z1-32b-0414", "glm-z1-9b-0414",
+)
+# Model codes of capabilities a chat model does not have, by family.
+OTHER_CAPABILITIES = (
+    (re.compile(r"glm-(4v|4\.\dv|4\.1v)"), "vision (image and video understanding)"),
+    (re.compile(r"(embedding-|text-embedding)"), "embeddings"),
+    (re.compile(r"cogview"), "image generation"),
+    (re.compile(r"cogvideo"), "video generation"),
+    (re.compile(r"(glm-4-voice|glm-realtime|glm-asr|glm-tts)"), "speech"),
 )
 
 
 class ModelCatalog:
-    def __init__(self, served: str, created: int) -> None:
+    def __init__(self, served: str, created: int, aliases: Mapping[str, str] | None = None) -> None:
+        """`aliases`: extra name -> target, where the target is a name the server answers to already."""
         self.served = served  # the loaded model's name (ModelInfo.name)
         self.created = created  # when it was loaded, Unix seconds
-        self.names = (served, *(a for a in ALIASES if a.lower() != served.lower()))
-        self._known = {name.lower() for name in self.names}
+        builtin = (served, *ALIASES, *CHAT_MODEL_CODES)
+        known = {name.lower() for name in builtin}
+        for name, target in (aliases or {}).items():
+            if target.lower() not in known:
+                raise ValueError(f"GLMSTACK_MODEL_ALIASES: {name}={target}: {target!r} is not a model this server "
+                                 f"answers to (its model is {served!r})")
+        names: dict[str, str] = {}  # lower-cased -> as first written; the served name first
+        for name in (*builtin, *(aliases or {})):
+            names.setdefault(name.lower(), name)
+        self.names = tuple(names.values())
+        self._known = set(names)
 
     def resolve(self, name: str) -> str:
         """The served model for a requested name, or 1211."""
-        if name.lower() not in self._known:
-            raise PlatformError(1211, f"{name!r} is not served here; use one of: {', '.join(self.names)}")
-        return self.served
+        if name.lower() in self._known:
+            return self.served
+        for pattern, capability in OTHER_CAPABILITIES:
+            if pattern.match(name.lower()):
+                raise PlatformError(1211, f"{name!r} is a {capability} model; this server runs the chat model "
+                                          f"{self.served!r} and has no {capability} model")
+        raise PlatformError(1211, f"{name!r} is not served here; use {self.served!r}, a GLM chat model code such "
+                                  f"as 'glm-4' or 'glm-4.5', or another name GET /models lists")
