@@ -16,6 +16,8 @@ from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, S
 
 EXIT_USAGE = 2
 GIL_SWITCH_INTERVAL_S = 0.0005
+# Libraries that narrate start-up at INFO (migrations, the server process, ...); shown with --debug.
+THIRD_PARTY_LOGGERS = ("alembic", "uvicorn", "sqlalchemy", "httpx", "httpcore", "asyncio", "multipart")
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -51,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if not args.debug:
         logging.getLogger().setLevel(settings.log_level)
+        if settings.log_level != "DEBUG":  # our own INFO lines (access log, key events), not the libraries'
+            for library in THIRD_PARTY_LOGGERS:
+                logging.getLogger(library).setLevel(logging.WARNING)
     try:
         store = Store(settings.database_url, home=settings.home)
     except StoreError as e:
@@ -106,7 +111,8 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
             host=settings.host,
             port=settings.port,
             access_log=False,
-            log_level=settings.log_level.lower(),
+            # uvicorn sets its own loggers' levels from this
+            log_level=logging.getLevelName(logging.getLogger("uvicorn").getEffectiveLevel()).lower(),
             timeout_graceful_shutdown=5,
             http=EnvelopeH11Protocol,
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,

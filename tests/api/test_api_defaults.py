@@ -22,12 +22,12 @@ CHAT = "/api/paas/v4/chat/completions"
 
 
 @pytest.fixture
-def readme_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def readme_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Path]]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("GLMSTACK_")}
     env |= {"GLMSTACK_HOME": str(tmp_path / "home"), "GLMSTACK_PORT": "0"}
     proc, url = launch_serve([], env, tmp_path / "server.log")
     try:
-        yield url, env
+        yield url, env, tmp_path / "server.log"
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -45,8 +45,15 @@ def stream_chat(url: str, headers: dict[str, str], content: str, max_tokens: int
     return 200, [json.loads(e) for e in events[:-1]]
 
 
+def test_start_up_is_quiet(readme_server) -> None:
+    """The banner (stdout) and nothing from the libraries: no migration or server-process INFO lines."""
+    _, _, log = readme_server
+    lines = log.read_text().splitlines()
+    assert [line for line in lines if not line.startswith(("INFO glmstack.", "WARNING glmstack."))] == []
+
+
 def test_sixteen_concurrent_streams_from_one_open_caller(readme_server) -> None:
-    url, _ = readme_server
+    url, _, _ = readme_server
     headers = {"Authorization": "Bearer local.any"}
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: stream_chat(url, headers, f"Count to {i + 3}.", 24), range(16)))
@@ -57,7 +64,7 @@ def test_sixteen_concurrent_streams_from_one_open_caller(readme_server) -> None:
 
 
 def test_a_keys_own_concurrency_limit_still_applies(readme_server) -> None:
-    url, env = readme_server
+    url, env, _ = readme_server
     created = subprocess.run([sys.executable, "-m", "glmstack.cli", "keys", "create", "--concurrency", "2"],
                              env=env, capture_output=True, text=True, timeout=120)
     assert created.returncode == 0, created.stderr
