@@ -74,6 +74,17 @@ class GenerateRequest:
 
 
 @dataclass
+class GenerationDefaults:
+    """The sampling a model's authors recommend, for requests that leave it out; None where they say nothing
+    (the platform's documented defaults apply). `source` says where the values came from."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    source: str | None = None  # "generation_config.json", "GGUF general.sampling", "model card: <name>"
+
+
+@dataclass
 class ModelInfo:
     name: str
     architecture: str
@@ -81,6 +92,7 @@ class ModelInfo:
     device: str
     dtype: str
     quantization: str | None = None
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
 
 class EngineRequestError(Exception):

@@ -26,6 +26,9 @@ from glmstack.cli import serve
 from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, Settings
 
 EXIT_USAGE = 2
+# `glmstack chat` sampling for models that recommend none
+CHAT_TEMPERATURE = 0.7
+CHAT_TOP_P = 0.9
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    chat.add_argument("--temperature", type=float, default=None,
+                      help="0 = greedy (default: the model's own recommendation, else 0.7)")
+    chat.add_argument("--top-p", type=float, default=None,
+                      help="nucleus sampling mass (default: the model's own recommendation, else 0.9)")
     chat.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     chat.add_argument("-p", "--prompt", default=None,
                       help="answer this one prompt and exit (reads the prompt from stdin when piped)")
@@ -98,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
 # ---- chat ----------------------------------------------------------------------------------------------
 
 
-def _sampling(args: argparse.Namespace) -> Any:
+def _sampling(args: argparse.Namespace, model: Any) -> Any:
     from glmstack.protocol import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, do_sample=args.temperature > 0,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    own = model.generation_defaults
+    temperature = next(t for t in (args.temperature, own.temperature, CHAT_TEMPERATURE) if t is not None)
+    top_p = next(p for p in (args.top_p, own.top_p, CHAT_TOP_P) if p is not None)
+    return SamplingParams(max_tokens=args.max_tokens, do_sample=temperature > 0, temperature=temperature,
+                          top_p=top_p, seed=args.seed)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -116,7 +124,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     settings = serve.settings_from(args)
     model, _ = load(settings.model, device=settings.device, dtype=settings.dtype, progress=sys.stderr.isatty(),
                     quantize=settings.quantize, settings=settings)
-    params = _sampling(args)
+    params = _sampling(args, model)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if prompt is not None:
         for event in model.stream_messages(messages + [{"role": "user", "content": prompt}], params):

@@ -32,6 +32,7 @@ from glmstack.engine.errors import ContextLengthError
 from glmstack.engine.generation import generate_stream
 from glmstack.engine.loading.catalog import resolve_model_path
 from glmstack.engine.loading.checkpoint import LoadedModel, load_model, pick_device
+from glmstack.engine.loading.generation_config import generation_defaults
 from glmstack.engine.native import NativeOptions
 from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE
 from glmstack.engine.quant.quantize_model import quantize_model
@@ -53,6 +54,7 @@ class ChatModel:
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, chat_format: ChatFormat, name: str) -> None:
         self.loaded = loaded
+        self.generation_defaults = generation_defaults(loaded.checkpoint)
         self.module = loaded.module
         self.config = loaded.module.config
         self.tokenizer = tokenizer

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from fastapi.testclient import TestClient
 
-from glmstack.protocol import GenerateRequest, GenerationEvent, ModelInfo, Usage
+from glmstack.protocol import GenerateRequest, GenerationDefaults, GenerationEvent, ModelInfo, Usage
 from glmstack.store import Store, UsageRow
 
 CHAT = "/api/paas/v4/chat/completions"
@@ -27,9 +27,11 @@ class ScriptedEngine:
         self.gate: asyncio.Event | None = None
         self.requests: list[GenerateRequest] = []
         self.active = 0
+        self.generation_defaults = GenerationDefaults()
 
     def info(self) -> ModelInfo:
-        return ModelInfo("scripted-1b", "Scripted", 4096, "cpu", "float32")
+        return ModelInfo("scripted-1b", "Scripted", 4096, "cpu", "float32",
+                         generation_defaults=self.generation_defaults)
 
     def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
         return sum(len(m["content"].split()) for m in messages) + 3

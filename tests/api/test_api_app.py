@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from scripted import CHAT, ScriptedEngine, chat_body, client_ok, error_of, sse_events, written_usage
 
-from glmstack.protocol import EngineOverloadedError, PromptTooLongError
+from glmstack.protocol import EngineOverloadedError, GenerationDefaults, PromptTooLongError
 from glmstack.store import Store
 
 # ---- the happy paths --------------------------------------------------------------------------------------
@@ -157,6 +157,24 @@ def test_models(client: TestClient) -> None:
         assert all(m["root"] == "scripted-1b" for m in listing["data"])
     assert client.get("/v1/models/GLM-4-Flash").json()["id"] == "GLM-4-Flash"
     assert error_of(client.get("/v1/models/gpt-4")) == (404, "1211")
+
+
+def test_omitted_sampling_takes_the_models_own_defaults(client: TestClient, engine: ScriptedEngine) -> None:
+    def sampled(**body: Any) -> tuple[float, float, int | None]:
+        assert client.post(CHAT, json=chat_body(**body)).status_code == 200
+        params = engine.requests[-1].params
+        return params.temperature, params.top_p, params.max_tokens
+
+    card = client.get("/v1/models/glm-4").json()["generation_defaults"]
+    assert card == {"temperature": 0.95, "top_p": 0.7, "max_tokens": 1024, "source": "platform"}
+    assert sampled() == (0.95, 0.7, 1024)  # the platform's documented defaults
+    engine.generation_defaults = GenerationDefaults(0.2, 0.9, 256, source="model card: Scripted")
+    assert sampled() == (0.2, 0.9, 256)
+    assert sampled(temperature=0.5, top_p=0.3, max_tokens=7) == (0.5, 0.3, 7)  # the request wins
+    engine.generation_defaults = GenerationDefaults(top_p=0.5, source="generation_config.json")
+    assert sampled() == (0.95, 0.5, 1024)  # what the model leaves out, the platform fills in
+    card = client.get("/api/paas/v4/models").json()["data"][0]["generation_defaults"]
+    assert card == {"temperature": 0.95, "top_p": 0.5, "max_tokens": 1024, "source": "generation_config.json"}
 
 
 @pytest.mark.parametrize("code", ["glm-4.5", "GLM-4.5-Air", "glm-4.5-flash", "glm-4.6", "glm-4.7", "glm-z1-flash",

@@ -86,3 +86,12 @@ def test_a_keys_own_concurrency_limit_still_applies(readme_server) -> None:
     assert third.status_code == 429 and third.json()["error"]["code"] == "1302"
     # the open caller has no such limit, but once a key exists the server wants one
     assert httpx.post(url + CHAT, json=body, timeout=60).status_code == 401
+
+
+
+def test_the_bundled_model_advertises_its_own_sampling_defaults(readme_server) -> None:
+    """SmolLM2's model card samples at temperature 0.2, top_p 0.9, not the platform's 0.95 / 0.7 (on a 135M
+    model those mostly answer the README's question in French)."""
+    url, _, _ = readme_server
+    card = httpx.get(url + "/api/paas/v4/models/glm-4", timeout=30).json()["generation_defaults"]
+    assert card == {"temperature": 0.2, "top_p": 0.9, "max_tokens": 1024, "source": "model card: SmolLM2"}

@@ -7,12 +7,14 @@ from glmstack.api.deps import Platform, PlatformDep
 from glmstack.api.errors import PlatformError
 from glmstack.api.schemas.errors import error_responses
 from glmstack.api.schemas.models import ModelCard, ModelList
+from glmstack.api.services.chat import effective_defaults
 
 router = keyed_router(tags=["models"])
 
 
 def _card(platform: Platform, name: str) -> ModelCard:
-    return ModelCard(id=name, created=platform.models.created, root=platform.models.served)
+    return ModelCard(id=name, created=platform.models.created, root=platform.models.served,
+                     generation_defaults=effective_defaults(platform))
 
 
 @router.get("/models", response_model=ModelList, responses=error_responses(401))

@@ -94,10 +94,14 @@ class ChatCompletionRequest(_Lenient):
     )
     do_sample: bool | None = Field(None, description="false: greedy decoding (temperature and top_p ignored)")
     stream: bool | None = Field(None, description="true: server-sent events ending with data: [DONE]")
-    temperature: float | None = Field(None, ge=0.0, le=1.0, description="Default 0.95; 0 means greedy")
-    top_p: float | None = Field(None, ge=0.0, le=1.0, description="Default 0.7")
+    temperature: float | None = Field(
+        None, ge=0.0, le=1.0, description="Default: the model's own (GET /models), else 0.95; 0 means greedy"
+    )
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="Default: the model's own (GET /models), else 0.7")
     max_tokens: int | None = Field(
-        None, ge=1, description="Most tokens in the reply, at most the model's context length; default 1024"
+        None,
+        ge=1,
+        description="Most tokens in the reply, at most the model's context length; default: the model's own, else 1024",
     )
     stop: Text | list[Text] | None = Field(None, description="Stop strings (not included in the reply)")
     seed: int | None = Field(None, ge=-INT64, lt=INT64, description="A 64-bit integer")

@@ -22,11 +22,13 @@ from glmstack.api.schemas.chat import (
     Message,
     Usage,
 )
+from glmstack.api.schemas.models import GenerationDefaultsCard
 from glmstack.api.services.generation import Generation, Step
 from glmstack.api.sse import DONE, EventStreamResponse, event
-from glmstack.protocol import GenerateRequest, SamplingParams
+from glmstack.protocol import GenerateRequest, GenerationDefaults, SamplingParams
 
-# The doc's defaults for the GLM-4 series.
+# The doc's defaults for the GLM-4 series, for what neither the request nor the served model's own
+# recommendation (ModelInfo.generation_defaults) says.
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_TEMPERATURE = 0.95
 DEFAULT_TOP_P = 0.7
@@ -58,9 +60,12 @@ def engine_messages(messages: list[Message]) -> list[dict[str, Any]]:
     return rendered
 
 
-def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int) -> SamplingParams:
-    """`max_tokens_cap`: the model's context length, or the configured cap when that is lower."""
-    max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, max_tokens_cap)
+def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int,
+                    defaults: GenerationDefaults | None = None) -> SamplingParams:
+    """`max_tokens_cap`: the model's context length, or the configured cap when that is lower. `defaults`: the
+    served model's recommendation, for what the request leaves out."""
+    defaults = defaults or GenerationDefaults()
+    max_tokens = body.max_tokens or min(defaults.max_tokens or DEFAULT_MAX_TOKENS, max_tokens_cap)
     if max_tokens > max_tokens_cap:
         raise PlatformError(1214, f"max_tokens may be at most {max_tokens_cap}", field="max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -70,8 +75,8 @@ def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int) -> Samplin
             f"up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
             field="stop",
         )
-    temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
-    top_p = DEFAULT_TOP_P if body.top_p is None else max(body.top_p, MIN_TOP_P)
+    temperature = _first(body.temperature, defaults.temperature, DEFAULT_TEMPERATURE)
+    top_p = max(_first(body.top_p, defaults.top_p, DEFAULT_TOP_P), MIN_TOP_P)
     do_sample = body.do_sample is not False and temperature > 0
     temperature = max(temperature, MIN_TEMPERATURE) if do_sample else temperature
     return SamplingParams(
@@ -84,6 +89,21 @@ def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int) -> Samplin
     )
 
 
+def effective_defaults(platform: Platform) -> GenerationDefaultsCard:
+    """What a request that leaves out temperature, top_p and max_tokens gets (shown by GET /models)."""
+    info = platform.engine.info()
+    own = info.generation_defaults
+    cap = min(info.context_length, platform.settings.max_tokens_cap or info.context_length)
+    return GenerationDefaultsCard(
+        temperature=_first(own.temperature, DEFAULT_TEMPERATURE), top_p=_first(own.top_p, DEFAULT_TOP_P),
+        max_tokens=min(own.max_tokens or DEFAULT_MAX_TOKENS, cap), source=own.source or "platform",
+    )
+
+
+def _first(*values: float | None) -> float:
+    return next(v for v in values if v is not None)
+
+
 def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str) -> GenerateRequest:
     """Everything that can be refused before the engine is involved: model (1211), parameters (1213/1214),
     input content (1301)."""
@@ -91,8 +111,9 @@ def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str)
     if len(body.messages) > platform.settings.max_messages:
         raise PlatformError(1214, f"at most {platform.settings.max_messages} messages", field="messages")
     messages = engine_messages(body.messages)
-    context = platform.engine.info().context_length
-    params = sampling_params(body, min(context, platform.settings.max_tokens_cap or context))
+    info = platform.engine.info()
+    cap = min(info.context_length, platform.settings.max_tokens_cap or info.context_length)
+    params = sampling_params(body, cap, info.generation_defaults)
     platform.safety.check_input(messages)
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     return GenerateRequest(completion_id, params, messages=messages, tools=tools)

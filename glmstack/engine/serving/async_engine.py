@@ -68,7 +68,8 @@ class AsyncEngine:
         m = self.model
         return ModelInfo(name=m.name, architecture=type(m.module).__name__, context_length=m.context_length,
                          device=str(m.device), dtype=str(m.dtype).removeprefix("torch."),
-                         quantization=getattr(m.module, "quantization", None))
+                         quantization=getattr(m.module, "quantization", None),
+                         generation_defaults=m.generation_defaults)
 
     def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
         return len(self.model.chat_format.render(messages).token_ids)
