@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +204,17 @@ def test_int4_vnni_outlier_and_zero_blocks(nk, dtype) -> None:
     assert rel_err(y, F.linear(int8_activations(x.float()), w, bias)) < tol(dtype)
     assert int4_close(y, exact, x.float(), w, "vnni")
     assert torch.equal(y[2].float(), bias.to(dtype).float())
+
+
+def test_the_build_is_shared_by_every_checkout(nk) -> None:
+    """The build compiles a copy of kernels.cpp inside its content-keyed folder, so the build rules name no
+    checkout's path and a second checkout (or a wheel install) finds the build ready instead of redoing it."""
+    directory = native.build_dir()
+    assert native.is_built()
+    assert (directory / "kernels.cpp").read_bytes() == (Path(native.__file__).parent / "kernels.cpp").read_bytes()
+    rules = (directory / "build.ninja").read_text()
+    assert f"compile {directory / 'kernels.cpp'}" in rules
+    assert str(Path(native.__file__).parent) not in rules
 
 
 def test_int4_vnni_env_switch(nk) -> None:

@@ -97,6 +97,7 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
         progress=sys.stderr.isatty(),
         settings=settings,
     )
+    _prepare_native_kernels(model)
     engine = AsyncEngine(model, max_waiting=settings.max_queue or 2**31,
                          kv_cache_bytes=settings.kv_cache_mb * 1024 * 1024)
     # The event loop and the engine's thread share the GIL. At Python's default 5 ms switch interval, a
@@ -122,6 +123,19 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
         return 0 if server.started else 1
     finally:
         engine.shutdown()
+
+
+def _prepare_native_kernels(model: Any) -> None:
+    """A quantized model decodes on the native kernels: build (or load) them now, before the banner says the
+    server is ready, instead of inside the first request."""
+    from glmstack.engine import native
+
+    if getattr(model.module, "quantization", None) is None or native.unavailable_reason() is not None:
+        return
+    if not native.is_built():
+        print("glmstack: compiling the native CPU kernels (once per machine and version, about a minute)...",
+              file=sys.stderr, flush=True)
+    native.kernels()
 
 
 async def _run_until_stopped(server: Any, settings: Settings, model_name: str, active_keys: int) -> None:

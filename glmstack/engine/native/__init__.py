@@ -89,6 +89,24 @@ def build_dir() -> Path:
     return base / "glmstack_native" / _key()
 
 
+def _source_copy(directory: Path) -> Path:
+    """kernels.cpp inside the build folder, compiled from there: the build rules name the source's path, so
+    compiling the checkout's own file would make every checkout (or install) rebuild the others' build. The
+    folder is keyed by the source's content, so its copy is always the same file."""
+    source = directory / _SOURCE.name
+    content = _SOURCE.read_bytes()
+    if not source.is_file() or source.read_bytes() != content:
+        partial = source.with_name(f"{source.name}.{os.getpid()}.tmp")
+        partial.write_bytes(content)
+        os.replace(partial, source)  # atomic: a concurrent build sees the old file or the whole new one
+    return source
+
+
+def is_built() -> bool:
+    """Whether a build of this source is loaded or on disk (then `kernels()` takes a moment, not a compile)."""
+    return _state.get("module") is not None or any(build_dir().glob("*.so"))
+
+
 def _build() -> ModuleType | None:
     reason = unavailable_reason()
     if reason:
@@ -99,7 +117,8 @@ def _build() -> ModuleType | None:
 
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(name=f"glmstack_native_{_key()}", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+        source = _source_copy(directory)
+        module = cpp_extension.load(name=f"glmstack_native_{_key()}", sources=[str(source)], extra_cflags=_FLAGS,
                                     extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compile error: everything still runs on ATen
         lines = str(exc).strip().splitlines()
