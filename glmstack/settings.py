@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-QUANTIZE_CHOICES = ("int8", "int4")
+# "auto": the precision the checkpoint stores (a Q4 GGUF runs as int4, Q8_0 as int8); "none": floats
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 _MiB = 1024 * 1024
@@ -27,7 +28,7 @@ class Settings:
     model: str | None = None            # None: the engine's default model
     device: str = "auto"
     dtype: str = "auto"
-    quantize: str | None = None         # None | "int8" | "int4"
+    quantize: str = "auto"              # one of QUANTIZE_CHOICES
     max_body_bytes: int = 4 * _MiB
     # None: a caller is bounded only by max_queue (the engine's), so one app can use the whole server; a key's
     # own concurrency_limit (`glmstack keys create --concurrency N`) overrides this.
@@ -102,10 +103,8 @@ class Settings:
             return Path(raw).expanduser() if raw else None
 
         home = Path(get("HOME") or Path.home() / ".glmstack").expanduser().absolute()
-        quantize = get("QUANTIZE")
-        if quantize is not None and quantize.lower() == "none":
-            quantize = None
-        if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        quantize = (get("QUANTIZE") or "auto").lower()
+        if quantize not in QUANTIZE_CHOICES:
             choices = ", ".join(QUANTIZE_CHOICES)
             raise ValueError(f"GLMSTACK_QUANTIZE must be one of {choices}, got {quantize!r}")
         defaults = cls(home=home, database_url="")

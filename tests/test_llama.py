@@ -11,8 +11,11 @@ import torch
 import transformers
 
 from glmstack.engine.generation import new_cache
-from glmstack.engine.loading.checkpoint import load_model
+from glmstack.engine.loading.checkpoint import load_model, open_checkpoint, stored_precision
 from glmstack.engine.models.llama import permute_qk
+from glmstack.engine.quant.int4 import quantize_int4
+from glmstack.engine.quant.prequantized import int4_weights_from_gguf
+from glmstack.engine.quant.quantize_model import quantize_model
 
 TOL = 1e-4
 
@@ -254,3 +257,50 @@ def test_llama3_rope_scaling_safetensors_and_gguf(tmp_path: Path) -> None:
     path = tmp_path / "l3.gguf"
     write_gguf(ref, path, "llama", rope_freqs=(plain / scaled).numpy())
     assert (our_logits(path, ids) - reference_logits(ref, ids)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize(("quant", "precision"), [
+    (gguf.GGMLQuantizationType.Q4_0, "int4"),
+    (gguf.GGMLQuantizationType.Q4_1, "int4"),
+    (gguf.GGMLQuantizationType.Q8_0, "int8"),
+    (gguf.GGMLQuantizationType.F16, None),
+])
+def test_a_quantized_gguf_runs_in_its_own_precision(tmp_path: Path, ids: torch.Tensor, quant, precision) -> None:
+    """`quantize="auto"` (the server's default) keeps a Q4 GGUF in int4 and a Q8_0 one in int8, and the quantized
+    model's logits stay within the kernels' tolerance of the file's dequantized weights run in fp32."""
+    ref = tiny_llama()
+    path = tmp_path / "tiny-q.gguf"
+    effective = write_gguf(ref, path, "llama", quant=quant)
+    ref.load_state_dict(
+        {k: torch.from_numpy(v.copy()).reshape(ref.state_dict()[k].shape) for k, v in effective.items()},
+        strict=False,
+    )
+    ckpt = open_checkpoint(path)
+    assert stored_precision(ckpt) == precision
+    if precision is None:
+        return
+    loaded = load_model(ckpt, device="cpu", dtype="bfloat16", keep_int4=precision == "int4")
+    # int4: every layer linear arrives as the file's own blocks (q/k/v and gate/up fused, Llama's q/k rows
+    # un-permuted); nothing is requantized
+    assert len(loaded.prequantized) == (2 * 4 if precision == "int4" else 0)
+    report = quantize_model(loaded.module, {"int8": 8, "int4": 4}[precision], prequantized=loaded.prequantized)
+    assert report.skipped == {} and len(report.quantized) == 2 * 4 + 1  # every layer linear and the head
+    with torch.no_grad():
+        ours = loaded.module(ids, torch.arange(ids.shape[1])[None]).float()
+    expected = reference_logits(ref, ids)
+    relative = ((ours - expected).norm() / expected.norm()).item()
+    # bf16 activations; int8 requantizes Q8_0's 32-weight blocks per row; int4 keeps the file's groups
+    assert relative < (0.03 if precision == "int8" else 0.02), relative
+    assert bool((ours.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9)
+
+
+def test_requantizing_q4_1_blocks_gives_back_their_codes() -> None:
+    """Why Q4_1 maps exactly: its blocks span codes 0..15 by construction (d = (max - min) / 15, m = min), so
+    int4's min/max grouping at 32 finds the same scale and offset again."""
+    weights = torch.randn(48, 256, generator=torch.Generator().manual_seed(5)).numpy()
+    packed = gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_1)
+    exact = int4_weights_from_gguf(packed, gguf.GGMLQuantizationType.Q4_1, (48, 256))
+    stored = torch.from_numpy(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q4_1).reshape(48, 256))
+    requantized = quantize_int4(stored.float(), 32, torch.float32)
+    assert torch.equal(requantized.codes, exact.codes)
+    assert torch.allclose(requantized.dequantize(), stored.float(), atol=1e-6)

@@ -13,7 +13,7 @@ def test_defaults(tmp_path: Path):
     s = Settings.from_env({"GLMSTACK_HOME": str(tmp_path)})
     assert s.home == tmp_path
     assert s.database_url == f"sqlite:///{tmp_path}/glmstack.db"
-    assert (s.host, s.port, s.model, s.quantize, s.safety_dir) == ("127.0.0.1", 8000, None, None, None)
+    assert (s.host, s.port, s.model, s.quantize, s.safety_dir) == ("127.0.0.1", 8000, None, "auto", None)
     assert (s.max_body_bytes, s.max_concurrency_per_key, s.max_queue, s.max_messages) == (4 << 20, None, 64, 256)
     assert (s.kv_cache_mb, s.native, s.native_dir, s.int4_vnni) == (512, True, None, True)
     assert s.max_tokens_cap is None
@@ -50,7 +50,7 @@ def test_engine_values_from_env(tmp_path: Path):
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("GLMSTACK_PORT", "eighty", "GLMSTACK_PORT must be an integer"),
     ("GLMSTACK_MAX_QUEUE", "-1", "GLMSTACK_MAX_QUEUE must be at least 0"),
-    ("GLMSTACK_QUANTIZE", "int3", "GLMSTACK_QUANTIZE must be one of int8, int4"),
+    ("GLMSTACK_QUANTIZE", "int3", "GLMSTACK_QUANTIZE must be one of auto, none, int8, int4"),
     ("GLMSTACK_NATIVE", "maybe", "GLMSTACK_NATIVE must be 1 or 0"),
     ("GLMSTACK_KV_CACHE_MB", "0", "GLMSTACK_KV_CACHE_MB must be at least 1"),
     ("GLMSTACK_MAX_CONCURRENCY_PER_KEY", "0", "GLMSTACK_MAX_CONCURRENCY_PER_KEY must be at least 1"),

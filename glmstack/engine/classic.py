@@ -31,7 +31,13 @@ from glmstack.engine.chat_format import ChatFormat, chat_format_for
 from glmstack.engine.errors import ContextLengthError
 from glmstack.engine.generation import generate_stream
 from glmstack.engine.loading.catalog import resolve_model_path
-from glmstack.engine.loading.checkpoint import LoadedModel, load_model, pick_device
+from glmstack.engine.loading.checkpoint import (
+    LoadedModel,
+    load_model,
+    open_checkpoint,
+    pick_device,
+    stored_precision,
+)
 from glmstack.engine.loading.generation_config import generation_defaults
 from glmstack.engine.native import NativeOptions
 from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE
@@ -40,7 +46,7 @@ from glmstack.engine.tokenization.base import Tokenizer
 from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
 from glmstack.engine.tokenization.hf import load_tokenizer_json
 from glmstack.protocol import GenerationEvent, SamplingParams
-from glmstack.settings import Settings
+from glmstack.settings import QUANTIZE_CHOICES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +76,10 @@ class ChatModel:
     def quantize(self, bits: int, *, group_size: int = DEFAULT_GROUP_SIZE) -> ChatModel:
         """ChatGLM's `model.quantize(bits)` (spec 7.2): 8 or 4 makes the decoder layers' linears int8 / int4
         weight-only in place (the output head goes int8 too), 0 does nothing, a second call logs "already
-        quantized". Returns self — also for 0, where ChatGLM returns None. See engine/quantize.py."""
-        quantize_model(self.module, bits, group_size=group_size)
+        quantized". Returns self — also for 0, where ChatGLM returns None. See engine/quant/."""
+        # Weights the loader kept in the file's own int4 blocks (keep_int4) go in as they are.
+        prequantized, self.loaded.prequantized = self.loaded.prequantized, {}
+        quantize_model(self.module, bits, group_size=group_size, prequantized=prequantized)
         return self
 
     def __repr__(self) -> str:
@@ -224,19 +232,26 @@ def load(
     `settings` (default: `Settings.from_env()`, the GLMSTACK_* variables) gives the model when none is named,
     the models folder, and the native-kernel options.
 
-    `quantize="int8"` or `"int4"` quantizes the weights after loading (`ChatModel.quantize`). On CPU,
-    dtype "auto" then means bfloat16 rather than float32: the CPU int8/int4 kernels compute in bf16 (their
-    fp32 versions are scalar loops), so fp32 activations would only be cast at every quantized linear.
+    `quantize="int8"` or `"int4"` quantizes the weights after loading (`ChatModel.quantize`); `"auto"` keeps
+    the precision the file stores (a Q4_0/Q4_1 GGUF runs as int4, Q8_0 as int8: `stored_precision`), which is
+    what `glmstack serve` and `glmstack chat` do unless told otherwise; None or "none" loads floats. On CPU,
+    dtype "auto" then means bfloat16 rather than float32 for a quantized model: the CPU int8/int4 kernels
+    compute in bf16 (their fp32 versions are scalar loops), so fp32 activations would only be cast at every
+    quantized linear.
     """
-    bits = {None: 0, "int8": 8, "int4": 4}.get(quantize, -1)
-    if bits < 0:
-        raise ValueError(f"unknown quantize={quantize!r}; use None, 'int8' or 'int4'")
-    if bits and dtype == "auto" and pick_device(device).type == "cpu":
-        dtype = torch.bfloat16
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"unknown quantize={quantize!r}; use None or one of {', '.join(QUANTIZE_CHOICES)}")
     settings = Settings.from_env() if settings is None else settings
     native.configure(NativeOptions(settings.native, settings.native_dir, settings.int4_vnni))
     path = resolve_model_path(None if name_or_path is None else str(name_or_path), settings)
-    loaded = load_model(path, device=device, dtype=dtype, progress=progress)
+    checkpoint = open_checkpoint(path)
+    if quantize == "auto":
+        quantize = stored_precision(checkpoint)
+    bits = {"int8": 8, "int4": 4}.get(quantize or "none", 0)
+    if bits and dtype == "auto" and pick_device(device).type == "cpu":
+        dtype = torch.bfloat16
+    # int4 from a Q4_0/Q4_1 GGUF takes the file's blocks as they are (the exact grid), not a requantization
+    loaded = load_model(checkpoint, device=device, dtype=dtype, progress=progress, keep_int4=bits == 4)
     tokenizer = load_tokenizer(loaded)
     custom_format = getattr(loaded.arch_module, "chat_format_for", None)
     chat_format = custom_format(tokenizer, loaded.module.config) if custom_format else chat_format_for(tokenizer)

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,17 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from glmstack.engine.errors import ModelFileError, ModelNotFoundError, UnsupportedArchitectureError
 from glmstack.engine.loading.config_checks import check_declared_sizes
-from glmstack.engine.loading.gguf_file import GGUFFile
+from glmstack.engine.loading.gguf_file import GGUFFile, GGUFTensorInfo
 from glmstack.engine.loading.json_files import read_json
 from glmstack.engine.loading.safetensors_file import validate_safetensors_header
 from glmstack.engine.models import registry
+from glmstack.engine.quant.int4 import Int4Weights, int4_unsupported_reason
+from glmstack.engine.quant.prequantized import int4_weights_from_gguf
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +297,9 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    # With keep_int4: decoder-layer linear name -> its weights as the GGUF stores them (Q4_0/Q4_1 blocks). Those
+    # linears' float weights stay on the meta device until `quantize_model(..., prequantized=...)` swaps them.
+    prequantized: dict[str, Int4Weights] = field(default_factory=dict)
 
 
 def build_model(ckpt: Checkpoint) -> tuple[ModuleType, nn.Module]:
@@ -311,17 +318,40 @@ def build_model(ckpt: Checkpoint) -> tuple[ModuleType, nn.Module]:
     return arch_module, model
 
 
+def stored_precision(ckpt: Checkpoint) -> str | None:
+    """The weight-only quantization our kernels run a checkpoint in without changing its grid: a GGUF whose
+    decoder-layer weights are mostly Q4_0/Q4_1 -> "int4" (the same 32-weight groups, scales and offsets:
+    requantizing the dequantized blocks gives back their codes), Q8_0 -> "int8"; None otherwise."""
+    if ckpt.gguf is None:
+        return None
+    stored: Counter[GGMLQuantizationType] = Counter()
+    for info in ckpt.gguf.tensors:
+        if info.name.startswith("blk.") and len(info.shape) == 2:
+            stored[info.type] += info.n_elements
+    if not stored:
+        return None
+    return _NATIVE_PRECISION.get(stored.most_common(1)[0][0])
+
+
+_NATIVE_PRECISION = {GGMLQuantizationType.Q4_0: "int4", GGMLQuantizationType.Q4_1: "int4",
+                     GGMLQuantizationType.Q8_0: "int8"}
+
+
 def load_model(
-    path: Path,
+    path: Path | Checkpoint,
     *,
     device: str = "auto",
     dtype: str | torch.dtype = "auto",
     progress: bool = False,
+    keep_int4: bool = False,
 ) -> LoadedModel:
+    """Build the model and fill in its weights, tensor by tensor. `keep_int4`: decoder-layer linears a GGUF stores
+    as Q4_0/Q4_1 are not dequantized but returned as `prequantized` Int4Weights, exactly the file's grid, for
+    `quantize_model(bits=4)` to install (the caller must do so: those weights are left on the meta device)."""
     started = time.perf_counter()
     target_device = pick_device(device)
     target_dtype = pick_dtype(dtype, target_device)
-    ckpt = open_checkpoint(path)
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     try:
         arch_module, model = build_model(ckpt)
     except (KeyError, TypeError, ValueError) as exc:
@@ -331,7 +361,9 @@ def load_model(
     expected = dict(model.state_dict(keep_vars=True))
     loaded: dict[str, torch.Tensor] = {}
     rename = model.gguf_tensor_name if ckpt.format == "gguf" else model.hf_tensor_name
-    pieces: dict[str, dict[str, torch.Tensor]] = {}
+    pieces: dict[str, dict[str, torch.Tensor | Int4Weights]] = {}
+    prequantized: dict[str, Int4Weights] = {}
+    stored_int4 = _int4_tensors(ckpt, model, target_device) if keep_int4 else {}
     tensors = list(iter_tensors(ckpt))
     bar = _progress(len(tensors), f"Loading {ckpt.path.name}", progress)
     try:
@@ -344,18 +376,32 @@ def load_model(
             if name not in expected:
                 log.warning("%s: ignoring unexpected tensor %s", ckpt.path, raw_name)
                 continue
-            tensor = load()
-            if ckpt.format == "gguf":  # the piece tells split q/k apart (Llama's permuted rows)
-                tensor = model.from_gguf_tensor(f"{name}{PIECE_SEPARATOR}{piece}" if piece else name, tensor)
+            full_name = f"{name}{PIECE_SEPARATOR}{piece}" if piece else name
+            tensor: torch.Tensor | Int4Weights
+            if raw_name in stored_int4:
+                info = stored_int4[raw_name]  # the piece tells split q/k apart (Llama's permuted rows)
+                tensor = int4_weights_from_gguf(ckpt.gguf.raw(info), info.type, info.shape)
+                tensor = tensor.map_rows(lambda rows, n=full_name: model.from_gguf_tensor(n, rows))
+            else:
+                tensor = load()
+                if ckpt.format == "gguf":
+                    tensor = model.from_gguf_tensor(full_name, tensor)
             if piece:
                 # One of our parameters stored as several tensors (transformers' q_proj/k_proj/v_proj for a
                 # fused query_key_value): gather them; the model joins them once all are there.
                 pieces.setdefault(name, {})[piece] = tensor
-                joined = model.join_pieces(name, pieces[name])
+                joined = _join_pieces(model, name, pieces[name])
                 if joined is None:
                     continue
                 del pieces[name]
                 tensor = joined
+            if isinstance(tensor, Int4Weights):
+                want = expected[name].shape
+                if tuple(tensor.codes.shape) != tuple(want):
+                    raise ModelFileError(ckpt.path, f"tensor {raw_name} has shape {tuple(tensor.codes.shape)}, "
+                                                    f"the config implies {tuple(want)}")
+                prequantized[name.removesuffix(".weight")] = tensor
+                continue
             if hasattr(model, "convert_tensor"):
                 tensor = model.convert_tensor(name, tensor)
             want = expected[name].shape
@@ -369,7 +415,8 @@ def load_model(
         bar.close()
     tied = getattr(model.config, "tie_word_embeddings", False)
     head = getattr(model, "output_weight_name", "lm_head.weight")  # what tie_weights() fills when tied
-    missing = [n for n in expected if n not in loaded and not (tied and n == head)]
+    kept = {f"{module}.weight" for module in prequantized}
+    missing = [n for n in expected if n not in loaded and n not in kept and not (tied and n == head)]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ModelFileError(
@@ -386,7 +433,52 @@ def load_model(
             ckpt.gguf.close()
         except BufferError:  # a view into the mapping is still alive somewhere: it stays mapped, harmless
             log.debug("%s: still mapped after loading", ckpt.path)
-    return LoadedModel(model, arch_module, ckpt, target_device, target_dtype, time.perf_counter() - started)
+    return LoadedModel(model, arch_module, ckpt, target_device, target_dtype, time.perf_counter() - started,
+                       prequantized)
+
+
+_INT4_BLOCKS = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+_LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # as quantize_model: the decoder layers' linears
+
+
+def _int4_tensors(ckpt: Checkpoint, model: nn.Module, device: torch.device) -> dict[str, GGUFTensorInfo]:
+    """The GGUF tensors (raw name -> info) that are Q4_0/Q4_1 weights of a decoder-layer nn.Linear, in shapes
+    the int4 kernel takes on `device` (the others are dequantized as usual)."""
+    if ckpt.gguf is None or hasattr(model, "convert_tensor"):
+        return {}
+    found = {}
+    for info in ckpt.gguf.tensors:
+        name = model.gguf_tensor_name(info.name)
+        if info.type not in _INT4_BLOCKS or name is None or len(info.shape) != 2:
+            continue
+        if int4_unsupported_reason(info.shape[0], info.shape[1], 32, device) is not None:
+            continue
+        module, _, kind = name.partition(PIECE_SEPARATOR)[0].rpartition(".")
+        if kind == "weight" and _LAYER.search(module) and isinstance(_submodule(model, module), nn.Linear):
+            found[info.name] = info
+    return found
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _join_pieces(model: nn.Module, name: str,
+                 pieces: dict[str, torch.Tensor | Int4Weights]) -> torch.Tensor | Int4Weights | None:
+    """The model's join of a split parameter, for Int4Weights too (its row-wise join applied to codes, scales
+    and zeros alike). Pieces stored in different types are joined as floats."""
+    if all(isinstance(p, Int4Weights) for p in pieces.values()):
+        parts = [model.join_pieces(name, {k: getattr(p, part) for k, p in pieces.items()})
+                 for part in ("codes", "scales", "zeros")]
+        if parts[0] is None:
+            return None
+        group_size = next(iter(pieces.values())).group_size
+        return Int4Weights(parts[0], parts[1], parts[2], group_size)
+    floats = {k: p.dequantize() if isinstance(p, Int4Weights) else p for k, p in pieces.items()}
+    return model.join_pieces(name, floats)
 
 
 class _NoProgress:
