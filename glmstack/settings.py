@@ -28,7 +28,10 @@ class Settings:
     model: str | None = None            # None: the engine's default model
     device: str = "auto"
     dtype: str = "auto"
-    quantize: str = "auto"              # one of QUANTIZE_CHOICES
+    # One of QUANTIZE_CHOICES. Not "auto" yet: on int4, a prompt's rows run through a bf16 GEMM and decode rows
+    # through the int8-activation kernel, so a greedy answer can change once its prompt is prefix-cached
+    # (issue 14's "one numerics per precision"); floats answer the same every time.
+    quantize: str = "none"
     max_body_bytes: int = 4 * _MiB
     # None: a caller is bounded only by max_queue (the engine's), so one app can use the whole server; a key's
     # own concurrency_limit (`glmstack keys create --concurrency N`) overrides this.
@@ -103,7 +106,7 @@ class Settings:
             return Path(raw).expanduser() if raw else None
 
         home = Path(get("HOME") or Path.home() / ".glmstack").expanduser().absolute()
-        quantize = (get("QUANTIZE") or "auto").lower()
+        quantize = (get("QUANTIZE") or cls.quantize).lower()
         if quantize not in QUANTIZE_CHOICES:
             choices = ", ".join(QUANTIZE_CHOICES)
             raise ValueError(f"GLMSTACK_QUANTIZE must be one of {choices}, got {quantize!r}")
