@@ -45,6 +45,17 @@ def launch_serve(args: list[str], env: dict[str, str], log: Path) -> tuple[subpr
     raise AssertionError(f"server did not start:\n{log.read_text()[-3000:]}")
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text page by its full name, labels included
+    (e.g. 'glmstack_completions_total{finish_reason="abort"}')."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 class Relay:
     """A TCP relay in front of PostgreSQL. `down()` refuses new connections and cuts the open ones, as a
     stopped database does; `up()` serves again on the same port."""

@@ -168,6 +168,14 @@ def write_gguf(
     return effective
 
 
+def use_file_weights(ref: transformers.PreTrainedModel, effective: dict[str, np.ndarray]) -> None:
+    """The oracle gets the very weights the file holds (after the quantization round trip)."""
+    ref.load_state_dict(
+        {k: torch.from_numpy(v.copy()).reshape(ref.state_dict()[k].shape) for k, v in effective.items()},
+        strict=False,
+    )
+
+
 def permute_back(array: np.ndarray, cfg, name: str) -> np.ndarray:
     heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
     t = torch.from_numpy(array)
@@ -203,11 +211,7 @@ def test_gguf_quantized_dequantizes_exactly(tmp_path: Path, ids: torch.Tensor, q
     ref = tiny_llama()
     path = tmp_path / "tiny-q.gguf"
     effective = write_gguf(ref, path, "llama", quant=quant)
-    # The oracle gets the very weights the file holds (after the quantization round trip).
-    ref.load_state_dict(
-        {k: torch.from_numpy(v.copy()).reshape(ref.state_dict()[k].shape) for k, v in effective.items()},
-        strict=False,
-    )
+    use_file_weights(ref, effective)
     diff = (our_logits(path, ids) - reference_logits(ref, ids)).abs().max().item()
     assert diff <= TOL
 
@@ -271,10 +275,7 @@ def test_a_quantized_gguf_runs_in_its_own_precision(tmp_path: Path, ids: torch.T
     ref = tiny_llama()
     path = tmp_path / "tiny-q.gguf"
     effective = write_gguf(ref, path, "llama", quant=quant)
-    ref.load_state_dict(
-        {k: torch.from_numpy(v.copy()).reshape(ref.state_dict()[k].shape) for k, v in effective.items()},
-        strict=False,
-    )
+    use_file_weights(ref, effective)
     ckpt = open_checkpoint(path)
     assert stored_precision(ckpt) == precision
     if precision is None:

@@ -23,7 +23,7 @@ import jwt
 import openai
 import pytest
 import zhipuai
-from servers import launch_serve, postgres_schema
+from servers import launch_serve, parse_metrics, postgres_schema
 from zai import ZhipuAiClient
 
 from glmstack.store import Store
@@ -112,13 +112,7 @@ class Server:
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics by its full name, labels included."""
         self.served.check_alive()
-        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": self.key}, timeout=30).text
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return parse_metrics(httpx.get(f"{self.url}/metrics", headers={"Authorization": self.key}, timeout=30).text)
 
     def metric(self, name: str, default: float | None = None) -> float:
         """One sample; `default` for a counter that has not been counted yet (it is absent until then)."""

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from servers import launch_serve
+from servers import launch_serve, parse_metrics
 
 from glmstack.store import Store
 
@@ -139,13 +139,7 @@ class Server:
     def metrics(self) -> dict[str, float]:
         """The unlabelled samples of /metrics (engine gauges, requests in flight) and the labelled ones by
         their full name, e.g. 'glmstack_completions_total{finish_reason="abort"}'."""
-        text = self._scraper.get("/metrics").text
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return parse_metrics(self._scraper.get("/metrics").text)
 
     def busy(self, samples: dict[str, float] | None = None) -> dict[str, float]:
         """What is still held: generations admitted, requests known to the engine, KV blocks in use."""
