@@ -24,15 +24,16 @@ def test_chunked_prefill_then_decode_with_joins_between_steps() -> None:
     s.add(a)
     assert fake_step(s) == {"a": (0, 8)}
     b = Sequence("b", list(range(100, 105)), max_tokens=2)
-    s.add(b)  # joins while a is still prefilling
-    assert fake_step(s) == {"a": (8, 8)}
-    assert fake_step(s) == {"a": (16, 4), "b": (0, 4)}  # a finishes its prompt; b gets the rest
+    s.add(b)  # joins while a is still prefilling: the shorter prompt goes first, a takes the rest
     step = fake_step(s)
-    assert step["a"] == (20, 1) and step["b"] == (4, 1)  # a decodes; b's last prompt token samples
-    assert list(step)[0] == "a"  # decodes are scheduled first
+    assert step == {"b": (0, 5), "a": (8, 3)} and list(step) == ["b", "a"]
+    step = fake_step(s)
+    assert step == {"b": (5, 1), "a": (11, 7)} and list(step)[0] == "b"  # decodes are scheduled first
+    assert b.status is Status.FINISHED and b.output_ids == [7, 7]
+    assert fake_step(s) == {"a": (18, 2)}  # a's last prompt tokens: it samples
+    fake_step(s)
     fake_step(s)
     assert a.status is Status.FINISHED and a.finish_reason == "length" and a.output_ids == [7, 7, 7]
-    assert b.status is Status.FINISHED and b.output_ids == [7, 7]
     assert s.allocator.num_in_use == 0
 
 

@@ -22,6 +22,7 @@ from glmstack.engine.sampling import StopStringMatcher, make_generator, sample_t
 from glmstack.engine.serving.block_allocator import BlockAllocator
 from glmstack.engine.serving.runner import ModelRunner
 from glmstack.engine.serving.scheduler import RequestTooLargeError, Scheduler, Sequence
+from glmstack.engine.serving.step_budget import DEFAULT_TARGET_SECONDS, StepBudget
 from glmstack.engine.tokenization.base import StreamDecoder
 from glmstack.protocol import GenerationEvent, SamplingParams, Usage
 from glmstack.settings import Settings
@@ -58,7 +59,10 @@ class EngineCore:
         max_batch_tokens: int = 512,
         max_running: int = 64,
         enable_prefix_caching: bool = True,
+        step_target_seconds: float | None = DEFAULT_TARGET_SECONDS,
     ) -> None:
+        """`step_target_seconds`: how long a step may take while a prompt prefills beside other work (the gap
+        decoding streams see; step_budget.py); None sizes prompt chunks by `max_batch_tokens` alone."""
         self.model = model
         cfg = model.module.config
         if kv_cache_bytes is None:
@@ -74,6 +78,7 @@ class EngineCore:
                                    max_batch_tokens=max_batch_tokens, max_running=max_running,
                                    enable_prefix_caching=enable_prefix_caching)
         self.runner = ModelRunner(model.module, self.kv, model.device)
+        self.step_budget = None if step_target_seconds is None else StepBudget(step_target_seconds)
         self.requests: dict[str, _Request] = {}
         self.steps = 0
 
@@ -115,7 +120,7 @@ class EngineCore:
         """One batched forward pass and its sampled tokens. `abandoned(request_id)`, when given, is polled
         during the pass: once every request in the step is abandoned, the pass stops early and the step
         records nothing (the caller then aborts those requests, which frees their blocks)."""
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self.step_budget)
         if not plan.chunks:
             return []
         cancelled = None
@@ -124,6 +129,7 @@ class EngineCore:
 
             def cancelled() -> bool:
                 return all(abandoned(i) for i in ids)
+        started = time.perf_counter()
         try:
             logits = self.runner.execute(plan, cancelled)
         except StepCancelled:
@@ -133,6 +139,8 @@ class EngineCore:
         for row, chunk in enumerate(sampling):
             req = self.requests[chunk.seq.seq_id]
             sampled[chunk.seq.seq_id] = sample_token(logits[row], req.params, req.generator)
+        if self.step_budget is not None:  # timed after sampling, which waits for the device's results
+            self.step_budget.observe([(c.start, c.num_tokens) for c in plan.chunks], time.perf_counter() - started)
         self.scheduler.update(plan, sampled)
         self.steps += 1
         events = []

@@ -3,8 +3,9 @@
 No torch here: the scheduler decides, the runner (runner.py) turns decisions into tensors. Each step:
 
 1. every running sequence that is decoding gets one token (they are cheap and latency-sensitive);
-2. the remaining token budget goes to prompts in arrival order, in chunks (chunked prefill), so a long
-   prompt never stalls the streams already running;
+2. the remaining budget goes to prompts in chunks (chunked prefill), shortest remaining first; with a
+   `StepBudget` each chunk is sized by time, not tokens alone, so a long prompt never stalls the streams
+   already running nor the short requests that arrive behind it;
 3. KV blocks are allocated as needed; a new prompt first takes whatever prefix the cache already holds.
    When blocks run out, the most recently admitted sequence is preempted: its blocks are freed and it is
    recomputed later (its cached full blocks usually survive, so recomputation is mostly prefix hits).
@@ -22,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from glmstack.engine.serving.block_allocator import BlockAllocator, OutOfBlocks
+from glmstack.engine.serving.step_budget import StepBudget
 
 
 class RequestTooLargeError(ValueError):
@@ -150,7 +152,9 @@ class Scheduler:
 
     # ---- planning -------------------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, step_budget: StepBudget | None = None) -> StepPlan:
+        """The next step. With a `step_budget`, prompt chunks are sized to keep the step near its target time
+        whenever anything else runs beside them (see step_budget.py); without one, by tokens alone."""
         chunks: list[ScheduledChunk] = []
         budget = self.max_batch_tokens
         # 1. decodes: one token each, oldest first; preempt the youngest when blocks run out
@@ -163,25 +167,28 @@ class Scheduler:
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed, 1))
             budget -= 1
-        # 2. prompts being prefilled, then new ones, in order
-        prefilling = sorted((s for s in self.running if not s.is_decoding), key=lambda s: s.order)
-        for seq in prefilling:
+        # 2. prompts: new ones join the prompts in progress (in arrival order, while there is room), then
+        #    the shortest remaining goes first, so a short request that arrives during a long prompt gets its
+        #    first token within a step or two; the oldest prompt still advances at least a block per step.
+        prompts = sorted((s for s in self.running if not s.is_decoding), key=lambda s: s.order)
+        while self.waiting and len(self.running) < self.max_running and self._admit(self.waiting[0]):
+            prompts.append(self.waiting.popleft())
+        timed = step_budget is not None and (bool(chunks) or len(prompts) > 1)
+        for seq in sorted(prompts, key=lambda s: (s.num_tokens - s.num_computed, s.order)):
             if budget == 0:
                 break
-            chunk = self._prefill_chunk(seq, budget)
+            limit = budget
+            if timed:
+                assert step_budget is not None
+                planned = [(c.start, c.num_tokens) for c in chunks]
+                minimum = self.block_size if seq is prompts[0] else 0
+                limit = step_budget.prefill_tokens(planned, seq.num_computed, budget, minimum)
+                if limit == 0:
+                    continue
+            chunk = self._prefill_chunk(seq, limit)
             if chunk is not None:
                 chunks.append(chunk)
                 budget -= chunk.num_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            seq = self.waiting[0]
-            if not self._admit(seq):
-                break
-            self.waiting.popleft()
-            chunk = self._prefill_chunk(seq, budget)
-            if chunk is None:
-                break
-            chunks.append(chunk)
-            budget -= chunk.num_tokens
         return StepPlan(chunks)
 
     def _admit(self, seq: Sequence) -> bool:
