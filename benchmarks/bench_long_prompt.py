@@ -109,6 +109,10 @@ def measure(model, target: float | None, args: argparse.Namespace) -> dict[str, 
         core.abort(f"stream{i}")
     drain(core)
     gaps.sort()
+    if core.step_budget is not None and core.step_budget.costs is not None:
+        fixed, per_row, per_pair = core.step_budget.costs
+        print(f"  fitted step time: {1000 * fixed:.1f} ms + {1000 * per_row:.3f} ms/row + "
+              f"{1e6 * per_pair:.4f} us/attention pair")
     return {
         "long_alone_s": long_alone, "short_idle_s": short_alone,
         "gap_p50_ms": 1000 * statistics.median(gaps), "gap_p99_ms": 1000 * gaps[int(0.99 * (len(gaps) - 1))],

@@ -2,7 +2,7 @@
 
 - the engine (every module) never loads the HTTP or database stack;
 - the platform (api, store, protocol, settings) never loads torch or numpy;
-- the pure-Python bookkeeping of the serving engine (scheduler, block allocator) loads no torch;
+- the pure-Python bookkeeping of the serving engine (scheduler, block allocator, step budget) loads no torch;
 - building the CLI's parser loads none of the heavy stacks (every command pays for it);
 - only glmstack/settings.py reads GLMSTACK_* variables.
 """
@@ -74,7 +74,8 @@ def test_platform_never_loads_torch_or_numpy(package: str) -> None:
 
 
 def test_scheduler_and_block_allocator_are_plain_python() -> None:
-    loaded = loaded_after_importing(["glmstack.engine.serving.scheduler", "glmstack.engine.serving.block_allocator"])
+    loaded = loaded_after_importing(["glmstack.engine.serving.scheduler", "glmstack.engine.serving.block_allocator",
+                                     "glmstack.engine.serving.step_budget"])
     assert "torch" not in loaded
 
 
