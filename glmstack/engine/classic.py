@@ -16,10 +16,13 @@ If the system prompt and the current query alone do not fit, `ContextLengthError
 
 from __future__ import annotations
 
+import collections
 import copy
 import ctypes
 import dataclasses
 import logging
+import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from glmstack.engine.loading.generation_config import generation_defaults
 from glmstack.engine.native import NativeOptions
 from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE
 from glmstack.engine.quant.quantize_model import quantize_model
+from glmstack.engine.serving.core import EngineCore, RequestTooLargeError
 from glmstack.engine.tokenization.base import Tokenizer
 from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
 from glmstack.engine.tokenization.hf import load_tokenizer_json
@@ -68,6 +72,7 @@ class ChatModel:
         self.name = name
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self._engine: LocalEngine | None = None  # made on first use
 
     @property
     def context_length(self) -> int:
@@ -90,9 +95,25 @@ class ChatModel:
 
     def stream_generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                         stop_token_ids: set[int] | None = None) -> Iterator[GenerationEvent]:
+        """Generate on the serving engine, the server's own fast path (paged KV, native decode, prefix reuse
+        across a conversation's turns); models it cannot run (ChatGLM-6B, whose prompt attends
+        bidirectionally) and requests larger than its KV pool take the reference loop."""
         stops = set(self.chat_format.stop_token_ids) if stop_token_ids is None else set(stop_token_ids)
+        if len(prompt_ids) >= self.context_length:
+            raise ContextLengthError(len(prompt_ids), self.context_length)
+        if getattr(self.module, "supports_paged", True):
+            engine = self._local_engine()
+            try:
+                return engine.generate(list(prompt_ids), params, stops)
+            except RequestTooLargeError:
+                log.info("request larger than the KV pool: generating on the reference loop")
         return generate_stream(self.module, self.tokenizer, prompt_ids, params, context_length=self.context_length,
                                stop_token_ids=stops, device=self.device, dtype=self.dtype)
+
+    def _local_engine(self) -> LocalEngine:
+        if self._engine is None:
+            self._engine = LocalEngine(self)
+        return self._engine
 
     def generate(self, prompt: str, params: SamplingParams | None = None) -> str:
         """Plain completion of raw text (no chat template)."""
@@ -180,6 +201,44 @@ class ChatModel:
             pass
         assert last is not None  # stream_chat always yields the finished turn
         return last
+
+
+class LocalEngine:
+    """The serving engine inside the classic API: a caller's generator steps it in the caller's thread.
+    Generators may be interleaved (or run on several threads): each step's events for other requests wait
+    in their own queues."""
+
+    def __init__(self, model: ChatModel) -> None:
+        self.core = EngineCore(model)
+        self._lock = threading.Lock()
+        self._queues: dict[str, collections.deque[GenerationEvent]] = {}
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 stop_token_ids: set[int]) -> Iterator[GenerationEvent]:
+        request_id = uuid.uuid4().hex
+        with self._lock:
+            self.core.add_request(request_id, prompt_ids, params, stop_token_ids)  # refusals raise here
+            self._queues[request_id] = collections.deque()
+        return self._events(request_id)
+
+    def _events(self, request_id: str) -> Iterator[GenerationEvent]:
+        queue = self._queues[request_id]
+        try:
+            while True:
+                while not queue:
+                    with self._lock:
+                        if not queue:
+                            for rid, event in self.core.step():
+                                if rid in self._queues:
+                                    self._queues[rid].append(event)
+                event = queue.popleft()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:  # finished, or abandoned (a closed generator, Ctrl-C): free its KV blocks either way
+            with self._lock:
+                self.core.abort(request_id)
+                del self._queues[request_id]
 
 
 def _is_tuple_history(history: Sequence[Any]) -> bool:

@@ -1,6 +1,7 @@
 """The plain generation loop: one sequence, a dense KV cache, prefill then token-by-token decode.
 
-This is the reference path the batched serving engine is tested against, and what `model.chat` uses.
+This is the reference path the batched serving engine is tested against; `model.chat` runs on the engine
+(classic.LocalEngine) and falls back to this loop only for what the engine cannot run.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from glmstack.engine.classic import ChatModel
 from glmstack.engine.kv_cache import PagedKVCache, StepCancelled
 from glmstack.engine.sampling import StopStringMatcher, make_generator, sample_token
 from glmstack.engine.serving.block_allocator import BlockAllocator
@@ -26,6 +26,9 @@ from glmstack.engine.serving.step_budget import DEFAULT_TARGET_SECONDS, StepBudg
 from glmstack.engine.tokenization.base import StreamDecoder
 from glmstack.protocol import GenerationEvent, SamplingParams, Usage
 from glmstack.settings import Settings
+
+if TYPE_CHECKING:
+    from glmstack.engine.classic import ChatModel
 
 log = logging.getLogger(__name__)
 
