@@ -119,7 +119,9 @@ def test_kv_pressure_preempts_and_still_matches(bundled) -> None:
     model, _ = bundled
     ids = [prompt_ids(model, t) for t in PROMPTS[:4]]
     need = max(len(i) for i in ids) + 24
-    core = EngineCore(model, kv_cache_bytes=core_bytes(model, 2 * need), max_batch_tokens=64)
+    # by tokens alone: the four prompts must run together for the pool to overflow, whatever the timing
+    core = EngineCore(model, kv_cache_bytes=core_bytes(model, 2 * need), max_batch_tokens=64,
+                      step_target_seconds=None)
     for n, i in enumerate(ids):
         core.add_request(f"p{n}", i, SamplingParams(do_sample=False, max_tokens=24))
     done = run_all(core)
@@ -139,7 +141,8 @@ def test_abandoned_step_stops_within_a_layer_and_leaves_no_trace(bundled) -> Non
     """A client that hangs up during a long prefill chunk: the pass stops at the next layer, nothing of it
     is recorded or cached, and the same prompt afterwards decodes exactly like a cold run."""
     model, _ = bundled
-    core = EngineCore(model, kv_cache_bytes=64 << 20)
+    # Plans by tokens alone, so that both prompts below fit one step whatever the machine's timing
+    core = EngineCore(model, kv_cache_bytes=64 << 20, step_target_seconds=None)
     ids = prompt_ids(model, PROMPTS[3], system="You are a careful assistant. " * 8)
     polls: list[str] = []
 
