@@ -78,7 +78,7 @@ def test_the_minimum_is_kept_even_past_the_target() -> None:
     assert budget.prefill_tokens([(300, 1)], 0, 512, 16) == 16
 
 
-def scheduler_with(budget: StepBudget) -> Scheduler:
+def new_scheduler() -> Scheduler:
     return Scheduler(BlockAllocator(1024, 16), context_length=8192, max_batch_tokens=512)
 
 
@@ -90,14 +90,14 @@ def run(s: Scheduler, budget: StepBudget | None, token: int = 7) -> dict[str, tu
 
 def test_a_long_prompt_alone_takes_the_whole_token_budget() -> None:
     budget = trained(target=0.05)
-    s = scheduler_with(budget)
+    s = new_scheduler()
     s.add(Sequence("long", list(range(3000)), max_tokens=1))
     assert run(s, budget) == {"long": (0, 512)}
 
 
 def test_beside_decoding_streams_a_long_prompt_is_held_to_the_target() -> None:
     budget = trained(target=0.2)
-    s = scheduler_with(budget)
+    s = new_scheduler()
     stream = Sequence("stream", list(range(20)), max_tokens=10_000)
     s.add(stream)
     run(s, budget)  # its prompt; it decodes from now on
@@ -111,7 +111,7 @@ def test_beside_decoding_streams_a_long_prompt_is_held_to_the_target() -> None:
 
 def test_a_short_request_behind_a_long_prompt_goes_first() -> None:
     budget = trained(target=0.2)
-    s = scheduler_with(budget)
+    s = new_scheduler()
     s.add(Sequence("long", list(range(5000)), max_tokens=1))
     run(s, budget)
     s.add(Sequence("short", list(range(9000, 9030)), max_tokens=1))

@@ -32,6 +32,7 @@ from glmstack.engine.loading.safetensors_file import validate_safetensors_header
 from glmstack.engine.models import registry
 from glmstack.engine.quant.int4 import Int4Weights, int4_unsupported_reason
 from glmstack.engine.quant.prequantized import int4_weights_from_gguf
+from glmstack.engine.quant.quantize_model import DECODER_LAYER
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +439,6 @@ def load_model(
 
 
 _INT4_BLOCKS = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-_LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # as quantize_model: the decoder layers' linears
 
 
 def _int4_tensors(ckpt: Checkpoint, model: nn.Module, device: torch.device) -> dict[str, GGUFTensorInfo]:
@@ -454,7 +454,7 @@ def _int4_tensors(ckpt: Checkpoint, model: nn.Module, device: torch.device) -> d
         if int4_unsupported_reason(info.shape[0], info.shape[1], 32, device) is not None:
             continue
         module, _, kind = name.partition(PIECE_SEPARATOR)[0].rpartition(".")
-        if kind == "weight" and _LAYER.search(module) and isinstance(_submodule(model, module), nn.Linear):
+        if kind == "weight" and DECODER_LAYER.search(module) and isinstance(_submodule(model, module), nn.Linear):
             found[info.name] = info
     return found
 

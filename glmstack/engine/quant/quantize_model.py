@@ -50,7 +50,7 @@ from glmstack.engine.quant.linear_base import (
 
 log = logging.getLogger(__name__)
 
-_LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # module names inside a decoder layer
+DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # module names inside a decoder layer
 
 
 # ---- whole models -----------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def quantize_model(
         raise ValueError(f"the model is on {where}, not {device}: move it there before quantizing")
     prequantized = dict(prequantized or {})
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and (_LAYER.search(name) or (quantize_head and name == head))]
+               if isinstance(m, nn.Linear) and (DECODER_LAYER.search(name) or (quantize_head and name == head))]
     for name, linear in targets:
         module_bits = 8 if name == head else bits  # see the docstring
         new = _quantized(name, linear, module_bits, group_size, prequantized.pop(name, None), device, where,
