@@ -50,7 +50,7 @@ def bench_int8(kernels: ModuleType, megabytes: int) -> None:
 
 def bench_int4(kernels: ModuleType, megabytes: int, group: int) -> None:
     paths = ["fp32"]
-    if hasattr(kernels, "int4_vnni_supported") and kernels.int4_vnni_supported():
+    if hasattr(kernels, "vnni_supported") and kernels.vnni_supported():
         paths.append("vnni")
     for n, k in SHAPES:
         if k % group:
@@ -65,12 +65,12 @@ def bench_int4(kernels: ModuleType, megabytes: int, group: int) -> None:
         best = dict.fromkeys(paths, 0.0)
         for _ in range(3):  # the paths take turns, so a busy moment on a shared machine hits both
             for path in paths:
-                previous = kernels.set_int4_vnni(path == "vnni") if hasattr(kernels, "set_int4_vnni") else None
+                previous = kernels.set_vnni(path == "vnni") if hasattr(kernels, "set_vnni") else None
                 try:
                     best[path] = max(best[path], best_gbps(calls, nbytes, passes=1))
                 finally:
                     if previous is not None:
-                        kernels.set_int4_vnni(previous)
+                        kernels.set_vnni(previous)
         figures = [f"{path} {gbps:.1f} GB/s" for path, gbps in best.items()]
         print(f"int4 GEMV {n}x{k} group {group}, {len(mats)} matrices: {', '.join(figures)}")
 

@@ -47,7 +47,7 @@ class Settings:
     kv_cache_mb: int = 512              # the serving engine's paged KV pool
     native: bool = True                 # the native CPU kernels (glmstack/engine/native), where they build
     native_dir: Path | None = None      # None: torch's extension cache, shared by every home
-    int4_vnni: bool = True              # False keeps the native int4 kernel on fp32 activations
+    vnni: bool = True                   # False keeps the native int8/int4 kernels on fp32 activations
 
     @property
     def models_dir(self) -> Path:
@@ -131,5 +131,5 @@ class Settings:
             kv_cache_mb=get_int("KV_CACHE_MB", defaults.kv_cache_mb, minimum=1),
             native=get_bool("NATIVE", defaults.native),
             native_dir=get_path("NATIVE_DIR"),
-            int4_vnni=get_bool("INT4_VNNI", defaults.int4_vnni),
+            vnni=get_bool("VNNI", defaults.vnni),
         )

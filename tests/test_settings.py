@@ -15,7 +15,7 @@ def test_defaults(tmp_path: Path):
     assert s.database_url == f"sqlite:///{tmp_path}/glmstack.db"
     assert (s.host, s.port, s.model, s.quantize, s.safety_dir) == ("127.0.0.1", 8000, None, "none", None)
     assert (s.max_body_bytes, s.max_concurrency_per_key, s.max_queue, s.max_messages) == (4 << 20, None, 64, 256)
-    assert (s.kv_cache_mb, s.native, s.native_dir, s.int4_vnni) == (512, True, None, True)
+    assert (s.kv_cache_mb, s.native, s.native_dir, s.vnni) == (512, True, None, True)
     assert s.max_tokens_cap is None
 
 
@@ -39,11 +39,11 @@ def test_values_from_env(tmp_path: Path):
 def test_engine_values_from_env(tmp_path: Path):
     s = Settings.from_env({
         "GLMSTACK_HOME": str(tmp_path), "GLMSTACK_KV_CACHE_MB": "64", "GLMSTACK_NATIVE": "0",
-        "GLMSTACK_NATIVE_DIR": str(tmp_path / "build"), "GLMSTACK_INT4_VNNI": "off",
+        "GLMSTACK_NATIVE_DIR": str(tmp_path / "build"), "GLMSTACK_VNNI": "off",
         "GLMSTACK_MAX_CONCURRENCY_PER_KEY": "3", "GLMSTACK_MODEL_ALIASES": "my-model=glm-4, gpt-4o-mini = glm-4.5",
     })
     assert s.model_aliases == {"my-model": "glm-4", "gpt-4o-mini": "glm-4.5"}
-    assert (s.kv_cache_mb, s.native, s.native_dir, s.int4_vnni) == (64, False, tmp_path / "build", False)
+    assert (s.kv_cache_mb, s.native, s.native_dir, s.vnni) == (64, False, tmp_path / "build", False)
     assert s.max_concurrency_per_key == 3 and s.models_dir == tmp_path / "models"
 
 

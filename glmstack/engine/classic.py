@@ -301,7 +301,7 @@ def load(
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"unknown quantize={quantize!r}; use None or one of {', '.join(QUANTIZE_CHOICES)}")
     settings = Settings.from_env() if settings is None else settings
-    native.configure(NativeOptions(settings.native, settings.native_dir, settings.int4_vnni))
+    native.configure(NativeOptions(settings.native, settings.native_dir, settings.vnni))
     path = resolve_model_path(None if name_or_path is None else str(name_or_path), settings)
     checkpoint = open_checkpoint(path)
     if quantize == "auto":

@@ -15,7 +15,7 @@ PyTorch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -167,7 +167,26 @@ class PagedPrefill:
     start: int  # first row of this chunk in the flattened batch
     length: int
     context_slots: torch.Tensor  # [L] slots of the whole context, in position order
-    mask: torch.Tensor | None  # [n, L] causal-with-offset; None when the chunk is the whole context
+    position: int  # the chunk's first position in its sequence (L = position + length)
+    block: int  # query block: prompt attention runs per block of positions [k·block, (k+1)·block)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gqa: bool,
+               scale: float | None) -> torch.Tensor:
+        """Causal attention of the chunk's queries q [1, H, n, D] over its context k, v [1, Hkv, L, D], one
+        attention call per query block of positions, each over the keys up to its block's end. A block's
+        call is then the same whether its prompt came cold, after a prefix-cache hit, or split into other
+        chunks (the scheduler ends partial chunks on block boundaries), so its tokens' values are too: one
+        SDPA over a whole chunk rounds differently with the chunk's length."""
+        pieces = []
+        pos, end = self.position, self.position + self.length
+        while pos < end:
+            stop = min((pos // self.block + 1) * self.block, end)
+            rows = slice(pos - self.position, stop - self.position)
+            mask = torch.arange(stop, device=q.device)[None, :] <= torch.arange(pos, stop, device=q.device)[:, None]
+            pieces.append(F.scaled_dot_product_attention(q[:, :, rows], k[:, :, :stop], v[:, :, :stop],
+                                                         attn_mask=mask, enable_gqa=gqa, scale=scale))
+            pos = stop
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 @dataclass
@@ -205,6 +224,13 @@ class PagedAttentionBatch:
     def advance(self, num_tokens: int) -> None:
         """Positions are tracked by the scheduler; nothing to do."""
 
+    def prompt_rows(self) -> PagedAttentionBatch:
+        """This step without its decoding rows: the prompt chunks, renumbered from row 0 (for a caller that
+        attends the decoding rows on its own)."""
+        decoding = 0 if self.decode is None else self.decode.lengths.shape[0]
+        chunks = [replace(p, start=p.start - decoding) for p in self.prefills]
+        return PagedAttentionBatch(self.kv, self.slots[decoding:], None, chunks, self.cancelled)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                scale: float | None = None) -> torch.Tensor:
         """q: [1, H, N, D]; k, v: [1, Hkv, N, D] for the N new tokens. Returns [1, H, N, Dv].
@@ -230,7 +256,5 @@ class PagedAttentionBatch:
             qp = q[:, :, p.start : p.start + p.length]
             kp = key_cache[p.context_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
             vp = value_cache[p.context_slots].transpose(0, 1).unsqueeze(0)
-            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None,
-                                                 enable_gqa=gqa, scale=scale)
-            outs.append(out[0])
+            outs.append(p.attend(qp, kp, vp, gqa=gqa, scale=scale)[0])
         return torch.cat(outs, dim=1).unsqueeze(0) if len(outs) > 1 else outs[0].unsqueeze(0)

@@ -17,7 +17,7 @@ from torch import nn
 
 from glmstack.engine.kv_cache import AttentionCache, attention
 from glmstack.engine.models.layers import RMSNorm, apply_rotary
-from glmstack.engine.native.fused_decode import fused_llama_decode
+from glmstack.engine.native.fused_llama import fused_llama_layers
 
 
 @dataclass
@@ -159,15 +159,21 @@ class Attention(nn.Module):
         layer: int,
         cache: AttentionCache | None,
     ) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
+        return self.o_proj(self.attend_projected(self.qkv_proj(x), cos, sin, layer, cache))
+
+    def attend_projected(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                         cache: AttentionCache | None) -> torch.Tensor:
+        """Rotary and attention from the qkv projection [B, T, (H + 2·Hkv)·D]; returns [B, T, H·D], before
+        o_proj (the native step in native/fused_llama.py projects on its own and calls this for prompt rows)."""
+        bsz, seqlen, _ = qkv.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
+        qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
         qk = apply_rotary(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k heads rotated together
         q = qk[:, :, :heads].transpose(1, 2)
         k = qk[:, :, heads:].transpose(1, 2)
         v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
         out = attention(q, k, v, layer, cache)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return out.transpose(1, 2).reshape(bsz, seqlen, -1)
 
 
 class MLP(nn.Module):
@@ -245,7 +251,7 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # [B, T, 1, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        fused = fused_llama_decode(self, x, cos, sin, cache)  # None unless a native decode-only step
+        fused = fused_llama_layers(self, x, cos, sin, cache)  # None unless a native paged step
         if fused is not None:
             x = fused
         else:

@@ -1,4 +1,4 @@
-"""Native CPU decode kernels: int8 / int4 weight-only GEMV (with RMSNorm, SiLU·mul and the residual add
+"""Native CPU kernels: int8 / int4 weight-only linears (with RMSNorm, SiLU·mul and the residual add
 fused in) and paged decode attention, in `kernels.cpp`.
 
 PyTorch's fused weight-only kernels move 6–9 GB/s on the narrow matrices of small models, and a decode
@@ -11,10 +11,13 @@ Threads come from ATen's pool (`at::parallel_for`), so `torch.set_num_threads` g
 or turned off (`GLMSTACK_NATIVE=0`, through `configure`) — after logging the reason
 once; callers then take the ATen path.
 
-The int4 GEMV quantizes activations to int8 (blocks of 32) and uses AVX512-VNNI where the CPU has it
-(checked at run time), otherwise it works on fp32 activations. `int4_vnni=False`
-(`GLMSTACK_INT4_VNNI=0`, applied when the module is built) or `kernels().set_int4_vnni(False)` selects the
-fp32 path anyway, e.g. to compare the two; `kernels().int4_path()` says which is in use ("vnni" or "fp32").
+Where the CPU has AVX512-VNNI (checked at run time) the int8 and int4 linears quantize activations to int8
+(blocks of 32) and sum in int32, for any number of rows: a row's result is the same bits whether the call
+holds it alone or beside 500 prompt rows, so a greedy answer does not depend on the prefix cache or on the
+other requests of a step. Without VNNI they work on fp32 activations. `vnni=False` (`GLMSTACK_VNNI=0`,
+applied when the module is built) or `kernels().set_vnni(False)` selects the fp32 paths anyway, e.g. to
+compare the two; `kernels().activation_path()` says which is in use ("vnni" or "fp32"); `vnni_rows()` tells
+the Python side whether to send every row to the kernels.
 
 `glmstack.load()` calls `configure` with its Settings' options before anything is built; `set_enabled`
 is the switch tests and benchmarks flip to compare with the ATen path.
@@ -48,20 +51,20 @@ _enabled = True  # tests flip this (set_enabled) to exercise the ATen fallback
 class NativeOptions:
     enabled: bool = True  # False: never build, always the ATen path
     build_dir: Path | None = None  # None: torch's extension cache (see build_dir())
-    int4_vnni: bool = True  # False: the int4 GEMV keeps fp32 activations
+    vnni: bool = True  # False: the int8 / int4 kernels keep fp32 activations
 
 
 _options = NativeOptions()
 
 
 def configure(options: NativeOptions) -> None:
-    """Apply the settings (GLMSTACK_NATIVE, GLMSTACK_NATIVE_DIR, GLMSTACK_INT4_VNNI). A module already built
-    stays built; `enabled=False` stops its use and `int4_vnni` switches its int4 path."""
+    """Apply the settings (GLMSTACK_NATIVE, GLMSTACK_NATIVE_DIR, GLMSTACK_VNNI). A module already built
+    stays built; `enabled=False` stops its use and `vnni` switches its activation path."""
     global _options
     _options = options
     module = _state.get("module")
     if module is not None:
-        module.set_int4_vnni(options.int4_vnni)  # (it stays off where the CPU has no VNNI)
+        module.set_vnni(options.vnni)  # (it stays off where the CPU has no VNNI)
 
 
 def unavailable_reason() -> str | None:
@@ -127,9 +130,9 @@ def _build() -> ModuleType | None:
         log.warning("native decode kernels unavailable (%s: %s); using the ATen kernels",
                     type(exc).__name__, detail.strip()[:500])
         return None
-    if not _options.int4_vnni:
-        module.set_int4_vnni(False)
-    log.info("native decode kernels ready (int4 path: %s)", module.int4_path())
+    if not _options.vnni:
+        module.set_vnni(False)
+    log.info("native kernels ready (activations: %s)", module.activation_path())
     return module
 
 
@@ -149,6 +152,13 @@ def kernels() -> ModuleType | None:
 
 def available() -> bool:
     return kernels() is not None
+
+
+def vnni_rows() -> bool:
+    """Whether the int8 / int4 kernels are on their VNNI path, which takes any number of rows with one
+    numerics (the quantized linears then send prompts there too, not to dequantize + GEMM)."""
+    module = kernels()
+    return module is not None and module.activation_path() == "vnni"
 
 
 def set_enabled(enabled: bool) -> bool:

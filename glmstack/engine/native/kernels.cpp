@@ -1,18 +1,20 @@
-// Native CPU decode kernels for glmstack (AVX-512; built by glmstack/engine/native/__init__.py).
+// Native CPU kernels for glmstack's quantized linears and decode attention (AVX-512; built by
+// glmstack/engine/native/__init__.py).
 //
 // - int8_linear: y = (x @ w.T) * scale (+ bias) (+ residual); w int8 [N, K], one scale per row.
 // - int4_linear: the same for group-wise asymmetric int4, w = (q - 8) * s + z per group of G inputs, codes
-//   packed 16 bytes per 32 inputs: byte j holds input j (low nibble) and input j + 16 (high nibble). Where
-//   the CPU has AVX512-VNNI (checked at run time) x is quantized to int8 per block of 32 inputs, once per
-//   call, and nibbles x int8 are summed in int32 by VPDPBUSD (llama.cpp's Q4 x Q8 dot), which reads the
-//   weights at memory speed; elsewhere, or after set_int4_vnni(false), nibbles are converted to fp32.
+//   packed 16 bytes per 32 inputs: byte j holds input j (low nibble) and input j + 16 (high nibble).
+// Where the CPU has AVX512-VNNI (checked at run time) both quantize x to int8 per block of 32 inputs, once per
+// call, and sum weights x activations in int32 with VPDPBUSD (llama.cpp's Q4 x Q8 and Q8 x Q8 dots); that
+// reads the weights at memory speed in decode and runs a prompt's rows at GEMM speed. A row's result is
+// bit-identical whatever else the call holds (1 row or 500), so a token's logits do not depend on how a
+// serving step was composed. Elsewhere, or after set_vnni(false), they multiply fp32 activations.
 // Both take an optional input transform, fused so decode makes one call instead of three:
 //   norm_weight: x <- rms_norm(x) * norm_weight (the layer's RMSNorm before the projection)
 //   silu_mul:    x is [M, 2K] = [gate | up], x <- silu(gate) * up (the MLP's activation before down_proj)
 // - decode_attention: rotary on q/k, KV-cache write, and attention over each sequence's paged context, for
 //   sequences decoding one token each.
-// Activations are converted to fp32 once per call (and for int4 on VNNI then to int8); accumulation is fp32
-// (int32 within a 128-input chunk on VNNI). Threads come from ATen's pool.
+// Accumulation is fp32 (int32 within a 128-input chunk on VNNI). Threads come from ATen's pool.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -100,7 +102,10 @@ at::Tensor prepare(const at::Tensor& x, int64_t K, bool silu_mul, const std::opt
   at::Tensor xf = at::empty({M, K}, x.options().dtype(at::kFloat));
   float* out = xf.data_ptr<float>();
   const float* w = norm_weight.has_value() ? nw.data_ptr<float>() : nullptr;
-  for (int64_t m = 0; m < M; ++m) prepare_row(x, m, K, silu_mul, w, static_cast<float>(eps), out + m * K);
+  // Rows are independent: a prompt's hundreds of them split across threads, each computed as alone.
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) prepare_row(x, m, K, silu_mul, w, static_cast<float>(eps), out + m * K);
+  });
   return xf;
 }
 
@@ -217,27 +222,6 @@ Epilogue make_epilogue(const std::optional<at::Tensor>& scale, const std::option
   return ep;
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& norm_weight,
-                       double eps, bool silu_mul, const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "w must be int8 [N, K]");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
-  const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
-  const int64_t M = xf.size(0);
-  at::Tensor out = at::empty({M, N}, x.options());
-  Epilogue ep = make_epilogue(scale, bias, residual, out, M, N);
-  const float* xp = xf.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  at::parallel_for(0, N, grain_rows(N, K), [&](int64_t begin, int64_t end) {
-    int64_t n = begin;
-    for (; n + NR <= end; n += NR)
-      for_m_tiles<NR>(M, [&](auto mt, int64_t m0) { int8_tile<decltype(mt)::value, NR>(xp, K, wp, K, m0, n, ep); });
-    for (; n < end; ++n)
-      for_m_tiles<1>(M, [&](auto mt, int64_t m0) { int8_tile<decltype(mt)::value, 1>(xp, K, wp, K, m0, n, ep); });
-  });
-  return out;
-}
 
 inline __m512 loadv(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 loadv(const at::BFloat16* p) {
@@ -254,8 +238,8 @@ inline __m512 loadv(const at::BFloat16* p, __mmask16 mask) {
 // Weights: uint8 [N, K/2], 16 bytes per 32 inputs (byte j: input j low nibble, input j + 16 high nibble).
 // Scales and zeros: [N, 2, K/G] (a row of scales, then a row of zeros), fp32 or bf16; w = (q - 8) s + z.
 // Per group g of a row: y += s_g (q . x)_g + (z_g - 8 s_g) xsum_g, xsum_g = sum of x over the group.
-// Two inner loops: int4_tile_vnni (int8 activations, AVX512-VNNI; the default where the CPU has it) and
-// int4_tile_fp32 (fp32 activations; elsewhere, or when set_int4_vnni(false) asks for it).
+// Two inner loops: vnni_tile (int8 activations, AVX512-VNNI; the default where the CPU has it) and
+// int4_tile_fp32 (fp32 activations; elsewhere, or when set_vnni(false) asks for it).
 
 // Nibbles -> fp32, FMA with x, the group's scale applied once per group. (A VDPBF16PS variant, with codes
 // turned into bf16 by OR-ing 0x4300 in and x split into two bf16 halves, measured no faster here: the
@@ -303,7 +287,7 @@ inline void int4_tile_fp32(const float* x, const float* xsum, int64_t K, int64_t
     for (int r = 0; r < NT; ++r) ep.store(m0 + m, n0 + r, _mm512_reduce_add_ps(acc[m][r]) + zacc[m][r]);
 }
 
-// ---- int4 x int8 (AVX512-VNNI) ----------------------------------------------------------------------------
+// ---- int8 activations x int4 / int8 weights (AVX512-VNNI) ---------------------------------------------------
 //
 // Converting every nibble to fp32 keeps int4_tile_fp32 compute-bound: on 2 cores it moves packed weights at
 // 6-11 GB/s where int8 moves 12-17 (benchmarks/bench_native_stream.py), so int4 decode was no faster than
@@ -322,6 +306,14 @@ inline void int4_tile_fp32(const float* x, const float* xsum, int64_t K, int64_t
 //
 // The error this adds is that of rounding each x to within dx_b / 2, as llama.cpp's Q8 activations: the
 // result is w . x^ with x^ = dx_b * xq (see QuantizedX::xsum for why the zero term uses x^ as well).
+//
+// int8 weights use the same activations: a chunk's two 64-byte loads are regrouped by 128-bit quarters into
+// the same lo / hi halves, flipped to unsigned (w + 128), and the int32 dot starts from -128 x the lane's code
+// sum to remove the offset; each lane is scaled by its block's dx and the row's scale comes last. That makes
+// int8 a Q8 x Q8 dot, 2 VPDPBUSD per 128 weights where fp32 activations took 8 FMAs and 8 conversions.
+//
+// A prompt (more than MR rows) unpacks each group of NR weight rows once into a per-thread buffer for all
+// its row tiles; the arithmetic per output is the decode path's, op for op (vnni_tile).
 
 constexpr int64_t QBLOCK = 32;   // inputs per activation scale
 constexpr int64_t QCHUNK = 128;  // inputs per 64-byte weight load
@@ -334,9 +326,9 @@ bool cpu_has_vnni() {
 }
 
 const bool kCpuHasVnni = cpu_has_vnni();
-std::atomic<bool> use_int4_vnni{kCpuHasVnni};  // set_int4_vnni(false) forces the fp32 path (tests, benchmarks)
+std::atomic<bool> use_vnni{kCpuHasVnni};  // set_vnni(false) forces the fp32 paths (tests, benchmarks)
 
-// Everything int4_tile_vnni reads besides the weights, built once per call.
+// Everything vnni_tile reads besides the weights, built once per call.
 struct QuantizedX {
   const int8_t* q;   // [M, chunks * 128] in the layout above, zero past K
   const float* dx;   // [M, chunks * 16]: lane l of chunk c holds dx of block 4c + l / 4 (0 past K)
@@ -409,9 +401,11 @@ QuantizedX quantize_activations(const float* x, int64_t M, int64_t K, int64_t G)
   int32_t* idx = reinterpret_cast<int32_t*>(p += xsum_bytes);
   int64_t* first = reinterpret_cast<int64_t*>(p += idx_bytes);
   uint8_t* mask = reinterpret_cast<uint8_t*>(p + first_bytes);
-  for (int64_t m = 0; m < M; ++m)
-    quantize_row_q8(x + m * K, K, G, q + m * chunks * QCHUNK, dx + m * chunks * 16, minus8 + m * chunks * 16,
-                    xsum + m * groups);
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      quantize_row_q8(x + m * K, K, G, q + m * chunks * QCHUNK, dx + m * chunks * 16, minus8 + m * chunks * 16,
+                      xsum + m * groups);
+  });
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t g0 = c * QCHUNK / G, g1 = (std::min(K, (c + 1) * QCHUNK) - 1) / G;
     first[c] = g0;
@@ -448,54 +442,95 @@ inline __m512 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));            // + the neighbour
 }
 
-template <int MT, int NT>
-__attribute__((target("avx512vnni"))) void int4_tile_vnni(const QuantizedX& qx, int64_t K, int64_t G,
-                                                          const uint8_t* w, const void* sz, bool sz_bf16,
-                                                          int64_t m0, int64_t n0, const Epilogue& ep) {
-  const int64_t chunks = q_chunks(K), full = K / QCHUNK, groups = K / G;
-  const __mmask64 tail = (uint64_t{1} << ((K % QCHUNK) / 2)) - 1;  // the bytes of a short last chunk
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+// One 128-input chunk of one weight row as VPDPBUSD takes it: unsigned bytes laid out as the activations
+// (lo: inputs 0..15 of the chunk's 4 blocks, hi: inputs 16..31) and, for int4, each lane's group scale.
+struct alignas(64) WChunk {
+  __m512i lo, hi;
+  __m512 sv;
+};
+
+// The weights of a VNNI linear: int4 codes packed 16 bytes per 32 inputs with [N, 2, K/G] scales and zeros,
+// or int8 [N, K] (per-row scales applied by the epilogue).
+struct VnniWeights {
+  const uint8_t* w;
+  const void* sz;  // int4 only
+  bool sz_bf16;
+  int64_t K, G;
+};
+
+// int8 weights are signed: XOR 0x80 makes them w + 128 (unsigned), and the int32 dot starts from
+// -128 * (sum of the lane's activation codes) = 16 * minus8 to take the 128 back out, exactly.
+template <bool INT4>
+__attribute__((target("avx512vnni"))) inline WChunk load_chunk(const VnniWeights& W, const QuantizedX& qx,
+                                                                int64_t n, int64_t c) {
+  const int64_t K = W.K;
+  WChunk out;
+  if constexpr (INT4) {
+    const int64_t full = K / QCHUNK, groups = K / W.G;
+    const __mmask64 wmask = c < full ? ~__mmask64{0} : (uint64_t{1} << ((K % QCHUNK) / 2)) - 1;
+    const uint8_t* p = W.w + n * (K / 2) + c * (QCHUNK / 2);
+    _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
+    const __m512i b = _mm512_maskz_loadu_epi8(wmask, p), nibble = _mm512_set1_epi8(0x0F);
+    out.lo = _mm512_and_si512(b, nibble);
+    out.hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+    const __m512i lanes = _mm512_loadu_si512(qx.idx + c * 16);
+    out.sv = load_lane_scales(W.sz, n * 2 * groups + qx.first[c], W.sz_bf16, qx.mask[c], lanes,
+                              _mm512_slli_epi32(lanes, 16));
+  } else {
+    const int64_t rest = std::min<int64_t>(QCHUNK, K - c * QCHUNK);  // 32, 64, 96 or 128 inputs
+    const __mmask64 ma = rest >= 64 ? ~__mmask64{0} : (uint64_t{1} << rest) - 1;
+    const __mmask64 mb = rest >= 128 ? ~__mmask64{0} : rest > 64 ? (uint64_t{1} << (rest - 64)) - 1 : 0;
+    const uint8_t* p = W.w + n * K + c * QCHUNK;
+    _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 64 + PREFETCH_BYTES), _MM_HINT_T0);
+    const __m512i a = _mm512_maskz_loadu_epi8(ma, p), b = _mm512_maskz_loadu_epi8(mb, p + 64);
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    // 128-bit quarters: lo = [a0, a2, b0, b2] (inputs 0..15 of each block), hi = [a1, a3, b1, b3]
+    out.lo = _mm512_xor_si512(_mm512_shuffle_i64x2(a, b, 0x88), flip);
+    out.hi = _mm512_xor_si512(_mm512_shuffle_i64x2(a, b, 0xDD), flip);
+    out.sv = _mm512_setzero_ps();
+  }
+  return out;
+}
+
+// acc[m][r] over every chunk, for MT activation rows and NT weight rows. The weights come from `prepared`
+// ([chunks][NT], filled by load_chunk) when a tile of rows reuses them, or straight from memory. Both give
+// bit-identical results: every (m, r) sees the same operations in the same order, whatever M is and
+// whichever rows share its tile - so a row's output never depends on the other rows of the call.
+template <int MT, int NT, bool INT4, bool PREPARED>
+__attribute__((target("avx512vnni"))) void vnni_tile(const QuantizedX& qx, const VnniWeights& W,
+                                                     const WChunk* prepared, int64_t m0, int64_t n0,
+                                                     const Epilogue& ep) {
+  const int64_t K = W.K, chunks = q_chunks(K);
   __m512 acc[MT][NT];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_setzero_ps();
-  const int8_t* xq = qx.q;
-  const float *dx = qx.dx, *xsum = qx.xsum;
-  const int32_t* minus8 = qx.minus8;
-  const int32_t* idx = qx.idx;
-  const int64_t* first = qx.first;
-  const uint8_t* gmask = qx.mask;
   for (int64_t c = 0; c < chunks; ++c) {
-    const __mmask64 wmask = c < full ? ~__mmask64{0} : tail;
-    const __m512i lanes = _mm512_loadu_si512(idx + c * 16), lanes16 = _mm512_slli_epi32(lanes, 16);
-    __m512i lo[NT], hi[NT];
-    __m512 sv[NT];
-    for (int r = 0; r < NT; ++r) {
-      const uint8_t* p = w + (n0 + r) * (K / 2) + c * (QCHUNK / 2);
-      _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
-      const __m512i b = _mm512_maskz_loadu_epi8(wmask, p);
-      lo[r] = _mm512_and_si512(b, nibble);
-      hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
-      sv[r] = load_lane_scales(sz, (n0 + r) * 2 * groups + first[c], sz_bf16, gmask[c], lanes, lanes16);
-    }
+    WChunk wc[NT];
+    for (int r = 0; r < NT; ++r) wc[r] = PREPARED ? prepared[c * NT + r] : load_chunk<INT4>(W, qx, n0 + r, c);
     for (int m = 0; m < MT; ++m) {
-      const int8_t* xr = xq + ((m0 + m) * chunks + c) * QCHUNK;
+      const int64_t row = (m0 + m) * chunks + c;
+      const int8_t* xr = qx.q + row * QCHUNK;
       const __m512i xl = _mm512_loadu_si512(xr), xh = _mm512_loadu_si512(xr + 64);
-      const __m512 dv = _mm512_loadu_ps(dx + ((m0 + m) * chunks + c) * 16);
-      const __m512i d0 = _mm512_loadu_si512(minus8 + ((m0 + m) * chunks + c) * 16);
+      const __m512 dv = _mm512_loadu_ps(qx.dx + row * 16);
+      __m512i d0 = _mm512_loadu_si512(qx.minus8 + row * 16);
+      if constexpr (!INT4) d0 = _mm512_slli_epi32(d0, 4);
       for (int r = 0; r < NT; ++r) {
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d0, lo[r], xl), hi[r], xh);  // (q - 8) . xq
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv[r], dv), acc[m][r]);
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d0, wc[r].lo, xl), wc[r].hi, xh);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), INT4 ? _mm512_mul_ps(wc[r].sv, dv) : dv, acc[m][r]);
       }
     }
   }
-  // The zero term sum_g z_g xsum_g, 16 groups at a time, into the same accumulators (only their sum counts).
-  for (int r = 0; r < NT; ++r) {
-    const int64_t zeros = (n0 + r) * 2 * groups + groups;
-    for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 mask = groups - g >= 16 ? __mmask16{0xFFFF} : tail_mask(groups - g);
-      const __m512 z = load16(sz, zeros + g, sz_bf16, mask);
-      for (int m = 0; m < MT; ++m)
-        acc[m][r] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(mask, xsum + (m0 + m) * groups + g), acc[m][r]);
+  if constexpr (INT4) {  // the zero term sum_g z_g xsum_g, 16 groups at a time, into the same accumulators
+    const int64_t groups = K / W.G;
+    for (int r = 0; r < NT; ++r) {
+      const int64_t zeros = (n0 + r) * 2 * groups + groups;
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 mask = groups - g >= 16 ? __mmask16{0xFFFF} : tail_mask(groups - g);
+        const __m512 z = load16(W.sz, zeros + g, W.sz_bf16, mask);
+        for (int m = 0; m < MT; ++m)
+          acc[m][r] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(mask, qx.xsum + (m0 + m) * groups + g), acc[m][r]);
+      }
     }
   }
   for (int m = 0; m < MT; ++m) {
@@ -509,6 +544,35 @@ __attribute__((target("avx512vnni"))) void int4_tile_vnni(const QuantizedX& qx, 
   }
 }
 
+// Every tile of an [M, N] output on the VNNI path, weight rows split across ATen's threads. Up to MR
+// activation rows (decode) the weights go straight from memory into the dot; with more, each group of NR
+// weight rows is unpacked once into a per-thread buffer and every tile of activation rows reuses it.
+template <bool INT4>
+void vnni_linear(const QuantizedX& qx, const VnniWeights& W, int64_t M, int64_t N, const Epilogue& ep) {
+  const int64_t chunks = q_chunks(W.K), bytes_per_row = INT4 ? W.K / 2 : W.K;
+  at::parallel_for(0, N, grain_rows(N, bytes_per_row), [&](int64_t begin, int64_t end) {
+    thread_local std::vector<WChunk> buffer;
+    if (M > MR) buffer.resize(chunks * NR);
+    auto rows = [&](auto nt, int64_t n0) {
+      constexpr int NT = decltype(nt)::value;
+      if (M <= MR) {
+        for_m_tiles<NT>(M, [&](auto mt, int64_t m0) {
+          vnni_tile<decltype(mt)::value, NT, INT4, false>(qx, W, nullptr, m0, n0, ep);
+        });
+        return;
+      }
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int r = 0; r < NT; ++r) buffer[c * NT + r] = load_chunk<INT4>(W, qx, n0 + r, c);
+      for_m_tiles<NT>(M, [&](auto mt, int64_t m0) {
+        vnni_tile<decltype(mt)::value, NT, INT4, true>(qx, W, buffer.data(), m0, n0, ep);
+      });
+    };
+    int64_t n = begin;
+    for (; n + NR <= end; n += NR) rows(std::integral_constant<int, NR>{}, n);
+    for (; n < end; ++n) rows(std::integral_constant<int, 1>{}, n);
+  });
+}
+
 // tile(MT, NT, m0, n0) over every tile of an [M, N] output, the weight rows split across ATen's threads.
 template <typename TileFn>
 void for_tiles(int64_t M, int64_t N, int64_t bytes_per_row, TileFn&& tile) {
@@ -519,6 +583,33 @@ void for_tiles(int64_t M, int64_t N, int64_t bytes_per_row, TileFn&& tile) {
     for (; n < end; ++n)
       for_m_tiles<1>(M, [&](auto mt, int64_t m0) { tile(mt, std::integral_constant<int, 1>{}, m0, n); });
   });
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& norm_weight,
+                       double eps, bool silu_mul, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "w must be int8 [N, K]");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
+  const int64_t M = xf.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  Epilogue ep = make_epilogue(scale, bias, residual, out, M, N);
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  if (use_vnni.load(std::memory_order_relaxed) && K % QBLOCK == 0) {
+    const QuantizedX qx = quantize_activations(xp, M, K, K);
+    vnni_linear<false>(qx, VnniWeights{reinterpret_cast<const uint8_t*>(wp), nullptr, false, K, K}, M, N, ep);
+    return out;
+  }
+  at::parallel_for(0, N, grain_rows(N, K), [&](int64_t begin, int64_t end) {
+    int64_t n = begin;
+    for (; n + NR <= end; n += NR)
+      for_m_tiles<NR>(M, [&](auto mt, int64_t m0) { int8_tile<decltype(mt)::value, NR>(xp, K, wp, K, m0, n, ep); });
+    for (; n < end; ++n)
+      for_m_tiles<1>(M, [&](auto mt, int64_t m0) { int8_tile<decltype(mt)::value, 1>(xp, K, wp, K, m0, n, ep); });
+  });
+  return out;
 }
 
 // Same arguments as int8_linear; the group size is K / scales_and_zeros.size(-1).
@@ -542,11 +633,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const void* szp = sz.data_ptr();
   const bool szb = sz.scalar_type() == at::kBFloat16;
-  if (use_int4_vnni.load(std::memory_order_relaxed)) {
+  if (use_vnni.load(std::memory_order_relaxed)) {
     const QuantizedX qx = quantize_activations(xf.data_ptr<float>(), M, K, G);
-    for_tiles(M, N, K / 2, [&](auto mt, auto nt, int64_t m0, int64_t n0) {
-      int4_tile_vnni<decltype(mt)::value, decltype(nt)::value>(qx, K, G, wp, szp, szb, m0, n0, ep);
-    });
+    vnni_linear<true>(qx, VnniWeights{wp, szp, szb, K, G}, M, N, ep);
     return out;
   }
   const float* xp = xf.data_ptr<float>();
@@ -564,9 +653,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out;
 }
 
-// Turn the VNNI int4 path on or off (off: the fp32 one); on has no effect on a CPU without AVX512-VNNI.
+// Turn the VNNI paths of int8_linear and int4_linear on or off (off: fp32 activations); on has no effect on a
+// CPU without AVX512-VNNI.
 // Returns the previous setting.
-bool set_int4_vnni(bool enabled) { return use_int4_vnni.exchange(enabled && kCpuHasVnni); }
+bool set_vnni(bool enabled) { return use_vnni.exchange(enabled && kCpuHasVnni); }
 
 // Dequantize int4 rows (the layout above) to bf16 [N, K] for the prompt path's GEMM.
 at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz) {
@@ -752,17 +842,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // as ATen's own ops do: the server's event loop shares the process with the engine thread, and would
   // otherwise get a turn only between two kernels, after waiting out Python's switch interval.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("int8_linear", &int8_linear, no_gil, "int8 weight-only linear (small M)", py::arg("x"), py::arg("w"),
+  m.def("int8_linear", &int8_linear, no_gil, "int8 weight-only linear", py::arg("x"), py::arg("w"),
         py::arg("scale"), py::arg("bias") = py::none(), py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0,
         py::arg("silu_mul") = false, py::arg("residual") = py::none());
-  m.def("int4_linear", &int4_linear, no_gil, "group-wise int4 weight-only linear (small M)", py::arg("x"), py::arg("w"),
+  m.def("int4_linear", &int4_linear, no_gil, "group-wise int4 weight-only linear", py::arg("x"), py::arg("w"),
         py::arg("scales_and_zeros"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("silu_mul") = false,
         py::arg("residual") = py::none());
-  m.def("set_int4_vnni", &set_int4_vnni, "int4_linear on int8 activations + AVX512-VNNI (true, the default where "
-        "the CPU has it) or on fp32 activations (false); returns the previous setting", py::arg("enabled"));
-  m.def("int4_vnni_supported", [] { return kCpuHasVnni; }, "whether this CPU has AVX512-VNNI");
-  m.def("int4_path", [] { return use_int4_vnni.load() ? "vnni" : "fp32"; }, "the int4_linear path in use");
+  m.def("set_vnni", &set_vnni, "int8_linear and int4_linear on int8 activations + AVX512-VNNI (true, the default "
+        "where the CPU has it) or on fp32 activations (false); returns the previous setting", py::arg("enabled"));
+  m.def("vnni_supported", [] { return kCpuHasVnni; }, "whether this CPU has AVX512-VNNI");
+  m.def("activation_path", [] { return use_vnni.load() ? "vnni" : "fp32"; },
+        "what int8_linear and int4_linear multiply the weights with: int8 activations (vnni) or fp32 ones");
   m.def("int4_dequantize", &int4_dequantize, no_gil, "int4 (native layout) -> bf16 [N, K]");
   m.def("decode_attention", &decode_attention, no_gil, "rotary + KV write + paged decode attention");
 }

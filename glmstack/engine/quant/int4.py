@@ -45,9 +45,8 @@ DEFAULT_GROUP_SIZE = 32
 INT4_DEQUANT_MIN_ROWS = 64  # int4: unpacking the nibbles costs ~2x the bf16 GEMM of 128 rows
 
 
-# The int4 kernel (int8 activations, VNNI) re-expands the nibbles for every 4 rows of activations: at 16
-# rows it is level with dequantize + GEMM on the bundled model's shapes, and beyond it loses
-# (`bench_quant_kernels.py --m 8/16/24`). Up to 16 rows, a 16-stream decode step stays one fused native pass.
+# The native kernel's fp32-activation path (no VNNI, or GLMSTACK_VNNI=0) takes up to this many rows; prompts
+# dequantize + GEMM. Its VNNI path takes every row count (see `native_ready`).
 INT4_NATIVE_MAX_ROWS = 16
 
 
@@ -179,7 +178,10 @@ class Int4Linear(NativeLinear, nn.Module):
                 f"scale_dtype={self.scales_and_zeros.dtype}")
 
     def native_ready(self, x2: torch.Tensor) -> bool:
-        return (self.packed_for == "cpu-native" and x2.is_cpu and x2.shape[0] <= INT4_NATIVE_MAX_ROWS
+        # Any number of rows on the VNNI path (one numerics for decode and prompts: a prefix-cached prompt's
+        # tail must compute what the cold prompt did); on fp32 activations prompts are faster dequantized.
+        rows_ok = x2.shape[0] <= INT4_NATIVE_MAX_ROWS or native.vnni_rows()
+        return (rows_ok and self.packed_for == "cpu-native" and x2.is_cpu
                 and x2.dtype in NATIVE_DTYPES and (self.bias is None or self.bias.dtype in NATIVE_DTYPES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ from glmstack.engine.quant.linear_base import (
     scratch_buffer,
 )
 
-# From this many activation rows on, dequantize-then-GEMM beats the fused CPU kernels (measured with
-# benchmarks/bench_quant_kernels.py --m N on AVX-512 + AMX); decode (a row per sequence) takes the fused ones.
+# Off the native kernels, from this many activation rows on, dequantize-then-GEMM beats ATen's fused int8
+# kernel (benchmarks/bench_quant_kernels.py --m N).
 DEQUANT_MIN_ROWS = 16  # int8: converting int8 -> bf16 is one cheap copy
 
 
@@ -77,7 +77,10 @@ class Int8Linear(NativeLinear, nn.Module):
                 f"bias={self.bias is not None}, scale_dtype={self.weight_scale.dtype}")
 
     def native_ready(self, x2: torch.Tensor) -> bool:
-        return (x2.is_cpu and self.weight.is_cpu and x2.shape[0] <= NATIVE_MAX_ROWS and x2.dtype in NATIVE_DTYPES
+        # Any number of rows on the VNNI path (one numerics for decode and prompts); on fp32 activations the
+        # kernel is a GEMV, and prompts are faster dequantized.
+        rows_ok = x2.shape[0] <= NATIVE_MAX_ROWS or (self.in_features % 32 == 0 and native.vnni_rows())
+        return (rows_ok and x2.is_cpu and self.weight.is_cpu and x2.dtype in NATIVE_DTYPES
                 and self.weight_scale.dtype in NATIVE_DTYPES and self.weight.is_contiguous()
                 and (self.bias is None or self.bias.dtype in NATIVE_DTYPES))
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from glmstack.engine import native
 
-# Our native kernels (glmstack/engine/native, AVX-512) take up to this many rows, for both widths; above,
-# dequantize-then-GEMM (AMX) wins.
+# Our native kernels (glmstack/engine/native, AVX-512) on fp32 activations take up to this many rows; above,
+# dequantize-then-GEMM wins. On their VNNI path they take any number (`native.vnni_rows()`).
 NATIVE_MAX_ROWS = 32
 
 

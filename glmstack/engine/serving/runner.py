@@ -45,15 +45,11 @@ class ModelRunner:
             slots.extend(self._slots(seq.block_table, start, start + n))
             if chunk.samples:
                 logit_rows.append(row + n - 1)
-            if n == 1 and start > 0 and not prefills:
+            if n == 1 and start >= len(seq.prompt_ids) and not prefills:  # a generated token: decode
                 decode_contexts.append(self._slots(seq.block_table, 0, start + 1))
             else:
                 context = torch.tensor(self._slots(seq.block_table, 0, start + n), device=self.device)
-                mask = None
-                if start > 0:
-                    q_pos = torch.arange(start, start + n, device=self.device)[:, None]
-                    mask = torch.arange(start + n, device=self.device)[None, :] <= q_pos
-                prefills.append(PagedPrefill(row, n, context, mask))
+                prefills.append(PagedPrefill(row, n, context, start, self.kv.block_size))
         decode = None
         if decode_contexts:
             lengths = [len(c) for c in decode_contexts]

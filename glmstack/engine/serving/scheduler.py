@@ -61,7 +61,9 @@ class Sequence:
 
     @property
     def is_decoding(self) -> bool:
-        return self.status is Status.RUNNING and self.num_computed == self.num_tokens - 1
+        """Running with one generated token to compute. (A prompt's own last token is a prompt chunk: every
+        prompt token goes through the prompt path, so it computes the same cold or after a cache hit.)"""
+        return self.status is Status.RUNNING and bool(self.output_ids) and self.num_computed == self.num_tokens - 1
 
 
 @dataclass
@@ -210,6 +212,15 @@ class Scheduler:
     def _prefill_chunk(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
         remaining = seq.num_tokens - seq.num_computed
         n = min(remaining, budget)
+        if n < remaining:
+            # A partial chunk ends on a block boundary: prompt attention runs per block of positions
+            # (kv_cache.PagedPrefill), and a block split across two steps would compute differently than
+            # whole. Less than a block of room: the prompt waits for the next step (unless a step can never
+            # hold a block).
+            aligned = (seq.num_computed + n) // self.block_size * self.block_size - seq.num_computed
+            if aligned <= 0 and self.max_batch_tokens >= self.block_size:
+                return None
+            n = aligned if aligned > 0 else n
         # shrink the chunk to what fits in the free blocks rather than preempting others for a prefill
         have = len(seq.block_table) * self.block_size - seq.num_computed
         free_tokens = have + self.allocator.num_free * self.block_size

@@ -1,7 +1,13 @@
-"""A Llama decoder as native calls: for a serving step in which every row is a sequence decoding one token,
-each layer runs as five calls of kernels.cpp (norm+qkv, rotary+KV write+attention, o+residual,
-norm+gate_up, silu·mul+down+residual) instead of dozens of small ATen ops. It reads the model's quantized linears
-(`native_args`) and writes the paged KV cache itself, so it lives here, next to the kernels it drives."""
+"""A Llama decoder's serving step as native calls. Per layer: RMSNorm + qkv, attention, o + residual,
+RMSNorm + gate_up, SiLU·mul + down + residual, each one call of kernels.cpp, instead of dozens of small ATen
+ops. Decoding rows attend through the native paged decode attention (rotary and KV write included); a
+prompt chunk's rows attend through the model's own rotary and `PagedAttentionBatch` (SDPA over its context).
+
+Every step of a paged batch takes this path when the model's linears are native, prompt and decode rows
+alike, so each token is computed the same way whatever shares its step: the projections are row-independent
+on the kernels' VNNI path, and a row's attention depends on its own sequence only. A greedy request then
+answers the same cold, prefix-cached, or inside a batch of 16 (tests/test_same_answer.py).
+"""
 
 from __future__ import annotations
 
@@ -22,8 +28,8 @@ if TYPE_CHECKING:
 def _native_plan(model: LlamaForCausalLM) -> tuple[list[tuple], int] | None:
     """Per layer: the input norm's (weight, eps), the qkv / o / gate_up / down projections' native arguments
     (`native_args`) and the post-attention norm's (weight, eps) — when every projection is a quantized linear
-    our native kernels take (`native_ready`), else None; with the most rows they all take. Cached per
-    quantization state."""
+    our native kernels take (`native_ready`), else None; with the most rows the fp32-activation path takes
+    (the VNNI path takes any). Cached per quantization state."""
     key = getattr(model, "quantization", None)
     cached = model.__dict__.get("_native_plan_cache")
     if cached is not None and cached[0] == key:
@@ -47,36 +53,47 @@ def _native_plan(model: LlamaForCausalLM) -> tuple[list[tuple], int] | None:
     return result
 
 
-def fused_llama_decode(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def fused_llama_layers(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        cache: AttentionCache | None) -> torch.Tensor | None:
-    """All decoder layers of `model` for a decode-only paged step, natively; x: [1, N, hidden], cos/sin as
-    the model computed them. None (the caller runs the modules) unless the kernels, the weights and the step
-    all fit."""
-    if not isinstance(cache, PagedAttentionBatch) or not cache.decode_only or cache.decode is None:
+    """All decoder layers of `model` for one paged serving step, natively; x: [1, N, hidden] (decoding rows
+    first, then prompt chunks, as `PagedAttentionBatch` orders them), cos/sin as the model computed them.
+    None (the caller runs the modules) unless the kernels, the weights and the step all fit."""
+    if not isinstance(cache, PagedAttentionBatch):
         return None
     if x.dim() != 3 or x.shape[0] != 1 or x.dtype not in NATIVE_DTYPES or not x.is_cpu:
         return None
     n = x.shape[1]
-    if cache.decode.lengths.shape[0] != n or n > NATIVE_MAX_ROWS:
-        return None
+    decoding = 0 if cache.decode is None else cache.decode.lengths.shape[0]
     kv = cache.kv
     if kv.keys[0].dtype != x.dtype or kv.values[0].dtype != x.dtype:
         return None
     nk = native.kernels()
     planned = _native_plan(model) if nk is not None else None
-    if nk is None or planned is None or n > planned[1]:
+    if nk is None or planned is None:
         return None
+    if n > planned[1] and not native.vnni_rows():
+        return None  # the fp32-activation kernels are GEMVs: a prompt goes the modules' way (dequantize + GEMM)
     plan = planned[0]
     cfg = model.config
     heads, kv_heads, scale = cfg.num_heads, cfg.num_kv_heads, 1.0 / math.sqrt(cfg.head_dim)
     c, s = cos.reshape(n, -1).to(x.dtype).contiguous(), sin.reshape(n, -1).to(x.dtype).contiguous()
-    slots, gather, lengths, attention = cache.slots, cache.decode.gather, cache.decode.lengths, nk.decode_attention
-    keys, values = kv.keys, kv.values
+    prompt = cache.prompt_rows() if decoding < n else None
+    layers: list[DecoderLayer] = list(model.model.layers)  # type: ignore[arg-type]
     h = x[0].contiguous()
     for i, (w1, eps1, (qkv, *qkv_w), (o, *o_w), w2, eps2, (gate_up, *gu_w), (down, *down_w)) in enumerate(plan):
         cache.raise_if_cancelled()
-        a = attention(qkv(h, *qkv_w, w1, eps1, False, None), c, s, keys[i], values[i], slots, gather, lengths,
-                      heads, kv_heads, scale)
-        h = o(a, *o_w, None, 0.0, False, h)
+        projected = qkv(h, *qkv_w, w1, eps1, False, None)
+        parts = []
+        if decoding:
+            assert cache.decode is not None
+            parts.append(nk.decode_attention(projected[:decoding].contiguous(), c[:decoding], s[:decoding],
+                                             kv.keys[i], kv.values[i], cache.slots[:decoding],
+                                             cache.decode.gather, cache.decode.lengths, heads, kv_heads, scale))
+        if prompt is not None:
+            out = layers[i].self_attn.attend_projected(projected[None, decoding:], cos[:, decoding:],
+                                                       sin[:, decoding:], i, prompt)
+            parts.append(out[0])
+        a = parts[0] if len(parts) == 1 else torch.cat(parts)
+        h = o(a.contiguous(), *o_w, None, 0.0, False, h)
         h = down(gate_up(h, *gu_w, w2, eps2, False, None), *down_w, None, 0.0, True, h)
     return h[None]
