@@ -10,11 +10,11 @@ replaced.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_quant_kernels import time_us  # the best of n runs (this folder is on sys.path)
 
 from glmstack.engine import native
 from glmstack.engine.quant.int4 import pack_int4_native, quantize_int4
@@ -22,13 +22,7 @@ from glmstack.engine.quant.int8 import quantize_int8
 
 
 def best_ms(fn: Callable[[], object], repeats: int = 10) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return time_us(fn, repeats) / 1e3
 
 
 def time_rows(nk, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, q8: torch.Tensor,
