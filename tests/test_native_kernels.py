@@ -355,12 +355,14 @@ def test_int4_packs_for_aten_when_native_is_off(aten_only) -> None:
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_decode_attention_matches_sdpa(nk, dtype, heads, kv_heads) -> None:
     g = torch.Generator().manual_seed(heads)
-    d, slots_total, lengths = 32, 64, [5, 1, 17]
+    # lengths around the kernel's blocks of 16 positions
+    d, slots_total, lengths = 32, 128, [5, 1, 17, 16, 40]
     b = len(lengths)
     keys = torch.randn(slots_total, kv_heads, d, generator=g).to(dtype)
     values = torch.randn(slots_total, kv_heads, d, generator=g).to(dtype)
-    perm = torch.randperm(slots_total, generator=g)
-    contexts = [perm[i * 20 : i * 20 + n].tolist() for i, n in enumerate(lengths)]  # new token's slot last
+    perm = torch.randperm(slots_total, generator=g).tolist()
+    starts = [sum(lengths[:i]) for i in range(b)]
+    contexts = [perm[start : start + n] for start, n in zip(starts, lengths, strict=True)]  # new token's slot last
     qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
     pos = torch.tensor([n - 1 for n in lengths], dtype=torch.float32)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))

@@ -18,11 +18,16 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether `params` pick the most likely token. Below GREEDY_TEMPERATURE, sampling is argmax for any
+    logit gap over ~0.01 anyway, and a temperature that rounds to 0 in float32 would divide 0 by 0 (NaN fails
+    the whole batch's step)."""
+    return params.greedy or params.temperature < GREEDY_TEMPERATURE
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """logits: [V] for one sequence. Greedy, or temperature -> top-k -> top-p (nucleus) sampling."""
-    # Below GREEDY_TEMPERATURE, sampling is argmax for any logit gap over ~0.01 anyway, and a temperature
-    # that rounds to 0 in float32 would divide 0 by 0 (NaN fails the whole batch's step).
-    if params.greedy or params.temperature < GREEDY_TEMPERATURE:
+    if is_greedy(params):
         return int(torch.argmax(logits))
     # Shifted so the largest logit is 0 before dividing: a small temperature then sends the others to -inf,
     # never the leader to +inf (inf - inf in softmax is NaN).

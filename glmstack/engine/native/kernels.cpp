@@ -233,6 +233,12 @@ inline __m512 loadv(const at::BFloat16* p, __mmask16 mask) {
   __m256i h = _mm256_maskz_loadu_epi16(mask, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+inline void storev(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void storev(at::BFloat16* p, __m512 v) {  // rounded to nearest even, as static_cast<at::BFloat16>
+  __m512i b = _mm512_castps_si512(v);
+  b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+}
 // ---- int4 -------------------------------------------------------------------------------------------------
 //
 // Weights: uint8 [N, K/2], 16 bytes per 32 inputs (byte j: input j low nibble, input j + 16 high nibble).
@@ -700,27 +706,45 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz) {
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), loadv(b + i), acc);
-  if (i < n) {
-    const __mmask16 mask = tail_mask(n - i);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), loadv(b + i, mask), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+// exp of 16 floats: 2^n · p(r) with x = n·ln2 + r, |r| <= ln2/2, a degree-6 polynomial (relative error
+// ~2e-7, as std::exp's float rounding); scalef does the 2^n. Attention's probabilities, 16 positions a time.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));  // softmax inputs are <= 0; below this, exp is 0 in float
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact to float
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 poly = _mm512_set1_ps(1.3981999507e-3f);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
+  poly = _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(poly, n);
 }
 
-// acc[0:n] += p * v[0:n]
+// The 16 horizontal sums of v[0..15], as one vector (lane i = sum of v[i]'s lanes): a transpose-and-add
+// tree, 15 adds instead of 16 separate reductions.
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: v[2i] and v[2i+1] interleaved, pairs summed
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the four vectors' partial sums in order
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD));
+}
+
+// Into L1, every cache line of a row of n elements.
 template <typename T>
-inline void axpy(float* acc, float p, const T* v, int64_t n) {
-  const __m512 pv = _mm512_set1_ps(p);
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, loadv(v + d), _mm512_loadu_ps(acc + d)));
-  if (d < n) {
-    const __mmask16 mask = tail_mask(n - d);
-    _mm512_mask_storeu_ps(acc + d, mask, _mm512_fmadd_ps(pv, loadv(v + d, mask), _mm512_maskz_loadu_ps(mask, acc + d)));
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) {
+    _mm_prefetch(p + offset, _MM_HINT_T0);
   }
 }
 
@@ -768,25 +792,82 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const a
     }
     std::memcpy(vc + slot[b] * Hkv * Dv, row + (H + Hkv) * D, Hkv * Dv * sizeof(T));
   }
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(Lmax);
-    std::vector<float> acc(Dv);
+  // One work item per (sequence, kv head): its `group` query heads share every key and value row loaded.
+  // D and Dv are whole vectors of 16 (decode_attention checks).
+  const int64_t dv = D / 16, vv = Dv / 16;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    const int64_t Lpad = (Lmax + 15) / 16 * 16;
+    std::vector<float> p(group * Lpad);
+    std::vector<__m512> acc(group * vv);
+    std::vector<__m512> qv(group * dv);
+    std::vector<float> inv(group);
+    std::vector<__m512> part(group * 16), kv(dv);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H, hk = h / group, L = len[b];
-      const float* qh = q.data() + i * D;
+      const int64_t b = i / Hkv, hk = i % Hkv, L = len[b];
       const int64_t* ctx = gp + b * Lmax;
-      float mx = -INFINITY;
-      for (int64_t l = 0; l < L; ++l) {
-        p[l] = dot(qh, kc + (ctx[l] * Hkv + hk) * D, D) * scale;
-        mx = std::max(mx, p[l]);
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t c = 0; c < dv; ++c) qv[g * dv + c] = _mm512_loadu_ps(q.data() + (b * H + hk * group + g) * D + c * 16);
       }
-      float total = 0;
-      for (int64_t l = 0; l < L; ++l) total += (p[l] = std::exp(p[l] - mx));
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t l = 0; l < L; ++l) axpy(acc.data(), p[l], vc + (ctx[l] * Hkv + hk) * Dv, Dv);
-      T* o = op + b * H * Dv + h * Dv;
-      const float inv = 1.f / total;
-      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[d] * inv);
+      // scores, 16 positions a time: each key row is loaded once for the group's heads. The rows come from
+      // all over a KV pool the step's weights have just pushed out of cache, and hardware prefetchers don't
+      // follow the gather: fetch the keys a block ahead and the values now, for the weighted sum below.
+      if (i == begin) {
+        for (int64_t j = 0; j < std::min<int64_t>(16, L); ++j) prefetch_row(kc + (ctx[j] * Hkv + hk) * D, D);
+      }
+      for (int64_t l0 = 0; l0 < L; l0 += 16) {
+        const int64_t n = std::min<int64_t>(16, L - l0);
+        for (int64_t j = 0; j < n; ++j) {
+          if (l0 + 16 + j < L) prefetch_row(kc + (ctx[l0 + 16 + j] * Hkv + hk) * D, D);
+          prefetch_row(vc + (ctx[l0 + j] * Hkv + hk) * Dv, Dv);
+          const T* k = kc + (ctx[l0 + j] * Hkv + hk) * D;
+          for (int64_t c = 0; c < dv; ++c) kv[c] = loadv(k + c * 16);
+          for (int64_t g = 0; g < group; ++g) {
+            __m512 a = _mm512_mul_ps(qv[g * dv], kv[0]);
+            for (int64_t c = 1; c < dv; ++c) a = _mm512_fmadd_ps(qv[g * dv + c], kv[c], a);
+            part[g * 16 + j] = a;
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          for (int64_t j = n; j < 16; ++j) part[g * 16 + j] = _mm512_setzero_ps();
+          _mm512_storeu_ps(p.data() + g * Lpad + l0, _mm512_mul_ps(sum16(part.data() + g * 16), _mm512_set1_ps(scale)));
+        }
+      }
+      if (i + 1 < end) {  // the next item's first block of keys, while this one finishes
+        const int64_t nb = (i + 1) / Hkv, nh = (i + 1) % Hkv;
+        for (int64_t j = 0; j < std::min<int64_t>(16, len[nb]); ++j) prefetch_row(kc + (gp[nb * Lmax + j] * Hkv + nh) * D, D);
+      }
+      // softmax numerators in place, and each head's 1 / sum
+      for (int64_t g = 0; g < group; ++g) {
+        float* pg = p.data() + g * Lpad;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t l = 0; l < L; l += 16) {
+          mx = _mm512_mask_max_ps(mx, tail_mask(std::min<int64_t>(16, L - l)), mx, _mm512_loadu_ps(pg + l));
+        }
+        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t l = 0; l < L; l += 16) {
+          const __mmask16 m = tail_mask(std::min<int64_t>(16, L - l));
+          const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(pg + l), top)));
+          _mm512_storeu_ps(pg + l, e);
+          total = _mm512_add_ps(total, e);
+        }
+        inv[g] = 1.f / _mm512_reduce_add_ps(total);
+        for (int64_t c = 0; c < vv; ++c) acc[g * vv + c] = _mm512_setzero_ps();
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        const T* v = vc + (ctx[l] * Hkv + hk) * Dv;
+        for (int64_t c = 0; c < vv; ++c) {
+          const __m512 x = loadv(v + c * 16);
+          for (int64_t g = 0; g < group; ++g) {
+            acc[g * vv + c] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * Lpad + l]), x, acc[g * vv + c]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* o = op + b * H * Dv + (hk * group + g) * Dv;
+        const __m512 scale_g = _mm512_set1_ps(inv[g]);
+        for (int64_t c = 0; c < vv; ++c) storev(o + c * 16, _mm512_mul_ps(acc[g * vv + c], scale_g));
+      }
     }
   });
 }
@@ -810,6 +891,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   const int64_t B = qkv.size(0), D = key_cache.size(2), Dv = value_cache.size(2), S = key_cache.size(0);
   TORCH_CHECK(key_cache.size(1) == Hkv && value_cache.size(1) == Hkv && value_cache.size(0) == S, "cache shapes");
   TORCH_CHECK(qkv.size(1) == (H + Hkv) * D + Hkv * Dv, "qkv width");
+  TORCH_CHECK(D % 16 == 0 && Dv % 16 == 0, "head dims must be multiples of 16");
   TORCH_CHECK(cos.numel() == B * D && sin.numel() == B * D, "cos/sin: [B, D]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && gather.scalar_type() == at::kLong &&
                   lengths.scalar_type() == at::kLong && gather.is_contiguous() && slots.is_contiguous() &&

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from glmstack.engine.kv_cache import PagedKVCache, StepCancelled
-from glmstack.engine.sampling import StopStringMatcher, make_generator, sample_token
+from glmstack.engine.sampling import StopStringMatcher, is_greedy, make_generator, sample_token
 from glmstack.engine.serving.block_allocator import BlockAllocator
 from glmstack.engine.serving.runner import ModelRunner
-from glmstack.engine.serving.scheduler import RequestTooLargeError, Scheduler, Sequence
+from glmstack.engine.serving.scheduler import RequestTooLargeError, ScheduledChunk, Scheduler, Sequence
 from glmstack.engine.serving.step_budget import DEFAULT_TARGET_SECONDS, StepBudget
 from glmstack.engine.tokenization.base import StreamDecoder
 from glmstack.protocol import GenerationEvent, SamplingParams, Usage
@@ -117,6 +117,21 @@ class EngineCore:
             "prefix_cache_hit_tokens": self.allocator.hits,
         }
 
+    def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> dict[str, int]:
+        """The next token of each sampling chunk (row i of `logits` is chunk i's). The greedy rows take one
+        argmax together, in float32: per row on bf16 logits it cost ~3 ms of a 16-row step."""
+        sampled: dict[str, int] = {}
+        greedy = [row for row, chunk in enumerate(sampling) if is_greedy(self.requests[chunk.seq.seq_id].params)]
+        if greedy:
+            rows = logits[greedy] if len(greedy) < len(sampling) else logits[: len(sampling)]
+            for row, token in zip(greedy, rows.float().argmax(dim=-1).tolist(), strict=True):
+                sampled[sampling[row].seq.seq_id] = int(token)
+        for row, chunk in enumerate(sampling):
+            if chunk.seq.seq_id not in sampled:
+                req = self.requests[chunk.seq.seq_id]
+                sampled[chunk.seq.seq_id] = sample_token(logits[row], req.params, req.generator)
+        return sampled
+
     # ---- one step -------------------------------------------------------------------------------------
 
     def step(self, abandoned: Callable[[str], bool] | None = None) -> list[tuple[str, GenerationEvent]]:
@@ -138,10 +153,7 @@ class EngineCore:
         except StepCancelled:
             return []
         sampling = [c for c in plan.chunks if c.samples]
-        sampled: dict[str, int] = {}
-        for row, chunk in enumerate(sampling):
-            req = self.requests[chunk.seq.seq_id]
-            sampled[chunk.seq.seq_id] = sample_token(logits[row], req.params, req.generator)
+        sampled = self._sample(sampling, logits)
         if self.step_budget is not None:  # timed after sampling, which waits for the device's results
             self.step_budget.observe([(c.start, c.num_tokens) for c in plan.chunks], time.perf_counter() - started)
         self.scheduler.update(plan, sampled)
