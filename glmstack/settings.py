@@ -14,6 +14,8 @@ from pathlib import Path
 
 # "auto": the precision the checkpoint stores (a Q4 GGUF runs as int4, Q8_0 as int8); "none": floats
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
+QUANTIZE_HELP = ("weights: auto (the default: a Q4_0/Q4_1 GGUF as int4, Q8_0 as int8, other checkpoints as "
+                 "stored), none (floats), int8 or int4; a quantized model computes in bfloat16 on CPU")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 _MiB = 1024 * 1024
@@ -28,10 +30,10 @@ class Settings:
     model: str | None = None            # None: the engine's default model
     device: str = "auto"
     dtype: str = "auto"
-    # One of QUANTIZE_CHOICES. Not "auto" yet: on int4, a prompt's rows run through a bf16 GEMM and decode rows
-    # through the int8-activation kernel, so a greedy answer can change once its prompt is prefix-cached
-    # (issue 14's "one numerics per precision"); floats answer the same every time.
-    quantize: str = "none"
+    # One of QUANTIZE_CHOICES. "auto": a Q4_0/Q4_1 GGUF (the bundled model) is served as int4 and a Q8_0 one as
+    # int8, on the native kernels, exactly the file's weights; 16/32-bit checkpoints stay floats. Every row of a
+    # quantized step takes the same kernels, so a greedy answer is the same cold, cached or batched.
+    quantize: str = "auto"
     max_body_bytes: int = 4 * _MiB
     # None: a caller is bounded only by max_queue (the engine's), so one app can use the whole server; a key's
     # own concurrency_limit (`glmstack keys create --concurrency N`) overrides this.

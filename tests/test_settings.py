@@ -13,7 +13,7 @@ def test_defaults(tmp_path: Path):
     s = Settings.from_env({"GLMSTACK_HOME": str(tmp_path)})
     assert s.home == tmp_path
     assert s.database_url == f"sqlite:///{tmp_path}/glmstack.db"
-    assert (s.host, s.port, s.model, s.quantize, s.safety_dir) == ("127.0.0.1", 8000, None, "none", None)
+    assert (s.host, s.port, s.model, s.quantize, s.safety_dir) == ("127.0.0.1", 8000, None, "auto", None)
     assert (s.max_body_bytes, s.max_concurrency_per_key, s.max_queue, s.max_messages) == (4 << 20, None, 64, 256)
     assert (s.kv_cache_mb, s.native, s.native_dir, s.vnni) == (512, True, None, True)
     assert s.max_tokens_cap is None

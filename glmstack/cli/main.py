@@ -23,7 +23,7 @@ from typing import Any
 
 from glmstack.cli import keys as store_cli
 from glmstack.cli import serve
-from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, Settings
+from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, QUANTIZE_HELP, Settings
 
 EXIT_USAGE = 2
 # `glmstack chat` sampling for models that recommend none
@@ -37,7 +37,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, choices=DEVICE_CHOICES, help="(default: $GLMSTACK_DEVICE, then auto)")
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="(default: $GLMSTACK_DTYPE, then auto)")
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
-                        help="weight-only quantization after loading (on CPU, dtype auto becomes bfloat16)")
+                        help=QUANTIZE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, Settings
+from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, QUANTIZE_HELP, Settings
 
 EXIT_USAGE = 2
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -34,9 +34,7 @@ def add_subcommands(subparsers: Any) -> None:
     )
     serve.add_argument("--device", default=None, choices=DEVICE_CHOICES)
     serve.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
-    serve.add_argument(
-        "--quantize", default=None, choices=QUANTIZE_CHOICES, help="weight-only quantization at load time"
-    )
+    serve.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

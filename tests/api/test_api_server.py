@@ -31,7 +31,7 @@ from glmstack.store import Store
 pytestmark = pytest.mark.slow
 
 HI = [{"role": "user", "content": "Say hi."}]
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 # Greedy decoding of this runs to any max_tokens we use on the bundled model: a request that stays busy.
 STORY = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
 # A held request: STORY to this many tokens takes the bundled model tens of seconds at the least, so it is

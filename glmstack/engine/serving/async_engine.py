@@ -154,14 +154,16 @@ class AsyncEngine:
                 continue
             finally:
                 self._core_stats = self.core.stats()
+            deliveries: list[tuple[_Job, object]] = []
             for request_id, event in events:
                 job = active.get(request_id)
                 if job is None:
                     continue
-                self._send(job, event)
+                deliveries.append((job, event))
                 if event.finish_reason is not None:
                     del active[request_id]
-                    self._send(job, _DONE)
+                    deliveries.append((job, _DONE))
+            self._send_many(deliveries)
 
     def _admit(self, job: _Job, active: dict[str, _Job]) -> None:
         assert self.core is not None
@@ -221,6 +223,25 @@ class AsyncEngine:
                 log.info("request %s aborted", req.request_id)
                 return
             self._send(job, event)
+
+    @classmethod
+    def _send_many(cls, deliveries: list[tuple[_Job, object]]) -> None:
+        """A step's events, with one wake-up per event loop rather than one per event: each wake-up runs the
+        loop on a core the step's kernels are using, and the engine thread then waits for the GIL."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, object]]] = {}
+        for job, item in deliveries:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(cls._deliver, items)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                for job, _ in items:
+                    job.aborted.set()
+
+    @staticmethod
+    def _deliver(items: list[tuple[_Job, object]]) -> None:
+        for job, item in items:
+            job.events.put_nowait(item)
 
     @staticmethod
     def _send(job: _Job, item: object) -> None:
