@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=4900)
     parser.add_argument("--streams", type=int, default=2)
     parser.add_argument("--short-after", type=float, default=2.0, help="seconds after the long prompt arrives")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
+    parser.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
+                        help="int4 is what the server runs the bundled Q4_1 GGUF as by default")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--target", type=float, default=DEFAULT_TARGET_SECONDS,
                         help=f"StepBudget's step time in seconds (default {DEFAULT_TARGET_SECONDS})")

@@ -4,7 +4,8 @@
 
 Needs the bench extra (`bash scripts/setup.sh bench`; llama-cpp-python compiles for ~9 minutes).
 Prints, for the bundled SmolLM2-135M-Instruct Q4_1 GGUF:
-  1. decode tok/s at batch 1                      (target >= 1.0x llama.cpp)
+  1. decode tok/s at batch 1                      (target >= 1.0x llama.cpp), through EngineCore and through
+     the classic API's path (`model.stream_generate`, what model.chat / stream_chat / glmstack chat run on)
   2. prefill tok/s on a 500-token prompt          (target >= 2x llama.cpp)
   3. aggregate decode tok/s, 16 concurrent streams (target >= 3x llama.cpp serving them one at a time,
      which is what llama-cpp-python's server does)
@@ -157,7 +158,8 @@ def decode_rate(gen, prompt: list[int], n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quantize", default="int8", choices=["int8", "int4", "none"])
+    parser.add_argument("--quantize", default="int4", choices=["int8", "int4", "none"],
+                        help="int4 is what the server runs the bundled Q4_1 GGUF as by default")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-transformers", action="store_true")
@@ -194,8 +196,16 @@ def main() -> None:
         rid = next(iter(r["tokens"]))
         return r["ttft"][rid], ours.tokenizer.decode(r["tokens"][rid], skip_special_tokens=True)
 
+    def classic(prompt: list[int], k: int) -> None:
+        """`model.stream_generate`, what `model.chat` / `stream_chat` / `glmstack chat` run on."""
+        from glmstack.protocol import SamplingParams
+
+        for _ in ours.model.stream_generate(prompt, SamplingParams(do_sample=False, max_tokens=k), set()):
+            pass
+
     # glmstack first, then llama.cpp (its idle worker threads would otherwise share our two cores)
     ours_decode = decode_rate(lambda p, k: ours.run([p], k), short, n)
+    classic_decode = decode_rate(classic, short, n)
     ours.prefill(long_prompt[:16])
     # a different first token every run: no block of the prompt can come from the prefix cache
     ours_prefill = 500 / median(lambda: ours.prefill([1000 + ours.n % 1000] + long_prompt[1:]))
@@ -217,6 +227,7 @@ def main() -> None:
     cpp_turns = conversation(cpp_reply)
     rows = [
         ("decode tok/s, batch 1", ours_decode, cpp_decode, ">= 1.0x"),
+        ("decode tok/s, batch 1, classic model.chat", classic_decode, cpp_decode, ">= 1.0x"),
         ("prefill tok/s, 500-token prompt", ours_prefill, cpp_prefill, ">= 2x"),
         ("aggregate decode tok/s, 16 streams", ours_agg, cpp_agg, ">= 3x"),
         ("TTFT turn 10 / turn 1 (lower is better)", ours_turns[-1] / ours_turns[0], cpp_turns[-1] / cpp_turns[0],

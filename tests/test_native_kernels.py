@@ -530,3 +530,38 @@ def test_int4_dequantize_matches_reference(nk, group) -> None:
     packed, sz = pack_int4_native(weights, torch.bfloat16)
     w = nk.int4_dequantize(packed, sz)
     assert w.dtype == torch.bfloat16 and torch.equal(w, weights.dequantize().bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_rows_attend_like_sdpa_and_bit_for_bit_like_decoding_rows(nk, dtype) -> None:
+    """A prompt chunk's rows (one gather row, consecutive lengths: the tiled path) match causal SDPA over the
+    sequence, and each row's output is the very bits of the same token attended alone, as a decoding row."""
+    g = torch.Generator().manual_seed(7)
+    heads, kv_heads, d, past, chunk = 6, 2, 32, 37, 11  # the chunk starts mid-block and ends in the next
+    total = past + chunk
+    keys = torch.randn(96, kv_heads, d, generator=g).to(dtype)
+    values = torch.randn(96, kv_heads, d, generator=g).to(dtype)
+    context = torch.randperm(96, generator=g)[:total]
+    qkv = torch.randn(chunk, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    cos = torch.randn(chunk, d, generator=g).to(dtype)
+    sin = torch.randn(chunk, d, generator=g).to(dtype)
+    slots = context[past:].contiguous()
+    lengths = torch.arange(past + 1, total + 1)
+    out = nk.decode_attention(qkv, cos, sin, keys, values, slots, context[None].contiguous(), lengths, heads,
+                              kv_heads, 1 / math.sqrt(d), torch.zeros(chunk, dtype=torch.long))
+    # each row alone, after the chunk wrote its keys: the row path
+    for i in range(chunk):
+        alone = nk.decode_attention(qkv[i : i + 1].contiguous(), cos[i : i + 1].contiguous(),
+                                    sin[i : i + 1].contiguous(), keys, values, slots[i : i + 1].contiguous(),
+                                    context[None, : past + i + 1].contiguous(), lengths[i : i + 1].contiguous(),
+                                    heads, kv_heads, 1 / math.sqrt(d))
+        assert torch.equal(alone[0], out[i]), i
+    # against SDPA: q rotated as the kernel does, keys and values as the cache now holds them
+    q = qkv.float()[:, : heads * d].view(chunk, heads, d)
+    rotated = torch.cat((-q[..., d // 2 :], q[..., : d // 2]), dim=-1)
+    q = q * cos.float()[:, None] + rotated * sin.float()[:, None]
+    k = keys[context].float().transpose(0, 1)[None]  # [1, Hkv, total, d]
+    v = values[context].float().transpose(0, 1)[None]
+    mask = torch.arange(total)[None, :] <= torch.arange(past, total)[:, None]
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, enable_gqa=True)
+    assert rel_err(out, ref[0].transpose(0, 1).reshape(chunk, -1)) < tol(dtype)

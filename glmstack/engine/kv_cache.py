@@ -209,6 +209,7 @@ class PagedAttentionBatch:
     decode: PagedDecode | None = None
     prefills: list[PagedPrefill] = field(default_factory=list)
     cancelled: Callable[[], bool] | None = None
+    _attention_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def decode_only(self) -> bool:
@@ -223,6 +224,32 @@ class PagedAttentionBatch:
 
     def advance(self, num_tokens: int) -> None:
         """Positions are tracked by the scheduler; nothing to do."""
+
+    def attention_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every row's context, for an attention that takes decoding and prompt rows alike (the native
+        kernel): gather [G, Lmax] (the decoding sequences' rows, then one per prompt chunk, padded with the
+        pool's pad slot), row_seq [N] (each row's gather row) and lengths [N] (each row's position + 1, so a
+        prompt row sees the rows before it). Built once per step."""
+        if self._attention_rows is None:
+            rows: list[torch.Tensor] = []
+            row_seq: list[torch.Tensor] = []
+            lengths: list[torch.Tensor] = []
+            device = self.slots.device
+            if self.decode is not None:
+                b = self.decode.lengths.shape[0]
+                rows.extend(self.decode.gather)
+                row_seq.append(torch.arange(b, device=device))
+                lengths.append(self.decode.lengths)
+            for p in self.prefills:
+                row_seq.append(torch.full((p.length,), len(rows), dtype=torch.long, device=device))
+                rows.append(p.context_slots)
+                lengths.append(torch.arange(p.position + 1, p.position + p.length + 1, device=device))
+            longest = max(r.shape[0] for r in rows)
+            gather = torch.full((len(rows), longest), self.kv.pad_slot, dtype=torch.long, device=device)
+            for i, r in enumerate(rows):
+                gather[i, : r.shape[0]] = r
+            self._attention_rows = (gather, torch.cat(row_seq), torch.cat(lengths))
+        return self._attention_rows
 
     def prompt_rows(self) -> PagedAttentionBatch:
         """This step without its decoding rows: the prompt chunks, renumbered from row 0 (for a caller that

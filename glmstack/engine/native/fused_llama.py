@@ -1,12 +1,12 @@
 """A Llama decoder's serving step as native calls. Per layer: RMSNorm + qkv, attention, o + residual,
 RMSNorm + gate_up, SiLU·mul + down + residual, each one call of kernels.cpp, instead of dozens of small ATen
-ops. Decoding rows attend through the native paged decode attention (rotary and KV write included); a
-prompt chunk's rows attend through the model's own rotary and `PagedAttentionBatch` (SDPA over its context).
+ops. Attention is one native call for every row of the step, decoding and prompt rows alike: rotary, the KV
+write, and each row's attention over its own paged context (`PagedAttentionBatch.attention_rows`).
 
-Every step of a paged batch takes this path when the model's linears are native, prompt and decode rows
-alike, so each token is computed the same way whatever shares its step: the projections are row-independent
-on the kernels' VNNI path, and a row's attention depends on its own sequence only. A greedy request then
-answers the same cold, prefix-cached, or inside a batch of 16 (tests/test_same_answer.py).
+Every step of a paged batch takes this path when the model's linears are native, so each token is computed
+the same way whatever shares its step: the projections are row-independent on the kernels' VNNI path, and a
+row's attention is computed alone over its own context. A greedy request then answers the same cold,
+prefix-cached, or inside a batch of 16 (tests/test_same_answer.py).
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ def fused_llama_layers(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tens
     if x.dim() != 3 or x.shape[0] != 1 or x.dtype not in NATIVE_DTYPES or not x.is_cpu:
         return None
     n = x.shape[1]
-    decoding = 0 if cache.decode is None else cache.decode.lengths.shape[0]
     kv = cache.kv
     if kv.keys[0].dtype != x.dtype or kv.values[0].dtype != x.dtype:
         return None
@@ -75,25 +74,17 @@ def fused_llama_layers(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tens
         return None  # the fp32-activation kernels are GEMVs: a prompt goes the modules' way (dequantize + GEMM)
     plan = planned[0]
     cfg = model.config
+    if cfg.head_dim % 16:
+        return None  # the native attention takes whole vectors of 16 per head
     heads, kv_heads, scale = cfg.num_heads, cfg.num_kv_heads, 1.0 / math.sqrt(cfg.head_dim)
     c, s = cos.reshape(n, -1).to(x.dtype).contiguous(), sin.reshape(n, -1).to(x.dtype).contiguous()
-    prompt = cache.prompt_rows() if decoding < n else None
-    layers: list[DecoderLayer] = list(model.model.layers)  # type: ignore[arg-type]
+    gather, row_seq, lengths = cache.attention_rows()
     h = x[0].contiguous()
     for i, (w1, eps1, (qkv, *qkv_w), (o, *o_w), w2, eps2, (gate_up, *gu_w), (down, *down_w)) in enumerate(plan):
         cache.raise_if_cancelled()
         projected = qkv(h, *qkv_w, w1, eps1, False, None)
-        parts = []
-        if decoding:
-            assert cache.decode is not None
-            parts.append(nk.decode_attention(projected[:decoding].contiguous(), c[:decoding], s[:decoding],
-                                             kv.keys[i], kv.values[i], cache.slots[:decoding],
-                                             cache.decode.gather, cache.decode.lengths, heads, kv_heads, scale))
-        if prompt is not None:
-            out = layers[i].self_attn.attend_projected(projected[None, decoding:], cos[:, decoding:],
-                                                       sin[:, decoding:], i, prompt)
-            parts.append(out[0])
-        a = parts[0] if len(parts) == 1 else torch.cat(parts)
+        a = nk.decode_attention(projected, c, s, kv.keys[i], kv.values[i], cache.slots, gather, lengths, heads,
+                                kv_heads, scale, row_seq)
         h = o(a.contiguous(), *o_w, None, 0.0, False, h)
         h = down(gate_up(h, *gu_w, w2, eps2, False, None), *down_w, None, 0.0, True, h)
     return h[None]

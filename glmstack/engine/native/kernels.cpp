@@ -759,126 +759,274 @@ inline void rotate(float* x, const T* cos, const T* sin, int64_t D) {
   }
 }
 
+// Softmax numerators of one (row, head)'s scores p[0:L] in place; returns 1 / their sum. Shared by the row and
+// tile paths of paged attention, so both give the same bits.
+inline float softmax_numerators(float* p, int64_t L) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t l = 0; l < L; l += 16) {
+    mx = _mm512_mask_max_ps(mx, tail_mask(std::min<int64_t>(16, L - l)), mx, _mm512_loadu_ps(p + l));
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t l = 0; l < L; l += 16) {
+    const __mmask16 m = tail_mask(std::min<int64_t>(16, L - l));
+    const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(p + l), top)));
+    _mm512_storeu_ps(p + l, e);
+    total = _mm512_add_ps(total, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(total);
+}
+
+// In place: r[i] lane j becomes r[j] lane i (a 16 x 16 fp32 transpose).
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + m], 128-bit lane k: rows 4i..4i+3 of column 4k + m
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int m = 0; m < 4; ++m) {  // column 4k + m: lane k of r[m], r[4 + m], r[8 + m], r[12 + m]
+    const __m512 lo_a = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44), lo_b = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512 hi_a = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xEE), hi_b = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xEE);
+    t[m] = _mm512_shuffle_f32x4(lo_a, lo_b, 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(lo_a, lo_b, 0xDD);
+    t[8 + m] = _mm512_shuffle_f32x4(hi_a, hi_b, 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(hi_a, hi_b, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// acc[0:Dv] += sum over j < m of p[j] · vt[j][0:Dv], j in order (the row path's order), with the
+// accumulators in registers: through memory, each step would wait on the last one's store.
+template <int VV>
+inline void weighted_values_regs(__m512* acc, const float* p, const float* vt, int64_t Dv, int64_t m) {
+  __m512 a[VV];
+  for (int c = 0; c < VV; ++c) a[c] = acc[c];
+  for (int64_t j = 0; j < m; ++j) {
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    for (int c = 0; c < VV; ++c) a[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vt + j * Dv + c * 16), a[c]);
+  }
+  for (int c = 0; c < VV; ++c) acc[c] = a[c];
+}
+
+inline void weighted_values(__m512* acc, const float* p, const float* vt, int64_t Dv, int64_t m) {
+  switch (Dv / 16) {
+    case 4: weighted_values_regs<4>(acc, p, vt, Dv, m); return;
+    case 8: weighted_values_regs<8>(acc, p, vt, Dv, m); return;
+    default:
+      for (int64_t c = 0; c < Dv / 16; ++c) weighted_values_regs<1>(acc + c, p, vt + c * 16, Dv, m);
+  }
+}
+
+// Rows of one sequence that attend together (prompt rows), and the kv head: each block of 16 context
+// positions' keys is transposed to fp32 once (kt[d][j]) and serves every (row, query head) of the tile, with
+// no horizontal sums: lane j of x[i] accumulates q[c·16 + i]·k_j[c·16 + i] over c, exactly the chain lane i
+// of the row path's dot accumulates for position j, and the 16 x[i] are added in sum16's tree order. Values
+// are converted once per block too. Every output gets the row path's operations in the row path's order, so
+// a token attends bit for bit the same as a prompt row or a decoding row.
 template <typename T>
-void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                           at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& slots,
-                           const at::Tensor& gather, const at::Tensor& lengths, int64_t H, int64_t Hkv,
-                           float scale, at::Tensor& out) {
-  const int64_t B = qkv.size(0), D = key_cache.size(2), Dv = value_cache.size(2), width = qkv.size(1);
-  const int64_t Lmax = gather.size(1), group = H / Hkv;
+void attend_tile(int64_t r0, int64_t rows, int64_t hk, const float* q, const int64_t* ctx, const int64_t* len,
+                 const T* kc, const T* vc, T* op, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, float scale,
+                 int64_t Lpad, std::vector<float>& sc, std::vector<float>& kt, std::vector<float>& vt,
+                 std::vector<__m512>& acc) {
+  const int64_t group = H / Hkv, dv = D / 16, vv = Dv / 16, queries = rows * group;
+  int64_t Lt = 0;
+  for (int64_t t = 0; t < rows; ++t) Lt = std::max(Lt, len[r0 + t]);
+  for (int64_t l0 = 0; l0 < Lt; l0 += 16) {
+    const int64_t n = std::min<int64_t>(16, Lt - l0);
+    for (int64_t c = 0; c < dv; ++c) {  // kt[(c·16 + i)·16 + j] = k_j[c·16 + i], 16 x 16 at a time
+      __m512 block[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        block[j] = j < n ? loadv(kc + (ctx[l0 + j] * Hkv + hk) * D + c * 16) : _mm512_setzero_ps();
+      }
+      transpose16(block);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt.data() + (c * 16 + i) * 16, block[i]);
+    }
+    for (int64_t qi = 0; qi < queries; ++qi) {
+      const int64_t t = qi / group, h = hk * group + qi % group;
+      if (l0 >= len[r0 + t]) continue;
+      const float* qh = q + ((r0 + t) * H + h) * D;
+      __m512 x[16];
+      for (int i = 0; i < 16; ++i) x[i] = _mm512_mul_ps(_mm512_set1_ps(qh[i]), _mm512_loadu_ps(kt.data() + i * 16));
+      for (int64_t c = 1; c < dv; ++c) {  // 16 independent chains per step
+        for (int i = 0; i < 16; ++i) {
+          x[i] = _mm512_fmadd_ps(_mm512_set1_ps(qh[c * 16 + i]), _mm512_loadu_ps(kt.data() + (c * 16 + i) * 16), x[i]);
+        }
+      }
+      __m512 s4[4];
+      for (int k = 0; k < 4; ++k) {
+        s4[k] = _mm512_add_ps(_mm512_add_ps(x[4 * k], x[4 * k + 2]), _mm512_add_ps(x[4 * k + 1], x[4 * k + 3]));
+      }
+      const __m512 total = _mm512_add_ps(_mm512_add_ps(s4[0], s4[1]), _mm512_add_ps(s4[2], s4[3]));
+      _mm512_storeu_ps(sc.data() + qi * Lpad + l0, _mm512_mul_ps(total, _mm512_set1_ps(scale)));
+    }
+  }
+  std::vector<float> inv(queries);
+  for (int64_t qi = 0; qi < queries; ++qi) {
+    inv[qi] = softmax_numerators(sc.data() + qi * Lpad, len[r0 + qi / group]);
+    for (int64_t c = 0; c < vv; ++c) acc[qi * vv + c] = _mm512_setzero_ps();
+  }
+  for (int64_t l0 = 0; l0 < Lt; l0 += 16) {
+    const int64_t n = std::min<int64_t>(16, Lt - l0);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* v = vc + (ctx[l0 + j] * Hkv + hk) * Dv;
+      for (int64_t c = 0; c < vv; ++c) _mm512_storeu_ps(vt.data() + j * Dv + c * 16, loadv(v + c * 16));
+    }
+    for (int64_t qi = 0; qi < queries; ++qi) {
+      const int64_t m = std::min<int64_t>(n, len[r0 + qi / group] - l0);
+      if (m > 0) weighted_values(acc.data() + qi * vv, sc.data() + qi * Lpad + l0, vt.data(), Dv, m);
+    }
+  }
+  for (int64_t qi = 0; qi < queries; ++qi) {
+    const int64_t t = qi / group, h = hk * group + qi % group;
+    T* o = op + (r0 + t) * H * Dv + h * Dv;
+    const __m512 scale_q = _mm512_set1_ps(inv[qi]);
+    for (int64_t c = 0; c < vv; ++c) storev(o + c * 16, _mm512_mul_ps(acc[qi * vv + c], scale_q));
+  }
+}
+
+template <typename T>
+void paged_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                          at::Tensor& key_cache, at::Tensor& value_cache, const int64_t* slot,
+                          const int64_t* gp, int64_t Lmax, const int64_t* seq, const int64_t* len, int64_t H,
+                          int64_t Hkv, float scale, at::Tensor& out) {
+  const int64_t R = qkv.size(0), D = key_cache.size(2), Dv = value_cache.size(2), width = qkv.size(1);
+  const int64_t group = H / Hkv, dv = D / 16, vv = Dv / 16;
   const T* src = qkv.data_ptr<T>();
   T* kc = key_cache.data_ptr<T>();
   T* vc = value_cache.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t* gp = gather.data_ptr<int64_t>();
-  const int64_t* len = lengths.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  // Rotated q (fp32) for every sequence; rotated k and v go straight into the cache, in its dtype, as
-  // F.scaled_dot_product_attention on the module path would see them.
-  std::vector<float> q(B * H * D);
-  std::vector<float> head(D);
-  for (int64_t b = 0; b < B; ++b) {
-    const T* row = src + b * width;
-    for (int64_t h = 0; h < H + Hkv; ++h) {
-      float* dst = h < H ? q.data() + (b * H + h) * D : head.data();
-      for (int64_t d = 0; d < D; ++d) dst[d] = to_float(row[h * D + d]);
-      rotate(dst, cp + b * D, sp + b * D, D);
-      if (h >= H) {
-        T* k = kc + (slot[b] * Hkv + (h - H)) * D;
-        for (int64_t d = 0; d < D; ++d) k[d] = static_cast<T>(dst[d]);
+  // Every row's k and v into the cache first (a prompt row attends to the rows before it in this call), and
+  // every row's rotated q, in fp32; k is rotated in fp32 and stored in the cache's dtype, as
+  // F.scaled_dot_product_attention on the module path sees it.
+  std::vector<float> q(R * H * D);
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> head(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = src + r * width;
+      for (int64_t h = 0; h < H + Hkv; ++h) {
+        float* dst = h < H ? q.data() + (r * H + h) * D : head.data();
+        for (int64_t d = 0; d < D; ++d) dst[d] = to_float(row[h * D + d]);
+        rotate(dst, cp + r * D, sp + r * D, D);
+        if (h >= H) {
+          T* k = kc + (slot[r] * Hkv + (h - H)) * D;
+          for (int64_t d = 0; d < D; ++d) k[d] = static_cast<T>(dst[d]);
+        }
       }
+      std::memcpy(vc + slot[r] * Hkv * Dv, row + (H + Hkv) * D, Hkv * Dv * sizeof(T));
     }
-    std::memcpy(vc + slot[b] * Hkv * Dv, row + (H + Hkv) * D, Hkv * Dv * sizeof(T));
+  });
+  // Work items: a row alone (a decoding sequence; all its heads: a context position's keys, then values, for
+  // every kv head are one contiguous row of the cache, read whole, each shared by the `group` query heads it
+  // serves), or up to kTileRows consecutive rows of one sequence (a prompt chunk) with one kv head
+  // (attend_tile). A row's arithmetic is the same either way and whatever else the call holds, so a token
+  // attends the same as a decoding row, a prompt row, or in any chunking of its prompt.
+  constexpr int64_t kTileRows = 8;
+  struct Item { int64_t r0, rows, hk; };  // hk < 0: the row path
+  std::vector<Item> items;
+  for (int64_t r = 0; r < R;) {
+    int64_t same = 1;
+    while (r + same < R && seq[r + same] == seq[r]) ++same;
+    if (same == 1) {
+      items.push_back({r, 1, -1});
+    } else {
+      for (int64_t t = 0; t < same; t += kTileRows)
+        for (int64_t hk = 0; hk < Hkv; ++hk) items.push_back({r + t, std::min(kTileRows, same - t), hk});
+    }
+    r += same;
   }
-  // One work item per (sequence, kv head): its `group` query heads share every key and value row loaded.
-  // D and Dv are whole vectors of 16 (decode_attention checks).
-  const int64_t dv = D / 16, vv = Dv / 16;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    const int64_t Lpad = (Lmax + 15) / 16 * 16;
-    std::vector<float> p(group * Lpad);
-    std::vector<__m512> acc(group * vv);
-    std::vector<__m512> qv(group * dv);
-    std::vector<float> inv(group);
-    std::vector<__m512> part(group * 16), kv(dv);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / Hkv, hk = i % Hkv, L = len[b];
-      const int64_t* ctx = gp + b * Lmax;
-      for (int64_t g = 0; g < group; ++g) {
-        for (int64_t c = 0; c < dv; ++c) qv[g * dv + c] = _mm512_loadu_ps(q.data() + (b * H + hk * group + g) * D + c * 16);
+  const int64_t Lpad = (Lmax + 15) / 16 * 16;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(std::max(H, kTileRows * group) * Lpad);
+    std::vector<__m512> acc(std::max(H, kTileRows * group) * vv), qv(H * dv), part(H * 16), kv(dv);
+    std::vector<float> inv(H), kt(D * 16), vt(16 * Dv);
+    const int64_t row_bytes_k = Hkv * D, row_bytes_v = Hkv * Dv;  // in elements
+    for (int64_t item = begin; item < end; ++item) {
+      const Item it = items[item];
+      if (it.hk >= 0) {
+        attend_tile<T>(it.r0, it.rows, it.hk, q.data(), gp + seq[it.r0] * Lmax, len, kc, vc, op, H, Hkv, D, Dv,
+                       scale, Lpad, p, kt, vt, acc);
+        continue;
       }
-      // scores, 16 positions a time: each key row is loaded once for the group's heads. The rows come from
-      // all over a KV pool the step's weights have just pushed out of cache, and hardware prefetchers don't
-      // follow the gather: fetch the keys a block ahead and the values now, for the weighted sum below.
-      if (i == begin) {
-        for (int64_t j = 0; j < std::min<int64_t>(16, L); ++j) prefetch_row(kc + (ctx[j] * Hkv + hk) * D, D);
+      const int64_t r = it.r0;
+      const int64_t L = len[r];
+      const int64_t* ctx = gp + seq[r] * Lmax;
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t c = 0; c < dv; ++c) qv[h * dv + c] = _mm512_loadu_ps(q.data() + (r * H + h) * D + c * 16);
       }
+      // scores, 16 positions a time. The rows come from all over a KV pool the step's weights have just
+      // pushed out of cache, and hardware prefetchers don't follow the gather: fetch the keys a block ahead
+      // and the values now, for the weighted sum below.
+      for (int64_t j = 0; j < std::min<int64_t>(16, L); ++j) prefetch_row(kc + ctx[j] * row_bytes_k, row_bytes_k);
       for (int64_t l0 = 0; l0 < L; l0 += 16) {
         const int64_t n = std::min<int64_t>(16, L - l0);
         for (int64_t j = 0; j < n; ++j) {
-          if (l0 + 16 + j < L) prefetch_row(kc + (ctx[l0 + 16 + j] * Hkv + hk) * D, D);
-          prefetch_row(vc + (ctx[l0 + j] * Hkv + hk) * Dv, Dv);
-          const T* k = kc + (ctx[l0 + j] * Hkv + hk) * D;
-          for (int64_t c = 0; c < dv; ++c) kv[c] = loadv(k + c * 16);
-          for (int64_t g = 0; g < group; ++g) {
-            __m512 a = _mm512_mul_ps(qv[g * dv], kv[0]);
-            for (int64_t c = 1; c < dv; ++c) a = _mm512_fmadd_ps(qv[g * dv + c], kv[c], a);
-            part[g * 16 + j] = a;
+          if (l0 + 16 + j < L) prefetch_row(kc + ctx[l0 + 16 + j] * row_bytes_k, row_bytes_k);
+          prefetch_row(vc + ctx[l0 + j] * row_bytes_v, row_bytes_v);
+          const T* krow = kc + ctx[l0 + j] * row_bytes_k;
+          for (int64_t hk = 0; hk < Hkv; ++hk) {
+            for (int64_t c = 0; c < dv; ++c) kv[c] = loadv(krow + hk * D + c * 16);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t h = hk * group + g;
+              __m512 a = _mm512_mul_ps(qv[h * dv], kv[0]);
+              for (int64_t c = 1; c < dv; ++c) a = _mm512_fmadd_ps(qv[h * dv + c], kv[c], a);
+              part[h * 16 + j] = a;
+            }
           }
         }
-        for (int64_t g = 0; g < group; ++g) {
-          for (int64_t j = n; j < 16; ++j) part[g * 16 + j] = _mm512_setzero_ps();
-          _mm512_storeu_ps(p.data() + g * Lpad + l0, _mm512_mul_ps(sum16(part.data() + g * 16), _mm512_set1_ps(scale)));
+        for (int64_t h = 0; h < H; ++h) {
+          for (int64_t j = n; j < 16; ++j) part[h * 16 + j] = _mm512_setzero_ps();
+          _mm512_storeu_ps(p.data() + h * Lpad + l0, _mm512_mul_ps(sum16(part.data() + h * 16), _mm512_set1_ps(scale)));
         }
       }
-      if (i + 1 < end) {  // the next item's first block of keys, while this one finishes
-        const int64_t nb = (i + 1) / Hkv, nh = (i + 1) % Hkv;
-        for (int64_t j = 0; j < std::min<int64_t>(16, len[nb]); ++j) prefetch_row(kc + (gp[nb * Lmax + j] * Hkv + nh) * D, D);
+      for (int64_t h = 0; h < H; ++h) {  // softmax numerators in place, and each head's 1 / sum
+        inv[h] = softmax_numerators(p.data() + h * Lpad, L);
+        for (int64_t c = 0; c < vv; ++c) acc[h * vv + c] = _mm512_setzero_ps();
       }
-      // softmax numerators in place, and each head's 1 / sum
-      for (int64_t g = 0; g < group; ++g) {
-        float* pg = p.data() + g * Lpad;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t l = 0; l < L; l += 16) {
-          mx = _mm512_mask_max_ps(mx, tail_mask(std::min<int64_t>(16, L - l)), mx, _mm512_loadu_ps(pg + l));
-        }
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t l = 0; l < L; l += 16) {
-          const __mmask16 m = tail_mask(std::min<int64_t>(16, L - l));
-          const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(pg + l), top)));
-          _mm512_storeu_ps(pg + l, e);
-          total = _mm512_add_ps(total, e);
-        }
-        inv[g] = 1.f / _mm512_reduce_add_ps(total);
-        for (int64_t c = 0; c < vv; ++c) acc[g * vv + c] = _mm512_setzero_ps();
+      if (item + 1 < end && items[item + 1].hk < 0) {  // the next row's first keys, while this one finishes
+        const int64_t next = items[item + 1].r0;
+        const int64_t* next_ctx = gp + seq[next] * Lmax;
+        for (int64_t j = 0; j < std::min<int64_t>(16, len[next]); ++j) prefetch_row(kc + next_ctx[j] * row_bytes_k, row_bytes_k);
       }
       for (int64_t l = 0; l < L; ++l) {
-        const T* v = vc + (ctx[l] * Hkv + hk) * Dv;
-        for (int64_t c = 0; c < vv; ++c) {
-          const __m512 x = loadv(v + c * 16);
-          for (int64_t g = 0; g < group; ++g) {
-            acc[g * vv + c] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * Lpad + l]), x, acc[g * vv + c]);
+        const T* vrow = vc + ctx[l] * row_bytes_v;
+        for (int64_t hk = 0; hk < Hkv; ++hk) {
+          for (int64_t c = 0; c < vv; ++c) {
+            const __m512 x = loadv(vrow + hk * Dv + c * 16);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t h = hk * group + g;
+              acc[h * vv + c] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * Lpad + l]), x, acc[h * vv + c]);
+            }
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        T* o = op + b * H * Dv + (hk * group + g) * Dv;
-        const __m512 scale_g = _mm512_set1_ps(inv[g]);
-        for (int64_t c = 0; c < vv; ++c) storev(o + c * 16, _mm512_mul_ps(acc[g * vv + c], scale_g));
+      for (int64_t h = 0; h < H; ++h) {
+        T* o = op + r * H * Dv + h * Dv;
+        const __m512 scale_h = _mm512_set1_ps(inv[h]);
+        for (int64_t c = 0; c < vv; ++c) storev(o + c * 16, _mm512_mul_ps(acc[h * vv + c], scale_h));
       }
     }
   });
 }
 
-// qkv: [B, (H + 2 Hkv) D], one decoding token per sequence; cos/sin [B, D]; caches [S, Hkv, D]; slots [B]
-// (where the new k/v go); gather [B, Lmax] context slots in position order (the new one included), lengths
-// [B]. All floating tensors share one dtype (fp32 or bf16). Returns the attention output [B, H Dv].
+// qkv: [R, (H + 2 Hkv) D], one new token per row (a decoding sequence's, or one of a prompt chunk's);
+// cos/sin [R, D]; caches [S, Hkv, D]; slots [R] (where each row's k/v go); gather [G, Lmax] context slots
+// of G sequences in position order; row_seq [R] which gather row a row reads (None: row r reads row r);
+// lengths [R] how many of them (its own position + 1: a prompt row sees the rows before it). All floating
+// tensors share one dtype (fp32 or bf16). Returns the attention output [R, H Dv].
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                             at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& slots,
                             const at::Tensor& gather, const at::Tensor& lengths, int64_t H, int64_t Hkv,
-                            double scale) {
+                            double scale, const std::optional<at::Tensor>& row_seq) {
   const auto dtype = qkv.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "fp32 or bf16 only");
   const at::Tensor* floating[] = {&qkv, &cos, &sin, &key_cache, &value_cache};
@@ -887,32 +1035,49 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
                 "qkv, cos, sin and the caches must be contiguous CPU tensors of one dtype");
   }
   TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(qkv.dim() == 2 && key_cache.dim() == 3 && value_cache.dim() == 3, "qkv [B, *], caches [S, Hkv, D]");
-  const int64_t B = qkv.size(0), D = key_cache.size(2), Dv = value_cache.size(2), S = key_cache.size(0);
+  TORCH_CHECK(qkv.dim() == 2 && key_cache.dim() == 3 && value_cache.dim() == 3, "qkv [R, *], caches [S, Hkv, D]");
+  const int64_t R = qkv.size(0), D = key_cache.size(2), Dv = value_cache.size(2), S = key_cache.size(0);
   TORCH_CHECK(key_cache.size(1) == Hkv && value_cache.size(1) == Hkv && value_cache.size(0) == S, "cache shapes");
   TORCH_CHECK(qkv.size(1) == (H + Hkv) * D + Hkv * Dv, "qkv width");
   TORCH_CHECK(D % 16 == 0 && Dv % 16 == 0, "head dims must be multiples of 16");
-  TORCH_CHECK(cos.numel() == B * D && sin.numel() == B * D, "cos/sin: [B, D]");
+  TORCH_CHECK(cos.numel() == R * D && sin.numel() == R * D, "cos/sin: [R, D]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && gather.scalar_type() == at::kLong &&
                   lengths.scalar_type() == at::kLong && gather.is_contiguous() && slots.is_contiguous() &&
-                  lengths.is_contiguous() && gather.dim() == 2 && gather.size(0) == B && slots.numel() == B &&
-                  lengths.numel() == B, "slots [B], gather [B, Lmax], lengths [B]: int64");
-  const int64_t Lmax = gather.size(1);
+                  lengths.is_contiguous() && gather.dim() == 2 && slots.numel() == R && lengths.numel() == R,
+              "slots [R], gather [G, Lmax], lengths [R]: int64");
+  const int64_t G = gather.size(0), Lmax = gather.size(1);
+  std::vector<int64_t> identity;
+  const int64_t* seq = nullptr;
+  if (row_seq.has_value()) {
+    TORCH_CHECK(row_seq->scalar_type() == at::kLong && row_seq->is_contiguous() && row_seq->numel() == R,
+                "row_seq [R]: int64");
+    seq = row_seq->data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(G == R, "without row_seq, gather has one row per row of qkv");
+    identity.resize(R);
+    for (int64_t r = 0; r < R; ++r) identity[r] = r;
+    seq = identity.data();
+  }
   const int64_t* slot = slots.data_ptr<int64_t>();
   const int64_t* gp = gather.data_ptr<int64_t>();
   const int64_t* len = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(slot[b] >= 0 && slot[b] < S, "slot out of range");
-    TORCH_CHECK(len[b] >= 1 && len[b] <= Lmax, "length out of range");
-    for (int64_t l = 0; l < len[b]; ++l) TORCH_CHECK(gp[b * Lmax + l] >= 0 && gp[b * Lmax + l] < S, "context slot out of range");
+  std::vector<int64_t> longest(G, 0);  // the most positions any row reads of each gather row
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(slot[r] >= 0 && slot[r] < S, "slot out of range");
+    TORCH_CHECK(seq[r] >= 0 && seq[r] < G, "row_seq out of range");
+    TORCH_CHECK(len[r] >= 1 && len[r] <= Lmax, "length out of range");
+    longest[seq[r]] = std::max(longest[seq[r]], len[r]);
   }
-  at::Tensor out = at::empty({B, H * Dv}, qkv.options());
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t l = 0; l < longest[g]; ++l) TORCH_CHECK(gp[g * Lmax + l] >= 0 && gp[g * Lmax + l] < S, "context slot out of range");
+  }
+  at::Tensor out = at::empty({R, H * Dv}, qkv.options());
   if (dtype == at::kFloat) {
-    decode_attention_impl<float>(qkv, cos, sin, key_cache, value_cache, slots, gather, lengths, H, Hkv,
-                                 static_cast<float>(scale), out);
+    paged_attention_impl<float>(qkv, cos, sin, key_cache, value_cache, slot, gp, Lmax, seq, len, H, Hkv,
+                                static_cast<float>(scale), out);
   } else {
-    decode_attention_impl<at::BFloat16>(qkv, cos, sin, key_cache, value_cache, slots, gather, lengths, H, Hkv,
-                                        static_cast<float>(scale), out);
+    paged_attention_impl<at::BFloat16>(qkv, cos, sin, key_cache, value_cache, slot, gp, Lmax, seq, len, H, Hkv,
+                                       static_cast<float>(scale), out);
   }
   return out;
 }
@@ -937,5 +1102,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activation_path", [] { return use_vnni.load() ? "vnni" : "fp32"; },
         "what int8_linear and int4_linear multiply the weights with: int8 activations (vnni) or fp32 ones");
   m.def("int4_dequantize", &int4_dequantize, no_gil, "int4 (native layout) -> bf16 [N, K]");
-  m.def("decode_attention", &decode_attention, no_gil, "rotary + KV write + paged decode attention");
+  m.def("decode_attention", &decode_attention, no_gil,
+        "rotary + KV write + paged attention for decoding and prompt rows alike", py::arg("qkv"), py::arg("cos"),
+        py::arg("sin"), py::arg("key_cache"), py::arg("value_cache"), py::arg("slots"), py::arg("gather"),
+        py::arg("lengths"), py::arg("H"), py::arg("Hkv"), py::arg("scale"), py::arg("row_seq") = py::none());
 }
