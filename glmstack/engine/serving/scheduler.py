@@ -50,6 +50,7 @@ class Sequence:
     finish_reason: str | None = None
     order: int = 0  # admission order, for preemption
     prefix_hit_tokens: int = 0
+    yielded: bool = False  # the last step left this prompt out for newer ones (never two steps running)
 
     @property
     def token_ids(self) -> list[int]:
@@ -171,11 +172,13 @@ class Scheduler:
             budget -= 1
         # 2. prompts: new ones join the prompts in progress (in arrival order, while there is room), then
         #    the shortest remaining goes first, so a short request that arrives during a long prompt gets its
-        #    first token within a step or two; the oldest prompt still advances at least a block per step.
+        #    first token in the next step. The oldest prompt advances at least a block per step, except that
+        #    it sits out a step that newer prompts take (never two steps running).
         prompts = sorted((s for s in self.running if not s.is_decoding), key=lambda s: s.order)
         while self.waiting and len(self.running) < self.max_running and self._admit(self.waiting[0]):
             prompts.append(self.waiting.popleft())
         timed = step_budget is not None and (bool(chunks) or len(prompts) > 1)
+        newer_scheduled = False
         for seq in sorted(prompts, key=lambda s: (s.num_tokens - s.num_computed, s.order)):
             if budget == 0:
                 break
@@ -183,14 +186,20 @@ class Scheduler:
             if timed:
                 assert step_budget is not None
                 planned = [(c.start, c.num_tokens) for c in chunks]
-                minimum = self.block_size if seq is prompts[0] else 0
+                oldest = seq is prompts[0]
+                if oldest and newer_scheduled and not seq.yielded:
+                    seq.yielded = True  # this step is the newcomers': their first tokens come a chunk sooner
+                    continue
+                minimum = self.block_size if oldest else 0
                 limit = step_budget.prefill_tokens(planned, seq.num_computed, budget, minimum)
+                seq.yielded = False
                 if limit == 0:
                     continue
             chunk = self._prefill_chunk(seq, limit)
             if chunk is not None:
                 chunks.append(chunk)
                 budget -= chunk.num_tokens
+                newer_scheduled = newer_scheduled or seq is not prompts[0]
         return StepPlan(chunks)
 
     def _admit(self, seq: Sequence) -> bool:
