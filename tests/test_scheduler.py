@@ -108,3 +108,16 @@ def test_too_large_requests_are_refused_up_front() -> None:
     with pytest.raises(RequestTooLargeError, match="context window"):
         Scheduler(BlockAllocator(4, 4), context_length=8).add(Sequence("long", list(range(8)), max_tokens=1))
     assert not s.has_work()
+
+
+def test_prompts_sent_together_with_one_prefix_compute_it_once() -> None:
+    s = make(budget=64)
+    system = list(range(10))  # two and a half blocks of 4 in common
+    first, second = Sequence("first", system + [50, 51], max_tokens=2), Sequence("second", system + [60], max_tokens=2)
+    other = Sequence("other", list(range(100, 106)), max_tokens=2)
+    for seq in (first, second, other):
+        s.add(seq)
+    # second waits while first computes the shared blocks; other, with a prefix of its own, goes on
+    assert fake_step(s) == {"first": (0, 12), "other": (0, 6)}
+    assert fake_step(s) == {"first": (12, 1), "other": (6, 1), "second": (8, 3)}
+    assert second.prefix_hit_tokens == 8  # its two full shared blocks, from first's computation

@@ -162,6 +162,8 @@ def test_abandoned_step_stops_within_a_layer_and_leaves_no_trace(bundled) -> Non
 
     # One live request in the step keeps the pass going for everyone.
     core.add_request("live", prompt_ids(model, PROMPTS[0]), SamplingParams(do_sample=False, max_tokens=4))
-    core.add_request("dead", prompt_ids(model, PROMPTS[2]), SamplingParams(do_sample=False, max_tokens=4))
+    # (a system prompt of its own: a prompt sharing live's first block would wait a step for live's blocks)
+    core.add_request("dead", prompt_ids(model, PROMPTS[2], system="You are terse."),
+                     SamplingParams(do_sample=False, max_tokens=4))
     events = core.step(lambda request_id: request_id == "dead")
     assert {request_id for request_id, _ in events} == {"live", "dead"}
