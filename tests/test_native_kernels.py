@@ -348,12 +348,12 @@ def test_int4_packs_for_aten_when_native_is_off(aten_only) -> None:
     assert rel_err(module(x), ref) < 1e-2
 
 
-# ---- decode attention against F.scaled_dot_product_attention ----------------------------------------------
+# ---- paged attention against F.scaled_dot_product_attention -----------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-def test_decode_attention_matches_sdpa(nk, dtype, heads, kv_heads) -> None:
+def test_paged_attention_matches_sdpa(nk, dtype, heads, kv_heads) -> None:
     g = torch.Generator().manual_seed(heads)
     # lengths around the kernel's blocks of 16 positions
     d, slots_total, lengths = 32, 128, [5, 1, 17, 16, 40]
@@ -389,17 +389,17 @@ def test_decode_attention_matches_sdpa(nk, dtype, heads, kv_heads) -> None:
     longest = max(lengths)
     gather = torch.tensor([c + [0] * (longest - len(c)) for c in contexts])
     slots = torch.tensor([c[-1] for c in contexts])
-    out = nk.decode_attention(qkv, cos, sin, keys, values, slots, gather, torch.tensor(lengths), heads,
+    out = nk.paged_attention(qkv, cos, sin, keys, values, slots, gather, torch.tensor(lengths), heads,
                               kv_heads, 1 / math.sqrt(d))
     assert out.dtype == dtype and rel_err(out, torch.stack(refs)) < tol(dtype)
     for i, ctx in enumerate(contexts):  # k/v written into their slots
         assert rel_err(keys[ctx[-1]], k[i]) < tol(dtype) and torch.equal(values[ctx[-1]].float(), v[i])
 
 
-def test_decode_attention_checks_slots(nk) -> None:
+def test_paged_attention_checks_slots(nk) -> None:
     keys = torch.zeros(8, 1, 16)
     with pytest.raises(RuntimeError, match="out of range"):
-        nk.decode_attention(torch.zeros(1, 48), torch.ones(1, 16), torch.zeros(1, 16), keys, keys.clone(),
+        nk.paged_attention(torch.zeros(1, 48), torch.ones(1, 16), torch.zeros(1, 16), keys, keys.clone(),
                             torch.tensor([9]), torch.tensor([[0]]), torch.tensor([1]), 1, 1, 0.25)
 
 
@@ -547,11 +547,11 @@ def test_prompt_rows_attend_like_sdpa_and_bit_for_bit_like_decoding_rows(nk, dty
     sin = torch.randn(chunk, d, generator=g).to(dtype)
     slots = context[past:].contiguous()
     lengths = torch.arange(past + 1, total + 1)
-    out = nk.decode_attention(qkv, cos, sin, keys, values, slots, context[None].contiguous(), lengths, heads,
+    out = nk.paged_attention(qkv, cos, sin, keys, values, slots, context[None].contiguous(), lengths, heads,
                               kv_heads, 1 / math.sqrt(d), torch.zeros(chunk, dtype=torch.long))
     # each row alone, after the chunk wrote its keys: the row path
     for i in range(chunk):
-        alone = nk.decode_attention(qkv[i : i + 1].contiguous(), cos[i : i + 1].contiguous(),
+        alone = nk.paged_attention(qkv[i : i + 1].contiguous(), cos[i : i + 1].contiguous(),
                                     sin[i : i + 1].contiguous(), keys, values, slots[i : i + 1].contiguous(),
                                     context[None, : past + i + 1].contiguous(), lengths[i : i + 1].contiguous(),
                                     heads, kv_heads, 1 / math.sqrt(d))

@@ -1,5 +1,5 @@
 """Native CPU kernels: int8 / int4 weight-only linears (with RMSNorm, SiLU·mul and the residual add
-fused in) and paged decode attention, in `kernels.cpp`.
+fused in) and paged attention (decoding and prompt rows), in `kernels.cpp`.
 
 PyTorch's fused weight-only kernels move 6–9 GB/s on the narrow matrices of small models, and a decode
 step is ~1,300 small ATen ops; these kernels read the weights at memory bandwidth and let a decoder layer

@@ -83,7 +83,7 @@ def fused_llama_layers(model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tens
     for i, (w1, eps1, (qkv, *qkv_w), (o, *o_w), w2, eps2, (gate_up, *gu_w), (down, *down_w)) in enumerate(plan):
         cache.raise_if_cancelled()
         projected = qkv(h, *qkv_w, w1, eps1, False, None)
-        a = nk.decode_attention(projected, c, s, kv.keys[i], kv.values[i], cache.slots, gather, lengths, heads,
+        a = nk.paged_attention(projected, c, s, kv.keys[i], kv.values[i], cache.slots, gather, lengths, heads,
                                 kv_heads, scale, row_seq)
         h = o(a.contiguous(), *o_w, None, 0.0, False, h)
         h = down(gate_up(h, *gu_w, w2, eps2, False, None), *down_w, None, 0.0, True, h)

@@ -1,4 +1,4 @@
-// Native CPU kernels for glmstack's quantized linears and decode attention (AVX-512; built by
+// Native CPU kernels for glmstack's quantized linears and paged attention (AVX-512; built by
 // glmstack/engine/native/__init__.py).
 //
 // - int8_linear: y = (x @ w.T) * scale (+ bias) (+ residual); w int8 [N, K], one scale per row.
@@ -12,8 +12,9 @@
 // Both take an optional input transform, fused so decode makes one call instead of three:
 //   norm_weight: x <- rms_norm(x) * norm_weight (the layer's RMSNorm before the projection)
 //   silu_mul:    x is [M, 2K] = [gate | up], x <- silu(gate) * up (the MLP's activation before down_proj)
-// - decode_attention: rotary on q/k, KV-cache write, and attention over each sequence's paged context, for
-//   sequences decoding one token each.
+// - paged_attention: rotary on q/k, KV-cache write, and each row's attention over its sequence's paged
+//   context, for decoding rows (one token of a sequence) and prompt rows (a chunk's tokens, each seeing the
+//   ones before it) alike, with the same arithmetic per row: a token attends the same bits either way.
 // Accumulation is fp32 (int32 within a 128-input chunk on VNNI). Threads come from ATen's pool.
 
 #include <ATen/ATen.h>
@@ -701,7 +702,7 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz) {
   return out;
 }
 
-// ---- decode attention -------------------------------------------------------------------------------------
+// ---- paged attention --------------------------------------------------------------------------------------
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
@@ -1023,7 +1024,7 @@ void paged_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const at
 // of G sequences in position order; row_seq [R] which gather row a row reads (None: row r reads row r);
 // lengths [R] how many of them (its own position + 1: a prompt row sees the rows before it). All floating
 // tensors share one dtype (fp32 or bf16). Returns the attention output [R, H Dv].
-at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                             at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& slots,
                             const at::Tensor& gather, const at::Tensor& lengths, int64_t H, int64_t Hkv,
                             double scale, const std::optional<at::Tensor>& row_seq) {
@@ -1102,7 +1103,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activation_path", [] { return use_vnni.load() ? "vnni" : "fp32"; },
         "what int8_linear and int4_linear multiply the weights with: int8 activations (vnni) or fp32 ones");
   m.def("int4_dequantize", &int4_dequantize, no_gil, "int4 (native layout) -> bf16 [N, K]");
-  m.def("decode_attention", &decode_attention, no_gil,
+  m.def("paged_attention", &paged_attention, no_gil,
         "rotary + KV write + paged attention for decoding and prompt rows alike", py::arg("qkv"), py::arg("cos"),
         py::arg("sin"), py::arg("key_cache"), py::arg("value_cache"), py::arg("slots"), py::arg("gather"),
         py::arg("lengths"), py::arg("H"), py::arg("Hkv"), py::arg("scale"), py::arg("row_seq") = py::none());
