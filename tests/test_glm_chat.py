@@ -261,12 +261,15 @@ def test_chat_with_tuple_history(loaded, family: str) -> None:
     with prompts_seen(model) as seen:
         response, history = model.chat(tokenizer, "你好", history=[], **GREEDY)
     assert isinstance(response, str) and response
-    assert history == [("你好", response)]
+    # from an empty history, ChatGLM3 and GLM-4-9B-chat answer with role dicts, as ChatGLM3's own chat() does
+    dicts = family in ("chatglm3", "glm4-9b-chat")
+    turn = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": response}]
+    assert history == (turn if dicts else [("你好", response)])
     assert seen[0] == model.chat_format.render([{"role": "user", "content": "你好"}]).token_ids
     assert seen[0] == expected_prompt(family, "你好")
     assert len(seen) == 1  # one generation
 
-    again, history = model.chat(tokenizer, "再见", history=history, **GREEDY)
+    again, history = model.chat(tokenizer, "再见", history=[("你好", response)], **GREEDY)
     assert isinstance(again, str) and history == [("你好", response), ("再见", again)]
 
 
@@ -305,7 +308,9 @@ def test_system_prompt(loaded, family: str) -> None:
     model, tokenizer = loaded(family)
     with prompts_seen(model) as seen:
         response, history = model.chat(tokenizer, "你好", history=[], system=SYSTEM, **GREEDY)
-    assert isinstance(response, str) and history == [("你好", response)]
+    dicts = family in ("chatglm3", "glm4-9b-chat")  # see test_chat_with_tuple_history
+    turn = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": response}]
+    assert isinstance(response, str) and history == (turn if dicts else [("你好", response)])
     assert seen[0] == expected_prompt(family, "你好", system=SYSTEM)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "你好"}]
     assert seen[0] == model.chat_format.render(messages).token_ids
@@ -389,7 +394,7 @@ def test_stop_token_ends_the_answer_at_once(forced, family: str, token_id: int) 
     events = chat_events(model, max_tokens=8)
     assert [(e.text, e.token_ids, e.finish_reason) for e in events] == [("", [], "stop")]
     assert events[-1].usage.completion_tokens == 0
-    assert model.chat(None, "你好", history=[], do_sample=False) == ("", [("你好", "")])
+    assert model.chat(None, "你好", history=[("a", "b")], do_sample=False) == ("", [("a", "b"), ("你好", "")])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -16,6 +16,7 @@ If the system prompt and the current query alone do not fit, `ContextLengthError
 
 from __future__ import annotations
 
+import builtins
 import collections
 import copy
 import ctypes
@@ -25,6 +26,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -35,10 +37,12 @@ from glmstack.engine.errors import ContextLengthError
 from glmstack.engine.generation import generate_stream
 from glmstack.engine.loading.catalog import resolve_model_path
 from glmstack.engine.loading.checkpoint import (
+    Checkpoint,
     LoadedModel,
     load_model,
     open_checkpoint,
     pick_device,
+    resolve_architecture,
     stored_precision,
 )
 from glmstack.engine.loading.generation_config import generation_defaults
@@ -73,6 +77,7 @@ class ChatModel:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self._engine: LocalEngine | None = None  # made on first use
+        self._half_requested = False  # .half() on CPU chose bf16; a following .cuda() makes it fp16
 
     @property
     def context_length(self) -> int:
@@ -85,6 +90,67 @@ class ChatModel:
         # Weights the loader kept in the file's own int4 blocks (keep_int4) go in as they are.
         prequantized, self.loaded.prequantized = self.loaded.prequantized, {}
         quantize_model(self.module, bits, group_size=group_size, prequantized=prequantized)
+        return self
+
+    # ---- the chain THUDM's READMEs use: .half().cuda(), .float(), .to(device), .eval() ----------------------
+
+    def half(self) -> ChatModel:
+        """float16 on a GPU. On CPU bfloat16 instead: the same memory, and CPUs multiply bf16 natively (AVX512-BF16,
+        AMX) where fp16 matmuls are emulated."""
+        self._move(dtype=torch.float16 if self.device.type != "cpu" else torch.bfloat16)
+        self._half_requested = self.device.type == "cpu"
+        return self
+
+    def bfloat16(self) -> ChatModel:
+        return self._move(dtype=torch.bfloat16)
+
+    def float(self) -> ChatModel:  # ChatGLM's name (torch's Module.float)
+        return self._move(dtype=torch.float32)
+
+    def cuda(self, device: int | str | None = None) -> ChatModel:
+        if not torch.cuda.is_available():
+            raise RuntimeError("model.cuda(): this machine has no CUDA device (PyTorch sees none); "
+                               "leave it out to run on the CPU")
+        target = torch.device("cuda" if device is None else device if isinstance(device, str) else f"cuda:{device}")
+        # ChatGLM's `.half().cuda()` on a CPU-loaded model: on the GPU, half is fp16
+        dtype = torch.float16 if self._half_requested else None
+        return self._move(device=target, dtype=dtype)
+
+    def cpu(self) -> ChatModel:
+        return self._move(device=torch.device("cpu"))
+
+    def to(self, *args: Any, **kwargs: Any) -> ChatModel:
+        """`.to(device)`, `.to(dtype)` or both, as torch's Module.to takes them."""
+        device = kwargs.pop("device", None)
+        dtype = kwargs.pop("dtype", None)
+        if kwargs:
+            raise TypeError(f"model.to() does not take {', '.join(sorted(kwargs))}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        if device is not None and torch.device(device).type == "cuda":
+            self.cuda(torch.device(device).index)
+            device = None
+        return self._move(device=None if device is None else torch.device(device), dtype=dtype)
+
+    def eval(self) -> ChatModel:
+        self.module.eval()
+        return self
+
+    def _move(self, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> ChatModel:
+        """Weights to `device` / `dtype` in place (quantized weights keep their integer codes). The serving
+        engine's KV pool is sized and typed for the old place, so it is rebuilt on next use."""
+        self._half_requested = False
+        device, dtype = device or self.device, dtype or self.dtype
+        if device == self.device and dtype == self.dtype:
+            return self
+        self.module.to(device=device, dtype=dtype)
+        self.module.__dict__.pop("_native_plan_cache", None)  # it holds the old weight tensors
+        self.device = self.loaded.device = device
+        self.dtype = self.loaded.dtype = dtype
+        self._engine = None
         return self
 
     def __repr__(self) -> str:
@@ -170,16 +236,45 @@ class ChatModel:
         max_length: int | None = None,
         max_new_tokens: int | None = None,
         do_sample: bool = True,
-        top_p: float = 0.8,
-        temperature: float = 0.8,
+        top_p: builtins.float = 0.8,  # (builtins: `float` in this class body is ChatModel.float)
+        temperature: builtins.float = 0.8,
         top_k: int = 0,
         stop: list[str] | None = None,
         seed: int | None = None,
-        **_ignored: Any,
-    ) -> Iterator[tuple[str, History]]:
-        """Yields (response so far, history including this turn), ChatGLM style."""
+        past_key_values: Any = None,
+        return_past_key_values: bool = False,
+        num_beams: int = 1,
+        logits_processor: Any = None,
+        **unsupported: Any,
+    ) -> Iterator[Any]:
+        """Yields (response so far, history including this turn), ChatGLM style; with
+        `return_past_key_values=True`, (response, history, past_key_values) as ChatGLM2/3's demos unpack.
+        past_key_values is an opaque handle here, taken and given back: the engine's prefix cache is what
+        reuses the earlier turns (their blocks stay cached), so passing it back or not changes nothing."""
+        if unsupported:
+            raise TypeError(f"stream_chat() got keyword arguments glmstack does not support: "
+                            f"{', '.join(sorted(unsupported))}")
+        if num_beams != 1:
+            raise ValueError(f"num_beams={num_beams}: beam search is not supported (sampling or greedy only)")
+        if logits_processor is not None and len(logits_processor) > 0:
+            raise ValueError("logits_processor is not supported: the engine samples on its own (temperature, "
+                             "top_p, top_k, stop)")
+        for response, new_history in self._stream_chat(tokenizer, query, history, system=system, role=role,
+                                                       max_length=max_length, max_new_tokens=max_new_tokens,
+                                                       do_sample=do_sample, top_p=top_p, temperature=temperature,
+                                                       top_k=top_k, stop=stop, seed=seed):
+            if return_past_key_values:
+                yield response, new_history, PastKeyValues(new_history)
+            else:
+                yield response, new_history
+
+    def _stream_chat(self, tokenizer: Tokenizer | None, query: str, history: History | None, *,
+                     system: str | None, role: str, max_length: int | None, max_new_tokens: int | None,
+                     do_sample: bool, top_p: builtins.float, temperature: builtins.float, top_k: int,
+                     stop: list[str] | None,
+                     seed: int | None) -> Iterator[tuple[str, History]]:
         history = list(history or [])
-        tuple_style = _is_tuple_history(history)
+        tuple_style = _is_tuple_history(history) and not (not history and self.chat_format.dict_history)
         messages = _to_messages(history, tuple_style)
         if system is not None:
             messages = [m for m in messages if m.get("role") != "system"]
@@ -196,11 +291,26 @@ class ChatModel:
 
     def chat(self, tokenizer: Tokenizer | None, query: str, history: History | None = None,
              **kwargs: Any) -> tuple[str, History]:
+        if kwargs.pop("return_past_key_values", False):
+            raise TypeError("chat() returns (response, history); stream_chat() is the one that can return "
+                            "past_key_values")
         last: tuple[str, History] | None = None
         for last in self.stream_chat(tokenizer, query, history, **kwargs):  # noqa: B007 - we want the final one
             pass
         assert last is not None  # stream_chat always yields the finished turn
         return last
+
+
+class PastKeyValues:
+    """What `stream_chat(..., return_past_key_values=True)` gives back for ChatGLM2/3's demos to pass in
+    again: the conversation it belongs to, not tensors (the serving engine keeps the keys and values in its
+    paged pool and finds them by the conversation's tokens)."""
+
+    def __init__(self, history: History) -> None:
+        self.turns = len(history)
+
+    def __repr__(self) -> str:
+        return f"PastKeyValues(turns={self.turns})"
 
 
 class LocalEngine:
@@ -267,8 +377,15 @@ def _with_turn(history: list[Any], tuple_style: bool, role: str, query: str, res
 
 
 def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
-    ckpt = loaded.checkpoint
-    custom = getattr(loaded.arch_module, "load_tokenizer", None)
+    return tokenizer_for(loaded.checkpoint, loaded.arch_module)
+
+
+def tokenizer_for(ckpt: Checkpoint, arch_module: ModuleType | None = None) -> Tokenizer:
+    """The tokenizer of an opened checkpoint (its architecture resolved from the config when not given); no
+    weights are read."""
+    if arch_module is None:
+        arch_module = resolve_architecture(ckpt)
+    custom = getattr(arch_module, "load_tokenizer", None)
     if custom is not None:
         return custom(ckpt)
     if ckpt.format == "gguf":

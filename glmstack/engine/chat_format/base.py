@@ -28,6 +28,9 @@ class ChatFormat(ABC):
     name: str
     stop_token_ids: set[int]
     stop_strings: list[str]
+    # `model.chat(..., history=[])` answers with [{"role", "content"}, ...] (ChatGLM3's own chat does) rather
+    # than ChatGLM-6B's [(query, response)]
+    dict_history: bool = False
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer

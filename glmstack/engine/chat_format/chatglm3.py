@@ -57,6 +57,7 @@ class RoleTokenChatFormat(ChatFormat):
     tokens off, and the prompt ends with `<|assistant|>` when a reply is wanted."""
 
     role_ids: dict[str, int]
+    dict_history = True
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False, allow_special=False)

@@ -303,16 +303,22 @@ class LoadedModel:
     prequantized: dict[str, Int4Weights] = field(default_factory=dict)
 
 
+def resolve_architecture(ckpt: Checkpoint) -> ModuleType:
+    """The file of glmstack/engine/models/ that reads this checkpoint."""
+    if ckpt.format == "gguf":
+        return registry.resolve_gguf(str(ckpt.config.get("general.architecture", "")))
+    return registry.resolve_hf(ckpt.config)
+
+
 def build_model(ckpt: Checkpoint) -> tuple[ModuleType, nn.Module]:
     """Instantiate the right architecture on the meta device (no memory, no random init)."""
+    arch_module = resolve_architecture(ckpt)
     if ckpt.format == "gguf":
         arch = str(ckpt.config.get("general.architecture", ""))
-        arch_module = registry.resolve_gguf(arch)
         # name -> shape; models test membership ("has a bias?") and read shapes the metadata omits
         tensor_names = {t.name: t.shape for t in ckpt.gguf.tensors}
         config = arch_module.Model.config_class.from_gguf(ckpt.config, arch, tensor_names)
     else:
-        arch_module = registry.resolve_hf(ckpt.config)
         config = arch_module.Model.config_class.from_hf(ckpt.config)
     with torch.device("meta"):
         model = arch_module.Model(config)
