@@ -8,31 +8,18 @@ against every GLM family's tiny checkpoint (tests/test_glm_chat.py writes them) 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import test_glm_chat
 import torch
-from test_glm_chat import BUILDERS
 
 from glmstack import AutoModel, AutoTokenizer
 from glmstack.engine.classic import PastKeyValues
 from glmstack.engine.loading.catalog import bundled_model_path
 
-FAMILIES = list(BUILDERS)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = tmp_path_factory.mktemp(family)
-            BUILDERS[family](built[family])
-        return built[family]
-
-    return get
+FAMILIES = list(test_glm_chat.BUILDERS)
+checkpoint = test_glm_chat.checkpoint  # the tiny checkpoints, as a fixture of this module too
 
 
 def last_turn(model, query: str, response: str):  # type: ignore[no-untyped-def]
