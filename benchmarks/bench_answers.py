@@ -6,8 +6,9 @@ One process, the serving engine (`EngineCore`, the server's own path), the READM
 
 1. seeds 0..N-1 at the model's own defaults (SmolLM2's card: temperature 0.2, top_p 0.9) and at the
    platform's documented 0.95 / 0.7: how many answers name Paris (issue 14's goal: 9 of 10 at the defaults);
-2. int4, greedy, the same request three times: the first is a cold prompt (a bf16 GEMM over all its rows),
-   the next two hit the prefix cache (the prompt's tail on the int8-activation kernel): are the answers equal?
+2. int4, greedy, the same request three times, cold then prefix-cached twice: are the answers equal?
+3. phrasings of the question (the README's is "... Answer in one sentence.") at int4, int8 and fp32, seeds
+   0..N-1 at the model's defaults: how many name Paris.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from glmstack.engine.serving.core import EngineCore
 from glmstack.protocol import SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PHRASINGS = ["What is the capital of France?", "What is the capital of France? Answer in one sentence.",
+             "What is the capital of France? Answer in one word.", "Name the capital of France.",
+             "What is the capital city of France?"]
 
 
 def answer(core: EngineCore, request_id: str, ids: list[int], params: SamplingParams) -> str:
@@ -54,6 +58,17 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=16, do_sample=False)
     runs = [answer(core, f"int4-{i}", ids, greedy) for i in range(3)]
     print(f"int4 greedy, cold then prefix-cached twice: {runs!r}; identical: {len(set(runs)) == 1}")
+
+    for quantize in ("int4", "int8", None):
+        model, _ = load(device="cpu", quantize=quantize)
+        core = EngineCore(model, enable_prefix_caching=False)
+        own = model.generation_defaults
+        for question in PHRASINGS:
+            ids, _ = model.render_chat([{"role": "user", "content": question}], 32)
+            params = [SamplingParams(max_tokens=24, temperature=own.temperature, top_p=own.top_p, seed=seed)
+                      for seed in range(args.seeds)]
+            right = sum("Paris" in answer(core, f"{question}{seed}", ids, p) for seed, p in enumerate(params))
+            print(f"{quantize or 'fp32'}, model defaults, {question!r}: Paris in {right} of {args.seeds}")
 
 
 if __name__ == "__main__":

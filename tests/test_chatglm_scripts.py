@@ -96,6 +96,10 @@ def test_the_readme_chain_on_the_bundled_model() -> None:
     assert model.dtype == torch.float32 and model.chat(tokenizer, question, history=[], do_sample=False)[0] == greedy
     assert model.quantize(4) is model
     assert "Paris" in model.chat(tokenizer, question, history=[], do_sample=False)[0]
+    model = model.half()  # ChatGLM-6B's README order, `.quantize(4).half()`: the int4 codes stay, scales go bf16
+    assert model.dtype == torch.bfloat16 and "Paris" in model.chat(tokenizer, question, history=[], do_sample=False)[0]
+    with pytest.raises(ValueError, match="move it first, then quantize"):
+        model.to("meta")  # int4 is packed for the device it was quantized on
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             model.cuda()

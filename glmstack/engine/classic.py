@@ -146,6 +146,10 @@ class ChatModel:
         device, dtype = device or self.device, dtype or self.dtype
         if device == self.device and dtype == self.dtype:
             return self
+        if device != self.device and getattr(self.module, "quantization", None):
+            # int4 weights are packed for the device they were quantized on (the CPU kernels' layout differs)
+            raise ValueError(f"this model was quantized on {self.device}: move it first, then quantize "
+                             f"(model.half().cuda().quantize(4)), or load it with quantize= on the device")
         self.module.to(device=device, dtype=dtype)
         self.module.__dict__.pop("_native_plan_cache", None)  # it holds the old weight tensors
         self.device = self.loaded.device = device

@@ -15,7 +15,7 @@ PyTorch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -250,13 +250,6 @@ class PagedAttentionBatch:
                 gather[i, : r.shape[0]] = r
             self._attention_rows = (gather, torch.cat(row_seq), torch.cat(lengths))
         return self._attention_rows
-
-    def prompt_rows(self) -> PagedAttentionBatch:
-        """This step without its decoding rows: the prompt chunks, renumbered from row 0 (for a caller that
-        attends the decoding rows on its own)."""
-        decoding = 0 if self.decode is None else self.decode.lengths.shape[0]
-        chunks = [replace(p, start=p.start - decoding) for p in self.prefills]
-        return PagedAttentionBatch(self.kv, self.slots[decoding:], None, chunks, self.cancelled)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                scale: float | None = None) -> torch.Tensor:

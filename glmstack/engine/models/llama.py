@@ -159,21 +159,15 @@ class Attention(nn.Module):
         layer: int,
         cache: AttentionCache | None,
     ) -> torch.Tensor:
-        return self.o_proj(self.attend_projected(self.qkv_proj(x), cos, sin, layer, cache))
-
-    def attend_projected(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                         cache: AttentionCache | None) -> torch.Tensor:
-        """Rotary and attention from the qkv projection [B, T, (H + 2·Hkv)·D]; returns [B, T, H·D], before
-        o_proj (the native step in native/fused_llama.py projects on its own and calls this for prompt rows)."""
-        bsz, seqlen, _ = qkv.shape
+        bsz, seqlen, _ = x.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
         qk = apply_rotary(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k heads rotated together
         q = qk[:, :, :heads].transpose(1, 2)
         k = qk[:, :, heads:].transpose(1, 2)
         v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
         out = attention(q, k, v, layer, cache)
-        return out.transpose(1, 2).reshape(bsz, seqlen, -1)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
 class MLP(nn.Module):

@@ -243,9 +243,6 @@ class AsyncEngine:
         for job, item in items:
             job.events.put_nowait(item)
 
-    @staticmethod
-    def _send(job: _Job, item: object) -> None:
-        try:
-            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            job.aborted.set()
+    @classmethod
+    def _send(cls, job: _Job, item: object) -> None:
+        cls._send_many([(job, item)])
