@@ -280,11 +280,13 @@ def test_a_quantized_gguf_runs_in_its_own_precision(tmp_path: Path, ids: torch.T
     assert stored_precision(ckpt) == precision
     if precision is None:
         return
-    loaded = load_model(ckpt, device="cpu", dtype="bfloat16", keep_int4=precision == "int4")
-    # int4: every layer linear arrives as the file's own blocks (q/k/v and gate/up fused, Llama's q/k rows
-    # un-permuted); nothing is requantized
-    assert len(loaded.prequantized) == (2 * 4 if precision == "int4" else 0)
-    report = quantize_model(loaded.module, {"int8": 8, "int4": 4}[precision], prequantized=loaded.prequantized)
+    bits = {"int8": 8, "int4": 4}[precision]
+    loaded = load_model(ckpt, device="cpu", dtype="bfloat16", quantize=bits)
+    # every layer linear is quantized as it is read (int4: the file's own blocks, q/k/v and gate/up fused,
+    # Llama's q/k rows un-permuted; nothing is requantized); the untied head too, int8, and the embedding
+    assert len(loaded.prequantized) == 2 * 4 + 2
+    assert all(w.is_meta for n, w in loaded.module.named_parameters() if n.endswith("proj.weight"))
+    report = quantize_model(loaded.module, bits, prequantized=loaded.prequantized)
     assert report.skipped == {} and len(report.quantized) == 2 * 4 + 1  # every layer linear and the head
     with torch.no_grad():
         ours = loaded.module(ids, torch.arange(ids.shape[1])[None]).float()

@@ -31,6 +31,7 @@ from torch import nn
 from glmstack.engine import native
 from glmstack.engine.loading.checkpoint import load_model
 from glmstack.engine.quant import int4 as q
+from glmstack.engine.quant.embedding import QuantizedEmbedding
 from glmstack.engine.quant.int4 import Int4Linear, quantize_int4
 from glmstack.engine.quant.int8 import Int8Linear
 from glmstack.engine.quant.prequantized import int4_weights_from_chatglm, int4_weights_from_gguf
@@ -202,7 +203,13 @@ def expected_saving(model: nn.Module, names: set[str], bits: int, group: int, ti
         else:
             new = n * k // 2 + (k // group) * n * 2 * 2
         saved += old - new
-    return saved
+    embedding = next(m for m in model.modules() if isinstance(m, nn.Embedding))
+    v, d = embedding.weight.shape
+    if bits == 8:  # int8 rows, shared with a tied head's (counted above)
+        new = 0 if tied_head else v * d + 2 * v
+    else:
+        new = v * d // 2 + (d // 32) * v * 2 * 2
+    return saved + embedding.weight.numel() * embedding.weight.element_size() - new
 
 
 def llama_checkpoint(tmp_path: Path, tied: bool) -> Path:
@@ -262,9 +269,16 @@ def test_quantized_model_stays_close(tmp_path: Path, arch: str, bits: int) -> No
     assert cosine > COSINE[bits], cosine
     assert report.bytes_before - report.bytes_after == saving
     assert report.bytes_after == model_bytes(model)
-    # the embedding (tied to the head or not) is untouched
-    assert isinstance(embedding.weight, nn.Parameter) and embedding.weight.dtype == torch.float32
-    assert torch.equal(embedding.weight, embedding_weight)
+    # the embedding is quantized too (int4 rows for bits=4, int8 for 8), its lookups within a step of its rows
+    quantized = next(m for m in model.modules() if isinstance(m, QuantizedEmbedding))
+    assert quantized.bits == bits and report.embedding_bits == bits
+    rows = quantized(torch.arange(embedding_weight.shape[0]))
+    assert rows.dtype == torch.float32 and rows.shape == embedding_weight.shape
+    ranges = embedding_weight.abs().amax(dim=1, keepdim=True)
+    # half a step (max/254 for int8, a group's range/30 for int4), plus the bf16 rounding of the scales
+    assert bool(((rows - embedding_weight).abs() <= ranges / (100 if bits == 8 else 12) + 1e-6).all())
+    if tied and bits == 8:  # one copy of the rows: the head's
+        assert quantized.weight.data_ptr() == model.get_submodule(head).weight.data_ptr()
 
 
 def test_second_quantize_and_zero_bits_are_no_ops(tmp_path: Path, caplog) -> None:

@@ -75,7 +75,7 @@ def _keys(store: Store, args: argparse.Namespace) -> int:
     if not records:
         print("no keys yet; create one with `glmstack keys create`", file=sys.stderr)
         return 0
-    _print_table(
+    print_table(
         ["ID", "NAME", "CREATED (UTC)", "STATUS", "CONCURRENCY"],
         [[r.id, r.name or "-", f"{r.created_at:%Y-%m-%d %H:%M}",
           "active" if r.revoked_at is None else f"revoked {r.revoked_at:%Y-%m-%d %H:%M}",
@@ -90,7 +90,7 @@ def _usage(store: Store, key_id: str | None) -> int:
     if not rows:
         print("no usage recorded" + (f" for key {key_id}" if key_id else ""), file=sys.stderr)
         return 0
-    _print_table(
+    print_table(
         ["KEY", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL TOKENS"],
         [[r.key_id or "(no key)", r.model, str(r.requests), str(r.prompt_tokens), str(r.completion_tokens),
           str(r.total_tokens)] for r in rows],
@@ -99,7 +99,7 @@ def _usage(store: Store, key_id: str | None) -> int:
     return 0
 
 
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, numeric: set[int]) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, numeric: set[int]) -> None:
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=False)]
     for line in [headers, *rows]:
         cells = [cell.rjust(w) if i in numeric else cell.ljust(w)

@@ -1,9 +1,12 @@
 """The `glmstack` command.
 
     glmstack chat [--model M] [-p "question"]   interactive chat, or one answer and exit
-    glmstack models                             what models can be found
+    glmstack pull OWNER/NAME[@REV] [--quant Q]  download a model by name (see glmstack/cli/models.py)
+    glmstack models                             what models can be found: architecture, quantization, size
+    glmstack rm NAME                            delete a pulled model
     glmstack inspect MODEL                      architecture, size, context, memory per precision
     glmstack convert SRC DST                    rewrite a pickle (.bin) checkpoint as safetensors
+    glmstack quantize MODEL --bits 4|8 -o DIR   write an int4/int8 checkpoint (see glmstack/cli/quantize.py)
     glmstack keys create|list|revoke            API keys (see glmstack/cli/keys.py)
     glmstack usage [--key ID]                   requests and tokens per key and model
     glmstack serve [--host H] [--port P]        the HTTP API (see glmstack/cli/serve.py)
@@ -22,8 +25,10 @@ import time
 from typing import Any
 
 from glmstack.cli import keys as store_cli
+from glmstack.cli import models as models_cli
+from glmstack.cli import quantize as quantize_cli
 from glmstack.cli import serve
-from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, QUANTIZE_HELP, Settings
+from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, QUANTIZE_HELP
 
 EXIT_USAGE = 2
 # `glmstack chat` sampling for models that recommend none
@@ -57,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-p", "--prompt", default=None,
                       help="answer this one prompt and exit (reads the prompt from stdin when piped)")
 
-    sub.add_parser("models", help="list the models glmstack can find")
-
     inspect = sub.add_parser("inspect", help="architecture, parameters, context and memory of a model")
     inspect.add_argument("model", help="model path or name (a config.json alone is enough)")
 
@@ -66,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="checkpoint folder with config.json and pytorch_model*.bin")
     convert.add_argument("dst", help="new folder to write (never overwritten)")
     store_cli.add_subcommands(sub)
+    models_cli.add_subcommands(sub)
+    quantize_cli.add_subcommands(sub)
     serve.add_subcommands(sub)
     return parser
 
@@ -83,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve.run(args)
         if args.command == "chat":
             return cmd_chat(args)
-        if args.command == "models":
-            return cmd_models(serve.settings_from(args))
+        if args.command in models_cli.COMMANDS:
+            return models_cli.run(args, serve.settings_from(args))
+        if args.command in quantize_cli.COMMANDS:
+            return quantize_cli.run(args, serve.settings_from(args))
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "convert":
@@ -187,20 +194,7 @@ def _print_stats(event: Any, elapsed: float) -> None:
           f"finish: {event.finish_reason}]", file=sys.stderr)
 
 
-# ---- models / inspect ----------------------------------------------------------------------------------
-
-
-def cmd_models(settings: Settings) -> int:
-    from glmstack.engine.loading.catalog import list_models
-
-    entries = list_models(settings)
-    if not entries:
-        print(f"no models found (bundled model not installed; {settings.models_dir} is empty)", file=sys.stderr)
-        return 1
-    width = max(len(e.name) for e in entries)
-    for e in entries:
-        print(f"{e.name:<{width}}  {e.format:<11}  {e.size_bytes / 1e6:>9.1f} MB  {e.path}")
-    return 0
+# ---- inspect -------------------------------------------------------------------------------------------
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ from glmstack.engine.loading.checkpoint import (
     stored_precision,
 )
 from glmstack.engine.loading.generation_config import generation_defaults
+from glmstack.engine.loading.quantized_checkpoint import saved_quantization
 from glmstack.engine.native import NativeOptions
 from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE
 from glmstack.engine.quant.quantize_model import quantize_model
@@ -427,11 +428,17 @@ def load(
     checkpoint = open_checkpoint(path)
     if quantize == "auto":
         quantize = stored_precision(checkpoint)
+    saved = saved_quantization(checkpoint.config)
+    if saved is not None and quantize != f"int{saved['bits']}":
+        # `glmstack quantize` wrote it: its linears exist only in that precision
+        log.warning("%s is an int%d checkpoint; it runs as int%d (quantize=%s ignored)", path, saved["bits"],
+                    saved["bits"], quantize)
+        quantize = f"int{saved['bits']}"
     bits = {"int8": 8, "int4": 4}.get(quantize or "none", 0)
     if bits and dtype == "auto" and pick_device(device).type == "cpu":
         dtype = torch.bfloat16
-    # int4 from a Q4_0/Q4_1 GGUF takes the file's blocks as they are (the exact grid), not a requantization
-    loaded = load_model(checkpoint, device=device, dtype=dtype, progress=progress, keep_int4=bits == 4)
+    # quantized as each weight is read (never the whole model in floats); a GGUF's own blocks kept where they map
+    loaded = load_model(checkpoint, device=device, dtype=dtype, progress=progress, quantize=bits)
     tokenizer = load_tokenizer(loaded)
     custom_format = getattr(loaded.arch_module, "chat_format_for", None)
     chat_format = custom_format(tokenizer, loaded.module.config) if custom_format else chat_format_for(tokenizer)

@@ -27,6 +27,11 @@ class UnsupportedArchitectureError(EngineError):
     pass
 
 
+class DownloadError(EngineError):
+    """`glmstack pull` could not fetch or add a model: the hub refused or could not be reached, the disk is
+    full, or the files are not a model glmstack can load. Says what to do next (a token, a retry that resumes)."""
+
+
 class ContextLengthError(EngineError, PromptTooLongError):
     """The prompt cannot fit into the model's context window even after dropping old history."""
 

@@ -10,6 +10,7 @@ checkpoint folder is ever imported. Weights are created on the meta device and r
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import zipfile
@@ -28,11 +29,18 @@ from glmstack.engine.errors import ModelFileError, ModelNotFoundError, Unsupport
 from glmstack.engine.loading.config_checks import check_declared_sizes
 from glmstack.engine.loading.gguf_file import GGUFFile, GGUFTensorInfo
 from glmstack.engine.loading.json_files import read_json
-from glmstack.engine.loading.safetensors_file import validate_safetensors_header
+from glmstack.engine.loading.quantized_checkpoint import load_saved_quantized, saved_quantization
+from glmstack.engine.loading.safetensors_file import (
+    TORCH_DTYPES,
+    data_start,
+    read_tensor,
+    validate_safetensors_header,
+)
 from glmstack.engine.models import registry
-from glmstack.engine.quant.int4 import Int4Weights, int4_unsupported_reason
-from glmstack.engine.quant.prequantized import int4_weights_from_gguf
-from glmstack.engine.quant.quantize_model import DECODER_LAYER
+from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE, Int4Weights
+from glmstack.engine.quant.int8 import Int8Weights
+from glmstack.engine.quant.on_load import LoadQuantizer, join_quantized
+from glmstack.engine.quant.prequantized import GGUF_NATIVE_BITS
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,11 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str | torch.dtype, device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a model computes in. "auto": bf16 (or fp16 where the GPU lacks bf16) on GPUs; on CPU, a
+    checkpoint stored in 16 bits stays 16-bit (as bf16) where the CPU multiplies bf16 natively (AVX512-BF16,
+    AMX), rather than doubling its memory in fp32; fp32 otherwise (fp32 checkpoints, quantized blocks
+    dequantized, CPUs without bf16 arithmetic)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     named = {
@@ -80,7 +92,25 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.float32  # CPU: exact and, for small models, as fast as anything until quantized
+    if stored in (torch.bfloat16, torch.float16) and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX-BF16; read from /proc/cpuinfo,
+    so False where that is missing)."""
+    if not _cpu_flags:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith("flags")), "")
+        except OSError:
+            flags = ""
+        _cpu_flags.append(set(flags.split()))
+    return bool(_cpu_flags[0] & {"avx512_bf16", "amx_bf16"})
+
+
+_cpu_flags: list[set[str]] = []
 
 
 # ---- checkpoint sources --------------------------------------------------------------------------------
@@ -266,17 +296,17 @@ def _load_problem(exc: Exception) -> str:
 
 
 def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(name, loader) pairs; loaders are lazy so the caller controls peak memory and shows progress."""
+    """(name, loader) pairs; loaders are lazy so the caller controls peak memory and shows progress. Each
+    loader returns a fresh tensor and leaves nothing of the file mapped or resident (see
+    `safetensors_file.read_tensor`, `GGUFFile.release`)."""
     if ckpt.format == "safetensors":
-        from safetensors import safe_open
-
         headers = ckpt.extras.get("headers", {})
         for shard in ckpt.files:
             header = headers.get(shard) or validate_safetensors_header(shard)
-            handle = safe_open(str(shard), framework="pt")  # memory-mapped
-            for name in header:
+            start = data_start(shard)
+            for name, info in header.items():
                 if name != "__metadata__":
-                    yield name, (lambda h=handle, n=name: h.get_tensor(n))
+                    yield name, (lambda s=shard, i=info, b=start: _read_safetensors(s, i, b))
     elif ckpt.format == "bin":
         for shard in ckpt.files:
             for name, tensor in load_bin(shard).items():
@@ -284,7 +314,18 @@ def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, Callable[[], torch.Ten
     else:
         assert ckpt.gguf is not None
         for info in ckpt.gguf.tensors:
-            yield info.name, (lambda i=info: ckpt.gguf.load(i))
+            yield info.name, (lambda i=info: _read_gguf(ckpt.gguf, i))
+
+
+def _read_safetensors(shard: Path, info: dict[str, Any], start: int) -> torch.Tensor:
+    with open(shard, "rb") as f:
+        return read_tensor(f, info, start)
+
+
+def _read_gguf(gguf: GGUFFile, info: GGUFTensorInfo) -> torch.Tensor:
+    tensor = gguf.load(info)  # a copy (dequantized or widened)
+    gguf.release(info)
+    return tensor
 
 
 # ---- building the model --------------------------------------------------------------------------------
@@ -298,9 +339,9 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
-    # With keep_int4: decoder-layer linear name -> its weights as the GGUF stores them (Q4_0/Q4_1 blocks). Those
-    # linears' float weights stay on the meta device until `quantize_model(..., prequantized=...)` swaps them.
-    prequantized: dict[str, Int4Weights] = field(default_factory=dict)
+    # With quantize=: linear name -> its quantized module, made as the loader read the weight. Those linears'
+    # float weights stay on the meta device until `quantize_model(..., prequantized=...)` swaps them in.
+    prequantized: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def resolve_architecture(ckpt: Checkpoint) -> ModuleType:
@@ -326,9 +367,13 @@ def build_model(ckpt: Checkpoint) -> tuple[ModuleType, nn.Module]:
 
 
 def stored_precision(ckpt: Checkpoint) -> str | None:
-    """The weight-only quantization our kernels run a checkpoint in without changing its grid: a GGUF whose
-    decoder-layer weights are mostly Q4_0/Q4_1 -> "int4" (the same 32-weight groups, scales and offsets:
-    requantizing the dequantized blocks gives back their codes), Q8_0 -> "int8"; None otherwise."""
+    """The weight-only quantization a checkpoint is stored in, which `quantize="auto"` keeps: the precision
+    recorded by `glmstack quantize`; for a GGUF, what its decoder-layer weights mostly map to (Q4_0, Q4_1 and
+    Q4_K -> "int4": the same 32-weight groups, scales and offsets; 5- to 8-bit blocks -> "int8"); None for
+    floats."""
+    recorded = saved_quantization(ckpt.config)
+    if recorded is not None:
+        return f"int{recorded['bits']}"
     if ckpt.gguf is None:
         return None
     stored: Counter[GGMLQuantizationType] = Counter()
@@ -337,11 +382,30 @@ def stored_precision(ckpt: Checkpoint) -> str | None:
             stored[info.type] += info.n_elements
     if not stored:
         return None
-    return _NATIVE_PRECISION.get(stored.most_common(1)[0][0])
+    bits = GGUF_NATIVE_BITS.get(stored.most_common(1)[0][0])
+    return None if bits is None else f"int{bits}"
 
 
-_NATIVE_PRECISION = {GGMLQuantizationType.Q4_0: "int4", GGMLQuantizationType.Q4_1: "int4",
-                     GGMLQuantizationType.Q8_0: "int8"}
+def stored_dtype(ckpt: Checkpoint) -> torch.dtype | None:
+    """The floating dtype most of a checkpoint's weights are stored in (None: quantized blocks, or unknown)."""
+    counts: Counter[torch.dtype] = Counter()
+    if ckpt.gguf is not None:
+        names = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+                 GGMLQuantizationType.BF16: torch.bfloat16}
+        for info in ckpt.gguf.tensors:
+            counts[names.get(info.type, torch.uint8)] += info.n_elements
+    elif ckpt.format == "safetensors":
+        for header in ckpt.extras.get("headers", {}).values():
+            for name, info in header.items():
+                if name != "__metadata__":
+                    counts[TORCH_DTYPES[info["dtype"]]] += math.prod(info["shape"])
+    else:
+        declared = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        return declared.get(str(ckpt.config.get("torch_dtype")))
+    if not counts:
+        return None
+    dtype = counts.most_common(1)[0][0]
+    return dtype if dtype.is_floating_point else None
 
 
 def load_model(
@@ -350,29 +414,38 @@ def load_model(
     device: str = "auto",
     dtype: str | torch.dtype = "auto",
     progress: bool = False,
-    keep_int4: bool = False,
+    quantize: int = 0,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> LoadedModel:
-    """Build the model and fill in its weights, tensor by tensor. `keep_int4`: decoder-layer linears a GGUF stores
-    as Q4_0/Q4_1 are not dequantized but returned as `prequantized` Int4Weights, exactly the file's grid, for
-    `quantize_model(bits=4)` to install (the caller must do so: those weights are left on the meta device)."""
+    """Build the model and fill in its weights, tensor by tensor.
+
+    `quantize` (8 or 4): the linears `quantize_model(bits=quantize)` would replace are quantized as they are
+    read (`quant/on_load.py`), so the whole model never exists in floats; a GGUF's blocks go in as they are
+    where they map onto a kernel's grid. They are returned as `prequantized` modules, and their float weights
+    stay on the meta device until `quantize_model(..., prequantized=...)` installs them (the caller must)."""
     started = time.perf_counter()
     target_device = pick_device(device)
-    target_dtype = pick_dtype(dtype, target_device)
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    target_dtype = pick_dtype(dtype, target_device, stored=stored_dtype(ckpt))
     try:
         arch_module, model = build_model(ckpt)
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, UnsupportedArchitectureError):
             raise
         raise ModelFileError(ckpt.path, f"config is missing or has an invalid field: {exc}") from None
+    if saved_quantization(ckpt.config) is not None:  # written by `glmstack quantize`: the kernels' own forms
+        if dtype == "auto" and target_device.type == "cpu":
+            target_dtype = torch.bfloat16  # what its floats were saved in, and what the quantized kernels take
+        return load_saved_quantized(ckpt, arch_module, model, target_device, target_dtype, started, progress)
+    quantizer = LoadQuantizer(model, quantize, group_size, target_device, target_dtype) if quantize else None
     expected = dict(model.state_dict(keep_vars=True))
     loaded: dict[str, torch.Tensor] = {}
     rename = model.gguf_tensor_name if ckpt.format == "gguf" else model.hf_tensor_name
-    pieces: dict[str, dict[str, torch.Tensor | Int4Weights]] = {}
-    prequantized: dict[str, Int4Weights] = {}
-    stored_int4 = _int4_tensors(ckpt, model, target_device) if keep_int4 else {}
+    pieces: dict[str, dict[str, Any]] = {}
+    prequantized: dict[str, nn.Module] = {}
+    gguf_infos = {info.name: info for info in ckpt.gguf.tensors} if ckpt.gguf is not None else {}
     tensors = list(iter_tensors(ckpt))
-    bar = _progress(len(tensors), f"Loading {ckpt.path.name}", progress)
+    bar = progress_bar(len(tensors), f"Loading {ckpt.path.name}", progress)
     try:
         for raw_name, load in tensors:
             bar.update(1)
@@ -384,39 +457,40 @@ def load_model(
                 log.warning("%s: ignoring unexpected tensor %s", ckpt.path, raw_name)
                 continue
             full_name = f"{name}{PIECE_SEPARATOR}{piece}" if piece else name
-            tensor: torch.Tensor | Int4Weights
-            if raw_name in stored_int4:
-                info = stored_int4[raw_name]  # the piece tells split q/k apart (Llama's permuted rows)
-                tensor = int4_weights_from_gguf(ckpt.gguf.raw(info), info.type, info.shape)
-                tensor = tensor.map_rows(lambda rows, n=full_name: model.from_gguf_tensor(n, rows))
-            else:
+            target = quantizer.target(name) if quantizer is not None else None
+            tensor: Any = None
+            if target is not None and raw_name in gguf_infos:
+                assert quantizer is not None and ckpt.gguf is not None
+                tensor = quantizer.from_gguf(ckpt.gguf, gguf_infos[raw_name], target[1])
+                if tensor is not None:  # the file's own blocks; the model's row fix-ups apply to them too
+                    tensor = tensor.map_rows(lambda rows, n=full_name: model.from_gguf_tensor(n, rows))
+            if tensor is None:
                 tensor = load()
                 if ckpt.format == "gguf":
                     tensor = model.from_gguf_tensor(full_name, tensor)
+                if target is not None:
+                    assert quantizer is not None
+                    _check_columns(ckpt, raw_name, tensor, expected[name])
+                    tensor = quantizer.from_float(target[0], tensor, target[1], target[2])
             if piece:
                 # One of our parameters stored as several tensors (transformers' q_proj/k_proj/v_proj for a
                 # fused query_key_value): gather them; the model joins them once all are there.
                 pieces.setdefault(name, {})[piece] = tensor
-                joined = _join_pieces(model, name, pieces[name])
+                joined = (join_quantized(model, name, pieces[name]) if target is not None
+                          else model.join_pieces(name, pieces[name]))
                 if joined is None:
                     continue
                 del pieces[name]
                 tensor = joined
-            if isinstance(tensor, Int4Weights):
-                want = expected[name].shape
-                if tuple(tensor.codes.shape) != tuple(want):
-                    raise ModelFileError(ckpt.path, f"tensor {raw_name} has shape {tuple(tensor.codes.shape)}, "
-                                                    f"the config implies {tuple(want)}")
-                prequantized[name.removesuffix(".weight")] = tensor
+            shape = tuple((tensor.codes if isinstance(tensor, Int4Weights) else
+                           tensor.weight if isinstance(tensor, Int8Weights) else tensor).shape)
+            if shape != tuple(expected[name].shape):
+                raise ModelFileError(ckpt.path, f"tensor {raw_name} has shape {shape}, the config implies "
+                                                f"{tuple(expected[name].shape)}")
+            if target is not None:
+                assert quantizer is not None
+                prequantized[target[0]] = quantizer.build(target[0], tensor)
                 continue
-            if hasattr(model, "convert_tensor"):
-                tensor = model.convert_tensor(name, tensor)
-            want = expected[name].shape
-            if tuple(tensor.shape) != tuple(want):
-                raise ModelFileError(
-                    ckpt.path,
-                    f"tensor {raw_name} has shape {tuple(tensor.shape)}, the config implies {tuple(want)}",
-                )
             loaded[name] = tensor.to(device=target_device, dtype=target_dtype)
     finally:
         bar.close()
@@ -433,58 +507,26 @@ def load_model(
     model.tie_weights()
     model.init_buffers(target_device)
     model.eval()
-    if ckpt.gguf is not None:
-        # Every tensor is a copy by now; unmapped, the file's ~100 MB of pages stop counting in RSS.
-        del tensors, loaded
-        try:
-            ckpt.gguf.close()
-        except BufferError:  # a view into the mapping is still alive somewhere: it stays mapped, harmless
-            log.debug("%s: still mapped after loading", ckpt.path)
+    del tensors, loaded
+    _close(ckpt)
     return LoadedModel(model, arch_module, ckpt, target_device, target_dtype, time.perf_counter() - started,
                        prequantized)
 
 
-_INT4_BLOCKS = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+def _check_columns(ckpt: Checkpoint, raw_name: str, tensor: torch.Tensor, want: torch.Tensor) -> None:
+    """A weight about to be quantized must have its linear's input size (its rows are checked once joined)."""
+    if tensor.dim() != 2 or tensor.shape[1] != want.shape[1]:
+        raise ModelFileError(ckpt.path, f"tensor {raw_name} has shape {tuple(tensor.shape)}, the config "
+                                        f"implies {tuple(want.shape)}")
 
 
-def _int4_tensors(ckpt: Checkpoint, model: nn.Module, device: torch.device) -> dict[str, GGUFTensorInfo]:
-    """The GGUF tensors (raw name -> info) that are Q4_0/Q4_1 weights of a decoder-layer nn.Linear, in shapes
-    the int4 kernel takes on `device` (the others are dequantized as usual)."""
-    if ckpt.gguf is None or hasattr(model, "convert_tensor"):
-        return {}
-    found = {}
-    for info in ckpt.gguf.tensors:
-        name = model.gguf_tensor_name(info.name)
-        if info.type not in _INT4_BLOCKS or name is None or len(info.shape) != 2:
-            continue
-        if int4_unsupported_reason(info.shape[0], info.shape[1], 32, device) is not None:
-            continue
-        module, _, kind = name.partition(PIECE_SEPARATOR)[0].rpartition(".")
-        if kind == "weight" and DECODER_LAYER.search(module) and isinstance(_submodule(model, module), nn.Linear):
-            found[info.name] = info
-    return found
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-def _join_pieces(model: nn.Module, name: str,
-                 pieces: dict[str, torch.Tensor | Int4Weights]) -> torch.Tensor | Int4Weights | None:
-    """The model's join of a split parameter, for Int4Weights too (its row-wise join applied to codes, scales
-    and zeros alike). Pieces stored in different types are joined as floats."""
-    if all(isinstance(p, Int4Weights) for p in pieces.values()):
-        parts = [model.join_pieces(name, {k: getattr(p, part) for k, p in pieces.items()})
-                 for part in ("codes", "scales", "zeros")]
-        if parts[0] is None:
-            return None
-        group_size = next(iter(pieces.values())).group_size
-        return Int4Weights(parts[0], parts[1], parts[2], group_size)
-    floats = {k: p.dequantize() if isinstance(p, Int4Weights) else p for k, p in pieces.items()}
-    return model.join_pieces(name, floats)
+def _close(ckpt: Checkpoint) -> None:
+    if ckpt.gguf is not None:
+        # Every tensor is a copy by now: nothing of the file stays mapped.
+        try:
+            ckpt.gguf.close()
+        except BufferError:  # a view into the mapping is still alive somewhere: it stays mapped, harmless
+            log.debug("%s: still mapped after loading", ckpt.path)
 
 
 class _NoProgress:
@@ -495,7 +537,7 @@ class _NoProgress:
         pass
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return _NoProgress()
     from tqdm import tqdm

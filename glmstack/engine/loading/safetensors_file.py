@@ -12,12 +12,20 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from glmstack.engine.errors import ModelFileError
 from glmstack.engine.loading.json_files import parse_json
 
 SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16,
+    "U32": torch.uint32, "U64": torch.uint64,
 }  # fmt: skip
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit
 MAX_SAFETENSORS_DIMS = 8
@@ -115,3 +123,30 @@ def _tensor_span(path: Path, name: str, info: Any, data_start: int, data_size: i
 
 def _is_size(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def data_start(path: Path) -> int:
+    """Where a (validated) safetensors file's data section begins: after the u64 length and the header."""
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def read_tensor(f: Any, info: dict[str, Any], start: int) -> torch.Tensor:
+    """One tensor of an open, validated safetensors file, read into fresh memory with plain file reads.
+
+    Not through a memory map: every page of a mapped file the loader touches counts in the process's RSS until
+    the map goes away, so loading a 9B bf16 checkpoint tensor by tensor would still peak at the file's size
+    on top of the model. Read into our own buffer, the bytes pass through the page cache (the kernel's to
+    reclaim) and the process holds only the tensors it keeps."""
+    begin, end = info["data_offsets"]
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(start + begin)
+    view = out.numpy().data
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise ModelFileError(Path(f.name), "file ended inside a tensor (changed while loading?)",
+                                 offset=start + begin + done)
+        done += n
+    return out.view(TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])

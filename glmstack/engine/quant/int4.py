@@ -172,6 +172,16 @@ class Int4Linear(NativeLinear, nn.Module):
             module.bias.data = bias.to(device).clone()
         return module
 
+    @classmethod
+    def from_native_packed(cls, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> Int4Linear:
+        """A CPU module from weights already in the native kernel's layout (`pack_int4_native`'s output, as a
+        quantized checkpoint stores them), without unpacking: no bias (the caller sets one)."""
+        n, half = packed.shape
+        module = cls(2 * half, n, False, group_size=group_size, dtype=scales_and_zeros.dtype, device="cpu")
+        module.packed_for = "cpu-native"
+        module.weight, module.scales_and_zeros = packed.contiguous(), scales_and_zeros.contiguous()
+        return module
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}, "

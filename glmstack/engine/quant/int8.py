@@ -10,6 +10,9 @@ naive one-thread-per-output kernel, so on GPUs we dequantize and call cuBLAS ins
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +32,27 @@ from glmstack.engine.quant.linear_base import (
 # Off the native kernels, from this many activation rows on, dequantize-then-GEMM beats ATen's fused int8
 # kernel (benchmarks/bench_quant_kernels.py --m N).
 DEQUANT_MIN_ROWS = 16  # int8: converting int8 -> bf16 is one cheap copy
+
+
+@dataclass
+class Int8Weights:
+    """Symmetric per-row int8 in plain form: w[n, k] = weight[n, k] · scale[n]. Indexed by output row first,
+    like `Int4Weights`, so the loader's row operations (Llama GGUF's q/k un-permutation, fusing q/k/v
+    pieces) apply to it via `map_rows` / `cat`."""
+
+    weight: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # [N], in the kernel's scale dtype
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Int8Weights:
+        return Int8Weights(fn(self.weight), fn(self.scale))
+
+    @staticmethod
+    def cat(parts: list[Int8Weights]) -> Int8Weights:
+        assert len({p.scale.dtype for p in parts}) == 1, "pieces of one weight share a scale dtype"
+        return Int8Weights(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scale.float()[:, None]
 
 
 def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +94,18 @@ class Int8Linear(NativeLinear, nn.Module):
         module.weight, module.weight_scale = quantize_int8(w, dtype)
         if linear.bias is not None:
             module.bias.data = linear.bias.detach().clone()  # bias keeps the model dtype
+        return module
+
+    @classmethod
+    def from_weights(cls, weights: Int8Weights, *, bias: torch.Tensor | None = None, dtype: torch.dtype,
+                     device: torch.device | str = "cpu") -> Int8Linear:
+        """The module holding `weights` (scales in `dtype`) on `device` (meta: shapes only)."""
+        n, k = weights.weight.shape
+        module = cls(k, n, bias is not None, dtype=dtype, device=device)
+        module.weight = weights.weight.to(device).contiguous()
+        module.weight_scale = weights.scale.to(device=device, dtype=dtype)
+        if bias is not None:
+            module.bias.data = bias.to(device).clone()
         return module
 
     def extra_repr(self) -> str:

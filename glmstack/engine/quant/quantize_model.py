@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from glmstack.engine.quant.embedding import QuantizedEmbedding
 from glmstack.engine.quant.int4 import (
     DEFAULT_GROUP_SIZE,
     INT4_GROUP_SIZES,
@@ -43,12 +44,14 @@ from glmstack.engine.quant.int4 import (
     int4_unsupported_reason,
     quantize_int4,
 )
-from glmstack.engine.quant.int8 import Int8Linear
+from glmstack.engine.quant.int8 import Int8Linear, Int8Weights, quantize_int8
 from glmstack.engine.quant.linear_base import (
     kernel_dtype,
 )
 
 log = logging.getLogger(__name__)
+
+QuantizedWeights = Int4Weights | Int8Weights  # a linear's weights in the kernels' plain forms
 
 DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # module names inside a decoder layer
 
@@ -62,6 +65,7 @@ class QuantizationReport:
     group_size: int | None
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it stayed unquantized
+    embedding_bits: int | None = None  # the token embedding's, once quantized
     bytes_before: int = 0
     bytes_after: int = 0
 
@@ -93,7 +97,8 @@ def quantize_model(
     *,
     group_size: int = DEFAULT_GROUP_SIZE,
     quantize_head: bool = True,
-    prequantized: Mapping[str, Int4Weights] | None = None,
+    quantize_embedding: bool = True,
+    prequantized: Mapping[str, QuantizedWeights | nn.Module] | None = None,
     device: torch.device | str | None = None,
 ) -> QuantizationReport:
     """Replace the decoder layers' linears (and the output head) with `Int8Linear` (bits=8) or `Int4Linear`
@@ -102,8 +107,11 @@ def quantize_model(
     int4 uses `group_size` (32/64/128/256) where it divides a linear's input size, else the largest smaller
     one that does. The head is int8 for bits=4 too: on the bundled SmolLM2 an int4 head raises the KL to the
     bf16 model from 0.005 to 0.054 (top-1 agreement 0.95 -> 0.83); llama.cpp's 4-bit presets likewise keep
-    output.weight at 6 bits. `prequantized` maps module names to weights that arrived quantized (GGUF
-    Q4_0/Q4_1 via `int4_weights_from_gguf`), used as they are whatever `bits` says.
+    output.weight at 6 bits. `prequantized` maps module names to what the loader quantized as it read them
+    (`on_load`): weights in the kernels' forms or ready modules, used as they are whatever `bits` says.
+
+    The token embedding is quantized too (`quantize_embedding`; int4 rows for bits=4, int8 for 8): its rows
+    are dequantized as they are looked up (quant/embedding.py). An int8 head tied to it shares its tensors.
 
     `device` is the device whose kernels the linears are quantized for: by default the one the model's weights
     are on. A model on the meta device needs it, and is quantized as it would be there, in shapes only (the
@@ -122,7 +130,6 @@ def quantize_model(
         log.info("already quantized (%s); ignoring quantize(%d)", model.quantization, bits)
         report.bits = int(model.quantization[3:])
         return report
-    head = getattr(model, "output_weight_name", "lm_head.weight").rsplit(".", 1)[0]
     # With `prequantized`, the loader may have left those linears' float weights on the meta device.
     where = next((t.device for t in [*model.parameters(), *model.buffers()] if not t.is_meta),
                  torch.device("meta"))
@@ -134,17 +141,15 @@ def quantize_model(
     if where.type not in ("meta", device.type):
         raise ValueError(f"the model is on {where}, not {device}: move it there before quantizing")
     prequantized = dict(prequantized or {})
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and (DECODER_LAYER.search(name) or (quantize_head and name == head))]
-    for name, linear in targets:
-        module_bits = 8 if name == head else bits  # see the docstring
-        new = _quantized(name, linear, module_bits, group_size, prequantized.pop(name, None), device, where,
-                         report)
-        if new is None:
-            continue
+    plan, report.skipped = plan_quantization(model, bits, group_size, device, quantize_head=quantize_head)
+    for name, (module_bits, module_group) in plan.items():
+        linear = model.get_submodule(name)
+        new = _quantized(linear, module_bits, module_group, prequantized.pop(name, None), device, where)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         report.quantized.append(name)
+    if quantize_embedding:
+        _quantize_embedding(model, bits, plan, prequantized, device, where, report)
     if prequantized:
         raise ValueError(f"prequantized weights for modules that are not quantized linears: "
                          f"{sorted(prequantized)}")
@@ -154,29 +159,99 @@ def quantize_model(
     return report
 
 
-def _quantized(name: str, linear: nn.Linear, bits: int, group_size: int, ready: Int4Weights | None,
-               device: torch.device, where: torch.device, report: QuantizationReport) -> nn.Module | None:
-    """The module replacing `linear` when quantized for `device` (None: it stays), its tensors on `where`
-    (`device`, or meta); the reason a linear stays goes into `report.skipped`."""
+def plan_quantization(model: nn.Module, bits: int, group_size: int, device: torch.device, *,
+                      quantize_head: bool = True) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """Which linears `quantize_model` replaces, each with its (bits, int4 group size), and the ones that stay
+    unquantized with the reason. The loader asks the same question to quantize weights as it reads them."""
+    head = getattr(model, "output_weight_name", "lm_head.weight").rsplit(".", 1)[0]
+    plan: dict[str, tuple[int, int]] = {}
+    skipped: dict[str, str] = {}
+    for name, linear in model.named_modules():
+        if not isinstance(linear, nn.Linear) or not (DECODER_LAYER.search(name) or (quantize_head and name == head)):
+            continue
+        if name == head or bits == 8:  # the head is int8 for bits=4 too (see quantize_model)
+            plan[name] = (8, 0)
+            continue
+        n, k = linear.out_features, linear.in_features
+        sizes = [g for g in INT4_GROUP_SIZES if g <= group_size and k % g == 0]
+        reason = int4_unsupported_reason(n, k, sizes[-1], device) if sizes else \
+            f"in_features {k} is not a multiple of 32"
+        if reason:
+            log.debug("keeping %s unquantized: %s", name, reason)
+            skipped[name] = reason
+            continue
+        if sizes[-1] != group_size:
+            log.debug("%s: in_features %d needs group size %d instead of %d", name, k, sizes[-1], group_size)
+        plan[name] = (4, sizes[-1])
+    return plan, skipped
+
+
+def embedding_name(model: nn.Module) -> str | None:
+    """The token embedding's module name (the model's one nn.Embedding), or None."""
+    found = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding | QuantizedEmbedding)]
+    return found[0] if len(found) == 1 else None
+
+
+def quantize_embedding_weights(weight: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> QuantizedWeights:
+    """An embedding's rows at `bits` (int4 groups of 32 where its width allows, else int8)."""
+    if bits == 4 and weight.shape[1] % 32 == 0:
+        return quantize_int4(weight, 32, scale_dtype)
+    return Int8Weights(*quantize_int8(weight, scale_dtype))
+
+
+def _quantize_embedding(model: nn.Module, bits: int, plan: dict[str, tuple[int, int]],
+                        prequantized: dict[str, QuantizedWeights | nn.Module], device: torch.device,
+                        where: torch.device, report: QuantizationReport) -> None:
+    name = embedding_name(model)
+    if name is None:
+        return
+    embedding = model.get_submodule(name)
+    ready = prequantized.pop(name, None)
+    if isinstance(embedding, QuantizedEmbedding):
+        return
+    model_dtype = embedding.weight.dtype
+    scale_dtype = kernel_dtype(device, model_dtype)
+    head_name = getattr(model, "output_weight_name", "lm_head.weight").rsplit(".", 1)[0]
+    head = model.get_submodule(head_name) if head_name in plan else None
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if isinstance(ready, nn.Module):
+        new = ready
+    elif ready is not None:
+        new = QuantizedEmbedding(ready, scale_dtype=scale_dtype, dtype=model_dtype)
+    elif tied and bits == 8 and isinstance(head, Int8Linear):
+        new = QuantizedEmbedding.sharing(head.weight, head.weight_scale, model_dtype)
+    else:
+        weights = quantize_embedding_weights(embedding.weight.detach(), bits, scale_dtype)
+        new = QuantizedEmbedding(weights, scale_dtype=scale_dtype, dtype=model_dtype)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    report.embedding_bits = new.bits
+
+
+def quantized_linear(weights: Int4Weights | Int8Weights, *, bias: torch.Tensor | None, model_dtype: torch.dtype,
+                     device: torch.device, where: torch.device) -> nn.Module:
+    """The Int4Linear / Int8Linear holding `weights`, packed for `device`'s kernels, its tensors on `where`."""
+    if isinstance(weights, Int8Weights):
+        return Int8Linear.from_weights(weights, bias=bias, dtype=kernel_dtype(device, model_dtype), device=where)
+    return Int4Linear.from_weights(weights, bias=bias, dtype=kernel_dtype(device, model_dtype, bits=4),
+                                   device=where, for_device=device)
+
+
+def _quantized(linear: nn.Linear, bits: int, group_size: int, ready: QuantizedWeights | nn.Module | None,
+               device: torch.device, where: torch.device) -> nn.Module:
+    """The module replacing `linear` when quantized for `device`, its tensors on `where` (`device`, or meta).
+    `ready`: the loader's module (quantized as it read the weight: `on_load`) or weights that arrived
+    quantized; either way the float module contributes only its bias."""
     bias = None if linear.bias is None else linear.bias.detach()
+    if isinstance(ready, nn.Module):
+        if bias is not None:
+            ready.bias = nn.Parameter(bias.to(where).clone(), requires_grad=False)
+        return ready
     if ready is not None:
-        dtype = kernel_dtype(device, linear.weight.dtype, bits=4)
-        return Int4Linear.from_weights(ready, bias=bias, dtype=dtype, device=where, for_device=device)
+        return quantized_linear(ready, bias=bias, model_dtype=linear.weight.dtype, device=device, where=where)
     if bits == 8:
         return Int8Linear.from_linear(linear, dtype=kernel_dtype(device, linear.weight.dtype))
-    n, k = linear.out_features, linear.in_features
     dtype = kernel_dtype(device, linear.weight.dtype, bits=4)
-    sizes = [g for g in INT4_GROUP_SIZES if g <= group_size and k % g == 0]
-    if not sizes:
-        reason = f"in_features {k} is not a multiple of 32"
-    else:
-        reason = int4_unsupported_reason(n, k, sizes[-1], device)
-    if reason:
-        log.debug("keeping %s unquantized: %s", name, reason)
-        report.skipped[name] = reason
-        return None
-    if sizes[-1] != group_size:
-        log.debug("%s: in_features %d needs group size %d instead of %d", name, k, sizes[-1], group_size)
-    weights = quantize_int4(linear.weight.detach(), sizes[-1], dtype)  # what Int4Linear.from_linear does
+    weights = quantize_int4(linear.weight.detach(), group_size, dtype)  # what Int4Linear.from_linear does
     return Int4Linear.from_weights(weights, bias=bias, dtype=dtype, device=linear.weight.device,
                                    for_device=device)
