@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from glm_vocab import glm4_gguf_metadata
@@ -15,10 +16,12 @@ from test_llama import tiny_llama, write_gguf
 import glmstack
 from glmstack.cli.main import main as cli
 from glmstack.engine import native
-from glmstack.engine.loading.checkpoint import load_model, pick_dtype, stored_dtype
+from glmstack.engine.describe import default_load
+from glmstack.engine.loading.checkpoint import cpu_has_bf16, load_model, pick_dtype, stored_dtype
 from glmstack.engine.quant.embedding import QuantizedEmbedding
 from glmstack.engine.quant.int4 import Int4Linear
 from glmstack.engine.quant.int8 import Int8Linear
+from glmstack.engine.quant.quantize_model import model_bytes, quantize_model
 from glmstack.engine.tokenization.gguf_vocab import tokenizer_from_gguf
 
 PROMPT = torch.tensor([[3, 17, 5, 42, 8, 11, 60, 2]])
@@ -98,3 +101,19 @@ def test_a_16_bit_checkpoint_stays_16_bit_on_a_cpu_with_bf16(source: Path, tmp_p
     assert pick_dtype("auto", cpu, stored=torch.bfloat16) == (torch.bfloat16 if with_bf16 else torch.float32)
     model, _ = glmstack.load(source, device="cpu")
     assert model.dtype == (torch.bfloat16 if with_bf16 else torch.float32)
+
+
+def test_inspect_says_what_a_default_load_holds(source: Path, tmp_path: Path) -> None:
+    """`glmstack inspect`'s "loads as" line: the precision and weight bytes of `glmstack.load(quantize="auto")`."""
+    gguf_path = tmp_path / "q.gguf"
+    write_gguf(tiny_llama(), gguf_path, "llama", quant=gguf.GGMLQuantizationType.Q4_0)
+    for path, expected in ((source, "bfloat16" if cpu_has_bf16() else "float32"), (gguf_path, "int4")):
+        precision, weights = default_load(path, device="cpu")
+        assert precision == expected
+        # as glmstack.load(quantize="auto") loads it (this GGUF has no tokenizer for the whole of load())
+        bits = 4 if precision == "int4" else 0
+        loaded = load_model(path, device="cpu", dtype="bfloat16" if bits else "auto", quantize=bits)
+        quantize_model(loaded.module, bits, prequantized=loaded.prequantized)
+        held = model_bytes(loaded.module)
+        # a GGUF is counted per tensor of the file; the model holds a few small buffers beside (rotary tables)
+        assert abs(weights - held) <= 0.03 * held, (path.name, weights, held)

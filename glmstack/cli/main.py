@@ -198,10 +198,11 @@ def _print_stats(event: Any, elapsed: float) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from glmstack.engine.describe import describe
+    from glmstack.engine.describe import default_load, describe
     from glmstack.engine.loading.catalog import resolve_model_path
 
-    info = describe(resolve_model_path(args.model, serve.settings_from(args)))
+    path = resolve_model_path(args.model, serve.settings_from(args))
+    info = describe(path)
     for key, value in info.items():
         if isinstance(value, dict):
             print(f"{key}:")
@@ -212,7 +213,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"{key}: {value / 1e9:.2f}B ({value:,})")
         else:
             print(f"{key}: {value}")
+    if path.is_dir() and not (path / "config.json").is_file() or path.suffix == ".json":
+        return 0  # a config alone: nothing is loaded from it
+    precision, weights = default_load(path)
+    runtime = _runtime_bytes(path)
+    print(f"loads as: {precision} by default ({weights / 1e9:.2f} GB of weights); process memory after loading "
+          f"~{(weights + runtime) / 1e9:.2f} GB (with {runtime / 1e6:.0f} MB for Python, torch and the tokenizer, "
+          f"as measured here)")
     return 0
+
+
+def _runtime_bytes(path: Any) -> int:
+    """What a process loading `path` holds besides the weights, measured in a fresh one: its resident memory
+    once the engine's modules and the model's tokenizer are loaded, before any weight is read."""
+    import subprocess
+
+    probe = ("import sys, torch; from glmstack.engine import native; native.kernels(); "
+             "torch.ones(64, 64) @ torch.ones(64, 64); "  # the kernels and torch's thread pool, as a load has
+             "from glmstack.engine.classic import tokenizer_for; "
+             "from glmstack.engine.loading.checkpoint import open_checkpoint; "
+             "ckpt = open_checkpoint(sys.argv[1]); tokenizer = tokenizer_for(ckpt); "
+             "ckpt.gguf is not None and ckpt.gguf.close(); "
+             "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmRSS')][0])")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120,
+                              check=True)
+        return int(done.stdout.split()[-1]) * 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
 
 
 if __name__ == "__main__":

@@ -16,10 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from glmstack.engine.loading.checkpoint import build_model, open_checkpoint, pick_device, pick_dtype
+from glmstack.engine.loading.checkpoint import (
+    build_model,
+    open_checkpoint,
+    pick_device,
+    pick_dtype,
+    stored_dtype,
+    stored_precision,
+)
 from glmstack.engine.loading.json_files import read_json
 from glmstack.engine.models import registry
 from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE
+from glmstack.engine.quant.prequantized import GGUF_NATIVE_BITS
 from glmstack.engine.quant.quantize_model import quantize_model
 
 
@@ -56,6 +64,44 @@ def describe(config: dict[str, Any] | str | Path, *, group_size: int | None = No
             "int4": quantized_bytes[4],
         },
     }
+
+
+def default_load(path: Path, device: str = "auto") -> tuple[str, int]:
+    """(precision, weight bytes) of what `glmstack.load(path)` holds with its defaults (`quantize="auto"`,
+    dtype "auto"): a 16-bit checkpoint in bf16 where the CPU has it, a quantized checkpoint in its recorded
+    precision, a GGUF in its own blocks where they map (Q4_0/Q4_1/Q4_K -> int4, 5-8-bit blocks -> int8, the
+    head int8, the embedding in its type's precision), counted per tensor of the file."""
+    target = pick_device(device)
+    ckpt = open_checkpoint(path)
+    try:
+        precision = stored_precision(ckpt)
+        info = describe(path, device=target)
+        if precision is None:
+            dtype = pick_dtype("auto", target, stored=stored_dtype(ckpt))
+            return str(dtype).removeprefix("torch."), info["parameters"] * dtype.itemsize
+        if ckpt.gguf is None:
+            return precision, info["memory_bytes"][precision]
+        return precision, _gguf_native_bytes(ckpt, int(precision[3:]))
+    finally:
+        if ckpt.gguf is not None:
+            ckpt.gguf.close()
+
+
+def _gguf_native_bytes(ckpt: Any, bits: int) -> int:
+    """Bytes of a GGUF loaded as `LoadQuantizer` does: 2-D tensors in the native form their block type maps to
+    (the head int8 whatever its type; tensors whose type maps to none quantized to `bits`), 1-D ones bf16."""
+    total = 0
+    for t in ckpt.gguf.tensors:
+        if len(t.shape) != 2:
+            total += 2 * t.n_elements
+            continue
+        n, k = t.shape
+        native = 8 if t.name == "output.weight" else GGUF_NATIVE_BITS.get(t.type, bits)
+        total += n * k + 2 * n if native == 8 else n * k // 2 + (k // 32) * n * 2 * 2
+    if not any(t.name == "output.weight" for t in ckpt.gguf.tensors):  # tied: an int8 copy of the embedding
+        embedding = next(t for t in ckpt.gguf.tensors if t.name == "token_embd.weight")
+        total += embedding.n_elements + 2 * embedding.shape[0]
+    return total
 
 
 def _quantized_bytes(model: nn.Module, device: torch.device,
