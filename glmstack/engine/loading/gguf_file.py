@@ -289,8 +289,10 @@ class GGUFFile:
 
 # Elements per pass of a torch dequantizer: ~4 MB of float32 temporaries stay in cache. A 4096x4096 tensor in
 # one pass is ~1.5x slower, and slower than the gguf package's numpy dequantizers (which go 16 rows at a time).
-# Measured on 4096x4096, 2 threads, best of 3 (gguf numpy -> ours): Q4_K 51 -> 36 ms, Q5_K 63 -> 44,
-# Q6_K 53 -> 35, IQ4_NL 103 -> 47, Q8_0 26 -> 27.
+# Chunked, on 4096x4096 (a shared 2-core box, best of 25), one thread: 1.1-1.4x the speed of gguf's numpy
+# (Q4_K 77 -> 59 ms, Q5_K 91 -> 81, Q6_K 75 -> 60, IQ4_NL 123 -> 87, Q8_0 46 -> 43); two threads on an idle
+# moment ~2.5x (Q4_K 47 -> 18 ms, Q6_K 49 -> 17, IQ4_NL 97 -> 33) - but several times slower than numpy while
+# other processes hold the cores (torch's worker threads wait on each other).
 DEQUANT_CHUNK = 1 << 20
 
 
