@@ -132,7 +132,10 @@ GLM4_TEMPLATE = (
 # ---- GGUF with llama.cpp's Q4_K_M tensor types -------------------------------------------------------------
 
 Q = gguf.GGMLQuantizationType
-_SCALE = {Q.Q4_K: 2e-5, Q.Q5_K: 1e-5, Q.Q6_K: 5e-6}  # d (and dmin): weights of a few hundredths
+_SCALE = {Q.Q4_K: 2e-5, Q.Q5_K: 1e-5, Q.Q6_K: 5e-6, Q.Q5_0: 1e-3, Q.Q8_0: 1.5e-4}  # d (dmin): weights ~0.01-0.03
+# K-quants need rows of whole 256-weight super-blocks; llama.cpp falls back per tensor otherwise (GLM-4's
+# ffn_down, 13,696 wide): Q4_K -> Q5_0, Q6_K -> Q8_0
+_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}
 
 
 def q4_k_m_type(name: str, layer: int, layers: int) -> gguf.GGMLQuantizationType:
@@ -145,6 +148,10 @@ def q4_k_m_type(name: str, layer: int, layers: int) -> gguf.GGMLQuantizationType
     return Q.Q4_K
 
 
+def _with_fallback(qtype: gguf.GGMLQuantizationType, columns: int) -> gguf.GGMLQuantizationType:
+    return _FALLBACK[qtype] if columns % 256 and qtype in _FALLBACK else qtype
+
+
 def _random_blocks(qtype: gguf.GGMLQuantizationType, shape: tuple[int, int], seed: int) -> np.ndarray:
     """Random K-quant blocks (any bytes are valid blocks) with small scales, as uint8 [rows, row bytes]."""
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
@@ -154,6 +161,8 @@ def _random_blocks(qtype: gguf.GGMLQuantizationType, shape: tuple[int, int], see
     d = (_SCALE[qtype] * rng.uniform(0.5, 1.5, size=(data.shape[0], 2))).astype(np.float16).view(np.uint8)
     if qtype == Q.Q6_K:
         data[:, -2:] = d[:, :2]  # d is the block's last field
+    elif qtype in (Q.Q5_0, Q.Q8_0):
+        data[:, :2] = d[:, :2]  # d leads the block
     else:
         data[:, :4] = d  # d and dmin lead the block
     return data.reshape(rows, -1)
@@ -188,7 +197,7 @@ def write_gguf(path: Path, size: str) -> Path:
     for name, shape in hf_shapes(cfg).items():
         ours = _gguf_name(name)
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-        qtype = Q.F32 if len(shape) == 1 else q4_k_m_type(ours, layer, layers)
+        qtype = Q.F32 if len(shape) == 1 else _with_fallback(q4_k_m_type(ours, layer, layers), shape[1])
         tensors[ours] = (shape, qtype)
     for name, (shape, qtype) in tensors.items():
         if qtype == Q.F32:

@@ -117,3 +117,18 @@ def test_inspect_says_what_a_default_load_holds(source: Path, tmp_path: Path) ->
         held = model_bytes(loaded.module)
         # a GGUF is counted per tensor of the file; the model holds a few small buffers beside (rotary tables)
         assert abs(weights - held) <= 0.03 * held, (path.name, weights, held)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantizing_as_read_equals_quantizing_after_loading(source: Path, bits: int) -> None:
+    """Per tensor, per piece, packed a slice at a time: the same module tensors as the whole float model
+    quantized afterwards."""
+    after = load_model(source, device="cpu", dtype="bfloat16").module
+    quantize_model(after, bits)
+    loaded = load_model(source, device="cpu", dtype="bfloat16", quantize=bits)
+    quantize_model(loaded.module, bits, prequantized=loaded.prequantized)
+    expected = after.state_dict()
+    got = loaded.module.state_dict()
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name

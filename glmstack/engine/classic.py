@@ -19,7 +19,6 @@ from __future__ import annotations
 import builtins
 import collections
 import copy
-import ctypes
 import dataclasses
 import logging
 import threading
@@ -43,6 +42,7 @@ from glmstack.engine.loading.checkpoint import (
     open_checkpoint,
     pick_device,
     resolve_architecture,
+    return_freed_memory,
     stored_precision,
 )
 from glmstack.engine.loading.generation_config import generation_defaults
@@ -446,14 +446,5 @@ def load(
     model = ChatModel(loaded, tokenizer, chat_format, name)
     if bits:
         model.quantize(bits)
-    _return_freed_memory()
+    return_freed_memory()
     return model, tokenizer
-
-
-def _return_freed_memory() -> None:
-    """Loading frees hundreds of MB of temporaries (dequantized tensors, the weights before quantization);
-    glibc keeps them in its heap, counted in RSS, unless asked to give them back."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

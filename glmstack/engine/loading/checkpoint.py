@@ -9,6 +9,7 @@ checkpoint folder is ever imported. Weights are created on the meta device and r
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import re
@@ -37,7 +38,7 @@ from glmstack.engine.loading.safetensors_file import (
     validate_safetensors_header,
 )
 from glmstack.engine.models import registry
-from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE, Int4Weights
+from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE, Int4Weights, PackedInt4
 from glmstack.engine.quant.int8 import Int8Weights
 from glmstack.engine.quant.on_load import LoadQuantizer, join_quantized
 from glmstack.engine.quant.prequantized import GGUF_NATIVE_BITS
@@ -471,7 +472,7 @@ def load_model(
                 if target is not None:
                     assert quantizer is not None
                     _check_columns(ckpt, raw_name, tensor, expected[name])
-                    tensor = quantizer.from_float(target[0], tensor, target[1], target[2])
+                    tensor = quantizer.from_float(target[0], tensor, target[1], target[2], whole=not piece)
             if piece:
                 # One of our parameters stored as several tensors (transformers' q_proj/k_proj/v_proj for a
                 # fused query_key_value): gather them; the model joins them once all are there.
@@ -482,7 +483,8 @@ def load_model(
                     continue
                 del pieces[name]
                 tensor = joined
-            shape = tuple((tensor.codes if isinstance(tensor, Int4Weights) else
+            shape = tuple(tensor.shape if isinstance(tensor, PackedInt4) else
+                          (tensor.codes if isinstance(tensor, Int4Weights) else
                            tensor.weight if isinstance(tensor, Int8Weights) else tensor).shape)
             if shape != tuple(expected[name].shape):
                 raise ModelFileError(ckpt.path, f"tensor {raw_name} has shape {shape}, the config implies "
@@ -490,6 +492,9 @@ def load_model(
             if target is not None:
                 assert quantizer is not None
                 prequantized[target[0]] = quantizer.build(target[0], tensor)
+                del tensor
+                if math.prod(expected[name].shape) >= 1 << 23:
+                    return_freed_memory()  # before the next big tensor is read, or the heap's slack adds to the peak
                 continue
             loaded[name] = tensor.to(device=target_device, dtype=target_dtype)
     finally:
@@ -527,6 +532,15 @@ def _close(ckpt: Checkpoint) -> None:
             ckpt.gguf.close()
         except BufferError:  # a view into the mapping is still alive somewhere: it stays mapped, harmless
             log.debug("%s: still mapped after loading", ckpt.path)
+
+
+def return_freed_memory() -> None:
+    """Loading frees gigabytes of temporaries (each tensor as read, dequantized blocks, floats before
+    quantizing); glibc keeps much of it in its heap, counted in RSS, unless asked to give it back."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class _NoProgress:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmstack.engine.quant.int4 import Int4Weights, pack_int4_native
+from glmstack.engine.quant.int4 import Int4Weights, PackedInt4, pack_int4_native
 from glmstack.engine.quant.int8 import Int8Weights
 
 
@@ -44,6 +44,17 @@ class QuantizedEmbedding(nn.Module):
             packed, sz = pack_int4_native(weights, scale_dtype)
             self.register_buffer("qweight", packed)
             self.register_buffer("scales_and_zeros", sz)
+
+    @classmethod
+    def from_packed(cls, weights: PackedInt4, dtype: torch.dtype) -> QuantizedEmbedding:
+        """int4 rows already in the packed layout (`quantize_int4_packed`, a saved checkpoint)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.dtype, module.bits, module.group_size = dtype, 4, weights.group_size
+        module.num_embeddings, module.embedding_dim = weights.shape
+        module.register_buffer("qweight", weights.packed)
+        module.register_buffer("scales_and_zeros", weights.scales_and_zeros)
+        return module
 
     @classmethod
     def sharing(cls, weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype) -> QuantizedEmbedding:

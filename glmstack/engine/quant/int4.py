@@ -97,6 +97,30 @@ def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
     return Int4Weights(codes, scales, zeros, group_size)
 
 
+@dataclass
+class PackedInt4:
+    """Int4 weights already in the native CPU kernel's layout (`pack_int4_native`'s output)."""
+
+    packed: torch.Tensor  # uint8 [N, K/2]
+    scales_and_zeros: torch.Tensor  # [N, 2, K/group]
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], 2 * self.packed.shape[1]
+
+
+def quantize_int4_packed(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> PackedInt4:
+    """`quantize_int4` then `pack_int4_native`, a slice of rows at a time: the plain form's one byte per weight
+    never exists for the whole tensor (for a 151,552 x 4,096 embedding, 620 MB of codes)."""
+    n, k = weight.shape
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    sz = torch.empty(n, 2, k // group_size, dtype=scale_dtype)
+    for rows in row_slices(n, k):
+        packed[rows], sz[rows] = pack_int4_native(quantize_int4(weight[rows], group_size, scale_dtype), scale_dtype)
+    return PackedInt4(packed, sz, group_size)
+
+
 def pack_int4_native(weights: Int4Weights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The native kernel's layout: uint8 [N, K/2], 16 bytes per 32 inputs (input j in the low nibble, j + 16
     in the high one, as GGUF Q4 blocks), and scales/zeros [N, 2, K/group] (each row's scales, then its

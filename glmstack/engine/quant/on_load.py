@@ -18,9 +18,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from glmstack.engine import native
 from glmstack.engine.loading.gguf_file import GGUFFile, GGUFTensorInfo
 from glmstack.engine.quant.embedding import QuantizedEmbedding
-from glmstack.engine.quant.int4 import Int4Weights, quantize_int4
+from glmstack.engine.quant.int4 import (
+    Int4Linear,
+    Int4Weights,
+    PackedInt4,
+    quantize_int4,
+    quantize_int4_packed,
+)
 from glmstack.engine.quant.int8 import Int8Weights, quantize_int8
 from glmstack.engine.quant.linear_base import kernel_dtype
 from glmstack.engine.quant.prequantized import GGUF_NATIVE_BITS, native_weights_from_gguf
@@ -72,9 +79,14 @@ class LoadQuantizer:
         gguf.release(info)
         return weights
 
-    def from_float(self, module: str, weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeights:
-        """One weight (or one piece of a split one: quantization is per output row, so pieces quantized
-        apart equal the joined weight quantized whole)."""
+    def from_float(self, module: str, weight: torch.Tensor, bits: int, group_size: int, *,
+                   whole: bool = True) -> QuantizedWeights | PackedInt4:
+        """One weight (or, `whole=False`, one piece of a split one: quantization is per output row, so pieces
+        quantized apart equal the joined weight quantized whole). A whole int4 weight bound for the native CPU
+        kernels is packed a slice at a time, never held as one byte per weight."""
+        if bits == 4 and whole and self.device.type == "cpu" and native.available() and weight.shape[1] % 32 == 0:
+            return quantize_int4_packed(weight, 32 if module == self.embedding else group_size,
+                                        kernel_dtype(self.device, self.model_dtype, bits=4))
         if module == self.embedding:
             return quantize_embedding_weights(weight, bits, kernel_dtype(self.device, self.model_dtype))
         if bits == 8:
@@ -82,9 +94,13 @@ class LoadQuantizer:
             return Int8Weights(q, scale)
         return quantize_int4(weight, group_size, kernel_dtype(self.device, self.model_dtype, bits=4))
 
-    def build(self, module: str, weights: QuantizedWeights) -> nn.Module:
+    def build(self, module: str, weights: QuantizedWeights | PackedInt4) -> nn.Module:
         """The quantized linear, packed for the device's kernels (its bias comes later, from the float
         module, in quantize_model), or the quantized embedding."""
+        if isinstance(weights, PackedInt4):
+            if module == self.embedding:
+                return QuantizedEmbedding.from_packed(weights, self.model_dtype)
+            return Int4Linear.from_native_packed(weights.packed, weights.scales_and_zeros, weights.group_size)
         if module == self.embedding:
             return QuantizedEmbedding(weights, scale_dtype=kernel_dtype(self.device, self.model_dtype),
                                       dtype=self.model_dtype)
