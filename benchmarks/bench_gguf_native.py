@@ -31,6 +31,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from glmstack.engine.loading.gguf_file import dequantize_raw
 from glmstack.engine.quant.int4 import quantize_int4
 from glmstack.engine.quant.int8 import quantize_int8
+from glmstack.engine.quant.on_load import FIVE_BIT_BLOCKS
 from glmstack.engine.quant.prequantized import GGUF_NATIVE_BITS, native_weights_from_gguf
 
 Q = GGMLQuantizationType
@@ -72,14 +73,15 @@ def errors(rows: int, cols: int) -> None:
     quantize = ggml_quantizer()
     print(f"quantizer: {'libggml (llama-cpp-python)' if quantize else 'gguf package'}; N(0,1) {rows}x{cols}")
     print(f"{'type':7} -> form  type    conv    total   (conv, min/max int4)")
-    for qtype, bits in GGUF_NATIVE_BITS.items():
+    forms = [*GGUF_NATIVE_BITS.items(), *((t, 4) for t in FIVE_BIT_BLOCKS)]  # and 5-bit in a 4-bit file
+    for qtype, bits in forms:
         try:
             raw = quantize(source.numpy(), qtype) if quantize else gguf.quants.quantize(source.numpy(), qtype)
         except NotImplementedError:
             print(f"{qtype.name:7} -> int{bits}  (no quantizer for this type here)")
             continue
         oracle = torch.from_numpy(gguf.quants.dequantize(raw, qtype)).reshape(rows, cols)
-        ours = native_weights_from_gguf(raw, qtype, (rows, cols)).dequantize()
+        ours = native_weights_from_gguf(raw, qtype, (rows, cols), bits=bits).dequantize()
         conv = rel_rms(ours, oracle)
         line = (f"{qtype.name:7} -> int{bits}  {rel_rms(oracle, source):.4f}  "
                 f"{'exact ' if conv == 0 else f'{conv:.4f}'}  {rel_rms(ours, source):.4f}")

@@ -27,6 +27,7 @@ from glmstack.engine.loading.checkpoint import (
 from glmstack.engine.loading.json_files import read_json
 from glmstack.engine.models import registry
 from glmstack.engine.quant.int4 import DEFAULT_GROUP_SIZE
+from glmstack.engine.quant.on_load import FIVE_BIT_BLOCKS
 from glmstack.engine.quant.prequantized import GGUF_NATIVE_BITS
 from glmstack.engine.quant.quantize_model import quantize_model
 
@@ -97,6 +98,8 @@ def _gguf_native_bytes(ckpt: Any, bits: int) -> int:
             continue
         n, k = t.shape
         native = 8 if t.name == "output.weight" else GGUF_NATIVE_BITS.get(t.type, bits)
+        if bits == 4 and t.type in FIVE_BIT_BLOCKS and t.name != "output.weight":
+            native = 4
         total += n * k + 2 * n if native == 8 else n * k // 2 + (k // 32) * n * 2 * 2
     if not any(t.name == "output.weight" for t in ckpt.gguf.tensors):  # tied: an int8 copy of the embedding
         embedding = next(t for t in ckpt.gguf.tensors if t.name == "token_embd.weight")

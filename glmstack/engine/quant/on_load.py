@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from glmstack.engine import native
@@ -38,6 +39,12 @@ from glmstack.engine.quant.quantize_model import (
     quantize_embedding_weights,
     quantized_linear,
 )
+
+# In a 4-bit file, 5-bit tensors are llama.cpp's fallbacks for rows that are not whole Q4_K super-blocks
+# (GLM-4's 13,696-wide ffn_down in Q4_K_M: Q5_0): they go to int4 as the preset meant, not to int8 at 8.25 bits
+# per weight (on a 6.2B GLM-4 that alone was ~300 MB more than the file). Measured conversion error: see
+# benchmarks/bench_gguf_native.py. 6-bit tensors (the preset's deliberate "more bits") stay int8.
+FIVE_BIT_BLOCKS = (GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q5_K)
 
 
 class LoadQuantizer:
@@ -73,9 +80,11 @@ class LoadQuantizer:
         native = GGUF_NATIVE_BITS.get(info.type)
         if native is None or len(info.shape) != 2 or (bits == 8 and native != 8):
             return None
+        if bits == 4 and info.type in FIVE_BIT_BLOCKS:
+            native = 4
         scale_dtype = kernel_dtype(self.device, self.model_dtype, bits=native)
         weights = native_weights_from_gguf(gguf.raw(info), info.type, (info.shape[0], info.shape[1]),
-                                           scale_dtype)
+                                           scale_dtype, bits=native)
         gguf.release(info)
         return weights
 

@@ -34,7 +34,8 @@ REFIT_ITERATIONS = 2
 
 
 def native_weights_from_gguf(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int],
-                             scale_dtype: torch.dtype = torch.bfloat16) -> Int4Weights | Int8Weights:
+                             scale_dtype: torch.dtype = torch.bfloat16,
+                             bits: int | None = None) -> Int4Weights | Int8Weights:
     """A GGUF tensor's blocks (`GGUFFile.raw`, read-only is fine; shape [N, K] in PyTorch order) in the
     native form `GGUF_NATIVE_BITS` names. Raises ValueError for any other type (F16/BF16/F32, IQ2/IQ3, ...).
 
@@ -63,12 +64,21 @@ def native_weights_from_gguf(raw: np.ndarray, qtype: GGMLQuantizationType, shape
         Q5_K    -> int8  0.0361  0.0087  0.0371
         Q6_K    -> int8  0.0177  0.0086  0.0197
         Q8_0    -> int8  0.0054  0.0087  0.0102
+        Q5_0    -> int4  0.0427  0.0704  0.0825  (bits=4: a 5-bit fallback tensor in a 4-bit file)
+        Q5_1    -> int4  0.0378  0.0658  0.0758
+        Q5_K    -> int4  0.0361  0.0658  0.0753
 
     (For scale: from the fp32 source, int4 group 32 min/max is 0.0783 and per-row int8 0.0087.) Int8's step
     is max|row|/127: noise next to Q5's own error, but it doubles Q8_0's. IQ4_NL's non-uniform grid costs
     int4 a third of the error on top of the file's. Time on 4096x4096 (2 threads, shared box): exact int4
-    10-30 ms, int8 20-50 ms, requantized int4 150-250 ms (the refits double min/max's time)."""
-    bits = GGUF_NATIVE_BITS.get(qtype)
+    10-30 ms, int8 20-50 ms, requantized int4 150-250 ms (the refits double min/max's time).
+
+    `bits` asks for the other form of a requantized type (int4 for a 5-bit tensor inside a 4-bit preset).
+    """
+    if qtype in GGUF_NATIVE_BITS and qtype not in GGUF_EXACT_INT4 and bits in (4, 8):
+        pass  # a requantized type: either form
+    else:
+        bits = GGUF_NATIVE_BITS.get(qtype)
     if bits is None:
         native = ", ".join(t.name for t in GGUF_NATIVE_BITS)
         raise ValueError(f"GGUF {qtype.name} tensors have no native int4/int8 form (those do: {native})")
