@@ -54,7 +54,7 @@ def test_the_module_lists_are_not_empty() -> None:
     # walk_packages finding nothing would make the checks below vacuous
     engine = set(modules_under("glmstack.engine"))
     assert {"glmstack.engine.kv_cache", "glmstack.engine.models.llama", "glmstack.engine.serving.core",
-            "glmstack.engine.quant.int4", "glmstack.engine.native.fused_llama"} <= engine
+            "glmstack.engine.quant.int4", "glmstack.engine.native.fused_decoder"} <= engine
     assert {"glmstack.api.app", "glmstack.api.routes.chat"} <= set(modules_under("glmstack.api"))
     assert {"glmstack.store.keys", "glmstack.store.usage"} <= set(modules_under("glmstack.store"))
 

@@ -4,7 +4,7 @@ int4 through the serving engine (`EngineCore`, the server's own path).
 
 What makes it hold, and what each part of the test would catch: the native int8/int4 kernels compute a row
 the same way whatever else their call holds (a cached prompt's tail ran through another kernel than the cold
-prompt before), a Llama step runs the same fused layers for prompt and decode rows (native/fused_llama.py),
+prompt before), a Llama step runs the same fused layers for prompt and decode rows (native/fused_decoder.py),
 and prompt attention runs per block of positions that chunking never splits (kv_cache.PagedPrefill).
 """
 

@@ -12,6 +12,9 @@ original remote-code checkpoints load unchanged. transformers' converted layout 
 model_type "glm") splits `query_key_value` into q/k/v_proj: those become pieces of our fused parameter and
 are joined on load (`join_pieces`). GGUF files use llama.cpp's "chatglm" arch names. ChatGLM-6B (v1) shares
 model_type "chatglm" but is a different network: `resolve()` sends its configs to chatglm_v1.py.
+
+With int8/int4 linears, a paged serving step runs its layers as native calls (native/fused_decoder.py); the
+modules below are the reference it matches, and the path for everything else.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from glmstack.engine.chat_format import ChatFormat, glm_chat_format_for_model
 from glmstack.engine.errors import UnsupportedArchitectureError
 from glmstack.engine.kv_cache import AttentionCache, attention
 from glmstack.engine.models.layers import RMSNorm, apply_interleaved_rotary
+from glmstack.engine.native.fused_decoder import fused_glm_layers
 from glmstack.engine.tokenization.base import Tokenizer
 from glmstack.engine.tokenization.glm import load_glm_checkpoint_tokenizer
 
@@ -294,15 +298,25 @@ class ChatGLMForCausalLM(nn.Module):
         # Angles in fp32, then cos/sin in the model dtype, as the reference does.
         angles = positions[..., None].float() * self.inv_freq  # [B, T, R/2]
         cos, sin = angles.cos()[:, None].to(x.dtype), angles.sin()[:, None].to(x.dtype)
-        for i, layer in enumerate(self.transformer.encoder.layers):
-            x = layer(x, cos, sin, i, cache)
+        fused = fused_glm_layers(self, x, cos, sin, cache)  # None unless a native paged step
+        if fused is not None:
+            x = fused
+        else:
+            for i, layer in enumerate(self.transformer.encoder.layers):
+                x = layer(x, cos, sin, i, cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if last_only:
             x = x[:, -1:]
         elif logit_rows is not None:
             x = x[:, logit_rows]
-        return self.transformer.output_layer(self.transformer.encoder.final_layernorm(x))
+        norm = self.transformer.encoder.final_layernorm
+        # the final RMSNorm fused into a quantized head's GEMV (a LayerNorm has a mean and a bias: not there)
+        head = getattr(self.transformer.output_layer, "native_forward", None) if isinstance(norm, RMSNorm) else None
+        logits = None if head is None else head(x.reshape(-1, x.shape[-1]), norm=norm)
+        if logits is not None:  # (the vocabulary size spelled out: a step may sample no row at all)
+            return logits.view(*x.shape[:-1], logits.shape[-1])
+        return self.transformer.output_layer(norm(x))
 
     # ---- checkpoint formats -------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from glmstack.engine.kv_cache import AttentionCache, attention
 from glmstack.engine.models.layers import RMSNorm, apply_rotary
-from glmstack.engine.native.fused_llama import fused_llama_layers
+from glmstack.engine.native.fused_decoder import fused_llama_layers
 
 
 @dataclass
