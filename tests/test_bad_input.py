@@ -244,3 +244,13 @@ def test_context_policy_drops_oldest_turns_then_errors(bundled) -> None:
     assert len(new_history) == 7  # the caller's history is returned whole; only the prompt was trimmed
     with pytest.raises(ContextLengthError, match="does not fit"):
         small.chat(tokenizer, "word " * 400, [], max_new_tokens=8)
+
+
+def test_a_missing_or_garbled_tokenizer_json_names_the_file(tmp_path: Path) -> None:
+    from glmstack.engine.tokenization.hf import load_tokenizer_json
+
+    with pytest.raises(ModelFileError, match=r"tokenizer\.json.*no tokenizer here"):
+        load_tokenizer_json(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{garbled")
+    with pytest.raises(ModelFileError, match=r"tokenizer\.json.*cannot read the tokenizer"):
+        load_tokenizer_json(tmp_path)

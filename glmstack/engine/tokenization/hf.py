@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as BackendTokenizer
 
+from glmstack.engine.errors import ModelFileError
 from glmstack.engine.loading.json_files import read_json
 from glmstack.engine.tokenization.base import Tokenizer
 
@@ -61,7 +62,13 @@ def load_tokenizer_json(path_or_dir: str | Path) -> HFTokenizer:
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / "tokenizer.json"
-    backend = BackendTokenizer.from_file(str(path))
+    if not path.is_file():
+        raise ModelFileError(path, "no tokenizer here (expected tokenizer.json)")
+    try:
+        backend = BackendTokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises a bare Exception that names no file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(path, f"cannot read the tokenizer ({first})") from None
     config = read_json(path.parent / "tokenizer_config.json", missing_ok=True)
     special_map = read_json(path.parent / "special_tokens_map.json", missing_ok=True)
 
