@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+from bench_quant_kernels import time_us
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from glmstack.engine.loading.gguf_file import dequantize_raw
@@ -95,14 +95,8 @@ def errors(rows: int, cols: int) -> None:
           f"per-row int8 {rel_rms(q.float() * s.float()[:, None], source):.4f}")
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+def time_ms(fn: Callable[[], object], repeats: int) -> float:
+    return time_us(fn, repeats) / 1e3
 
 
 def timings(repeats: int) -> None:
@@ -117,9 +111,9 @@ def timings(repeats: int) -> None:
             sane = (rng.random(len(raw)) * 0.1 + 1e-3).astype(np.float16)
             raw[:, offset : offset + 2] = sane.view(np.uint8).reshape(-1, 2)
         raw = raw.reshape(n, -1)
-        numpy_ms = best_of(lambda: gguf.quants.dequantize(raw, qtype), repeats)  # noqa: B023
-        torch_ms = best_of(lambda: dequantize_raw(raw, qtype, (n, k)), repeats)  # noqa: B023
-        native_ms = best_of(lambda: native_weights_from_gguf(raw, qtype, (n, k)), repeats)  # noqa: B023
+        numpy_ms = time_ms(lambda: gguf.quants.dequantize(raw, qtype), repeats)  # noqa: B023
+        torch_ms = time_ms(lambda: dequantize_raw(raw, qtype, (n, k)), repeats)  # noqa: B023
+        native_ms = time_ms(lambda: native_weights_from_gguf(raw, qtype, (n, k)), repeats)  # noqa: B023
         print(f"{qtype.name:7}  {numpy_ms:10.0f}  {torch_ms:14.0f}  {native_ms:24.0f}")
 
 

@@ -22,6 +22,7 @@ import test_glm_chat
 import torch
 import torch.nn.functional as F
 from test_native_kernels import dequantized_copy, rel_err, tol
+from test_same_answer import GREEDY, run
 
 import glmstack
 from glmstack.engine import native
@@ -34,7 +35,6 @@ from glmstack.engine.quant.quantize_model import quantize_model
 from glmstack.engine.serving.core import EngineCore
 from glmstack.engine.serving.runner import ModelRunner
 from glmstack.engine.serving.scheduler import ScheduledChunk, Sequence, StepPlan
-from glmstack.protocol import SamplingParams
 
 if "AVX512" not in torch.backends.cpu.get_cpu_capability():
     pytest.skip("the native kernels are built for AVX-512 CPUs only", allow_module_level=True)
@@ -238,20 +238,6 @@ def test_unquantized_or_layernorm_models_keep_the_module_path(monkeypatch, fused
 
 
 # ---- the same answer through the serving engine ---------------------------------------------------------------
-
-GREEDY = SamplingParams(max_tokens=24, do_sample=False)
-
-
-def run(core: EngineCore, requests: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Token ids each request generated, all submitted before the first step."""
-    out: dict[str, list[int]] = {rid: [] for rid in requests}
-    for rid, ids in requests.items():
-        core.add_request(rid, ids, GREEDY)
-    while core.has_work():
-        for rid, event in core.step():
-            out[rid].extend(event.token_ids)
-    return out
-
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_greedy_tokens_are_the_same_cold_cached_and_in_a_batch(checkpoint: Callable[[str], Path], fused_calls,
