@@ -50,15 +50,29 @@ class Usage:
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of a tool call the model is writing. The first piece of call `index` carries its `id` and
+    `name`; `arguments` pieces, concatenated in order, are the call's arguments as a JSON string."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
 class GenerationEvent:
-    """One step of a streamed generation: new text (possibly empty while a multi-byte character or a
-    possible stop string is held back), and on the last event the finish reason."""
+    """One step of a streamed generation: new reply text (possibly empty while a multi-byte character, a
+    possible stop string or a possible tool call is held back), reasoning text (a thinking model's
+    `<think>` part), tool-call pieces, and on the last event the finish reason."""
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "tool_calls"
     usage: Usage = field(default_factory=Usage)
     time_to_first_token: float | None = None
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass
@@ -70,7 +84,14 @@ class GenerateRequest:
     params: SamplingParams
     messages: list[dict] | None = None
     prompt_ids: list[int] | None = None
+    # OpenAI/platform shapes, validated by the platform: tools [{"type": "function", "function": {name,
+    # description, parameters}}, ...]; tool_choice "auto" | "none" | "required" | {"type": "function",
+    # "function": {"name": ...}}; response_format {"type": "text" | "json_object"} | {"type": "json_schema",
+    # "json_schema": {"name", "schema", "strict"}}; thinking True/False, None for the model's default.
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    thinking: bool | None = None
 
 
 @dataclass
@@ -107,6 +128,17 @@ class PromptTooLongError(EngineRequestError):
 
 class EngineOverloadedError(EngineRequestError):
     kind = "overloaded"
+
+
+class InvalidConstraintError(EngineRequestError):
+    """A JSON schema or tool definition the grammar compiler refuses; `field` names the request field
+    (e.g. "response_format.json_schema.schema" or "tools[2].function.parameters")."""
+
+    kind = "invalid_constraint"
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class Engine(Protocol):

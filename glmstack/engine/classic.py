@@ -193,12 +193,14 @@ class ChatModel:
 
     # ---- chat ------------------------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, Any]], reserve: int) -> tuple[list[int], list[dict[str, Any]]]:
-        """Render messages to prompt ids, dropping the oldest non-system turns until `reserve` tokens fit."""
+    def render_chat(self, messages: list[dict[str, Any]], reserve: int, *, tools: list[dict] | None = None,
+                    thinking: bool | None = None) -> tuple[list[int], list[dict[str, Any]]]:
+        """Render messages (and the tools offered) to prompt ids, dropping the oldest non-system turns until
+        `reserve` tokens fit."""
         messages = list(messages)
         budget = self.context_length - reserve
         while True:
-            ids = self.chat_format.render(messages).token_ids
+            ids = self.chat_format.render(messages, tools=tools, thinking=thinking).token_ids
             if len(ids) <= budget:
                 return ids, messages
             first_turn = next((i for i, m in enumerate(messages) if m.get("role") != "system"), None)

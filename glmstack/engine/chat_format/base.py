@@ -1,5 +1,6 @@
-"""What every prompt family implements: `ChatFormat` (messages -> prompt token ids and stop ids), the
-`ChatPrompt` it returns, and the error a render raises."""
+"""What every prompt family implements: `ChatFormat` (messages -> prompt token ids and stop ids; the reply
+back -> content, reasoning and tool calls; the grammar a tool call must follow), the `ChatPrompt` it returns,
+and the error a render raises."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 
 from glmstack.engine.errors import EngineError
 from glmstack.engine.tokenization.base import Tokenizer
+from glmstack.protocol import ToolCallDelta
 
 
 class ChatTemplateError(EngineError, ValueError):
@@ -19,6 +21,39 @@ class ChatPrompt:
     token_ids: list[int]
     text: str | None  # the rendered prompt, when there is one as text
     stop_token_ids: set[int] = field(default_factory=set)
+
+
+@dataclass
+class ReplyDelta:
+    """What a piece of reply text turned out to be."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+
+class ReplyParser(ABC):
+    """Splits a reply, streamed as text, into content, reasoning and tool calls the way one prompt family
+    writes them. Text that may still turn out to be part of a call (or of a `<think>` tag) is held back until
+    it is decided; `finish()` flushes the rest when the reply ends."""
+
+    calls: int = 0  # tool calls begun so far: a reply with any ends with finish_reason "tool_calls"
+
+    @abstractmethod
+    def push(self, text: str) -> ReplyDelta: ...
+
+    @abstractmethod
+    def finish(self) -> ReplyDelta: ...
+
+
+class ContentOnly(ReplyParser):
+    """A reply that is all content (no tools offered, no thinking)."""
+
+    def push(self, text: str) -> ReplyDelta:
+        return ReplyDelta(content=text)
+
+    def finish(self) -> ReplyDelta:
+        return ReplyDelta()
 
 
 class ChatFormat(ABC):
@@ -37,10 +72,26 @@ class ChatFormat(ABC):
         self.stop_token_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.stop_strings = []
 
+    # whether replies may open with `<think>...</think>` reasoning (GLM-Z1, GLM-4.5+, templates that do)
+    supports_thinking: bool = False
+
     @abstractmethod
     def render(
-        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True
-    ) -> ChatPrompt: ...
+        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        thinking: bool | None = None,
+    ) -> ChatPrompt:
+        """`thinking`: False asks a thinking model not to think (its template's switch), None leaves its default;
+        formats without thinking ignore it."""
+
+    def reply_parser(self, *, tools: list[dict] | None = None, thinking: bool | None = None) -> ReplyParser:
+        """A parser for one reply to a prompt rendered with `tools`."""
+        return ContentOnly()
+
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
+        """The whole reply as an llguidance Lark grammar when `tools` are offered: free text or a call in this
+        family's syntax whose arguments follow the function's `parameters` schema ("auto"), a call to any
+        tool ("required"), a call to the named one ({"type": "function", ...}). None: no constraint."""
+        return None
 
 
 def message_text(message: dict) -> str:

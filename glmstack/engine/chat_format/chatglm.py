@@ -57,7 +57,8 @@ class _RoundsChatFormat(ChatFormat):
         self.gmask_id = require_token(tokenizer, "[gMASK]")
 
     def render(
-        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True
+        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        thinking: bool | None = None,
     ) -> ChatPrompt:
         if tools:
             raise ChatTemplateError(f"{self.name} does not support tools")

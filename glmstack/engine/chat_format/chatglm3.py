@@ -81,7 +81,8 @@ class ChatGLM3ChatFormat(RoleTokenChatFormat):
             self.stop_token_ids.add(tokenizer.eos_token_id)
 
     def render(
-        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True
+        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        thinking: bool | None = None,
     ) -> ChatPrompt:
         if tools:
             messages = with_tools_message(messages, tools, DEFAULT_TOOLS_PROMPT)

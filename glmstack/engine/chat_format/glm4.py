@@ -108,7 +108,8 @@ class GLM4ChatFormat(RoleTokenChatFormat):
         self.self_intro = self_intro if self_intro is not None else default_intro
 
     def render(
-        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True
+        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        thinking: bool | None = None,
     ) -> ChatPrompt:
         if tools:
             messages = with_tools_message(messages, tools, None)

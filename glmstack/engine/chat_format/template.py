@@ -78,7 +78,8 @@ class TemplateChatFormat(ChatFormat):
                 self.stop_token_ids.add(token_id)
 
     def render(
-        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True
+        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        thinking: bool | None = None,
     ) -> ChatPrompt:
         if tools and not self._supports_tools:
             raise ChatTemplateError("this model's chat template does not support tools")
@@ -127,7 +128,8 @@ class PlainChatFormat(ChatFormat):
         self.stop_strings = ["\nUser:"]
 
     def render(
-        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True
+        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        thinking: bool | None = None,
     ) -> ChatPrompt:
         if tools:
             raise ChatTemplateError("the plain chat format does not support tools")
