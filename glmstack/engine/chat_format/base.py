@@ -56,6 +56,26 @@ class ContentOnly(ReplyParser):
         return ReplyDelta()
 
 
+class ToolDialect(ABC):
+    """How one family writes tool calls in a reply, apart from how its prompts are rendered, so that a
+    model's own Jinja template (`TemplateChatFormat`) and a built-in format share it: GLM-4's
+    `name\n{json}` (glm4.py), ChatGLM3's `tool_call(...)` (chatglm3.py), GLM-4.5's `<tool_call>` with
+    `<arg_key>`/`<arg_value>` (glm45.py), Hermes-style `<tool_call>{json}</tool_call>` (hermes.py)."""
+
+    name: str
+
+    @abstractmethod
+    def reply_parser(self, tools: list[dict]) -> ReplyParser: ...
+
+    @abstractmethod
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None: ...
+
+    def template_messages(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
+        """OpenAI-shaped messages (assistant `tool_calls`, `tool` results) in the shape this family's Jinja
+        templates read them. Identity for templates that read the OpenAI shape themselves."""
+        return messages
+
+
 class ChatFormat(ABC):
     """Turns a conversation into prompt ids and says what ends the model's answer. One subclass per
     prompt family."""
@@ -74,6 +94,9 @@ class ChatFormat(ABC):
 
     # whether replies may open with `<think>...</think>` reasoning (GLM-Z1, GLM-4.5+, templates that do)
     supports_thinking: bool = False
+    # special tokens whose text the reply parser must see (decoded, not skipped): GLM-4.5's `<tool_call>`,
+    # `<arg_key>`, `<think>`, ... where its tokenizer marks them special
+    reply_tokens: frozenset[str] = frozenset()
 
     @abstractmethod
     def render(
