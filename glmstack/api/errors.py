@@ -21,7 +21,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from glmstack.protocol import EngineOverloadedError, EngineRequestError, PromptTooLongError
+from glmstack.protocol import (
+    EngineOverloadedError,
+    EngineRequestError,
+    InvalidConstraintError,
+    PromptTooLongError,
+)
 from glmstack.store.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -91,6 +96,8 @@ def from_engine(error: EngineRequestError) -> PlatformError:
         return PlatformError(1261, str(error))
     if isinstance(error, EngineOverloadedError):
         return PlatformError(1305, str(error))
+    if isinstance(error, InvalidConstraintError):  # a schema the grammar compiler refuses: a bad parameter
+        return PlatformError(1214, str(error), field=error.field)
     return PlatformError(1210, str(error))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +17,8 @@ CHAT = "/api/paas/v4/chat/completions"
 
 
 class ScriptedEngine:
-    """Replies with `reply`, word by word; `gate` (an asyncio.Event) holds every generation until set;
+    """Replies with `reply`, word by word (or, when `events` is set, with exactly those events: tool-call
+    pieces, reasoning, the finish reason); `gate` (an asyncio.Event) holds every generation until set;
     `error` is raised before the first event, `fail_after` after that many words."""
 
     def __init__(self) -> None:
@@ -25,6 +27,7 @@ class ScriptedEngine:
         self.error: Exception | None = None
         self.fail_after: int | None = None
         self.gate: asyncio.Event | None = None
+        self.events: list[GenerationEvent] | None = None
         self.requests: list[GenerateRequest] = []
         self.active = 0
         self.generation_defaults = GenerationDefaults()
@@ -48,6 +51,11 @@ class ScriptedEngine:
             if self.gate is not None:
                 await self.gate.wait()
             usage = Usage(prompt_tokens=self.count_prompt_tokens(request.messages or []))
+            if self.events is not None:
+                for scripted in self.events:
+                    usage.completion_tokens += 1
+                    yield dataclasses.replace(scripted, usage=usage)
+                return
             for i, word in enumerate(self.reply):
                 if i == self.fail_after:
                     raise RuntimeError("the GPU caught fire")

@@ -297,10 +297,14 @@ def test_tools_are_passed_on_as_sent(client: TestClient, engine: ScriptedEngine)
     function = {"name": "get_weather", "parameters": {"type": "object", "properties": {}}, "strict": True}
     tools = [
         {"type": "function", "function": function},
+        {"type": "python"},
         {"type": "web_search", "web_search": {"enable": True}},
     ]
     assert client_ok(client, chat_body(tools=tools))
-    assert engine.requests[-1].tools == tools
+    # function tools (extra keys kept) and the model's built-in ones go to the model; the platform's own
+    # tools (web_search, retrieval) are not the model's to call
+    assert engine.requests[-1].tools == tools[:2]
+    assert engine.requests[-1].tool_choice == "auto"
 
 
 def test_request_head_checks(client: TestClient) -> None:

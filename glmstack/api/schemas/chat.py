@@ -6,18 +6,26 @@ Unknown keys and nulls are accepted and ignored: the SDKs always send `response_
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from glmstack.api.schemas.fields import JsonObject, Text, plain_json
+from glmstack.api.schemas.fields import JsonObject, Text
+from glmstack.api.schemas.tools import (
+    MAX_TOOLS,
+    PersonaMeta,
+    ResponseFormat,
+    Thinking,
+    Tool,
+    ToolCall,
+    ToolCallChunk,
+    ToolChoice,
+)
 
 # Bounds on what a request may carry besides the body size (Settings.max_body_bytes, which also bounds the
 # prose fields: message content, tool descriptions), the message count (Settings.max_messages) and the
 # depth of free-form JSON (fields.MAX_JSON_DEPTH).
 MAX_ID_CHARS = 128  # model codes, request ids, tool call ids
-MAX_TOOLS = 128
-MAX_TOOL_NAME_CHARS = 64
 INT64 = 2**63
 
 
@@ -41,46 +49,9 @@ class Message(_Lenient):
     tool_call_id: Text | None = Field(
         None, max_length=MAX_ID_CHARS, description="On tool messages: the call this result answers"
     )
-
-
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-
-    name: str = Field(min_length=1, max_length=MAX_TOOL_NAME_CHARS, pattern=r"^[A-Za-z0-9_.\-]+$")
-    description: Text | None = None
-    parameters: JsonObject | None = Field(
-        None, description='JSON Schema of the arguments: an object schema ({"type": "object", ...})'
+    reasoning_content: Text | None = Field(
+        None, description="On assistant messages, as replies carry it: accepted, never fed back to the model"
     )
-
-    @model_validator(mode="after")
-    def _object_schema(self) -> FunctionDefinition:
-        schema = self.parameters or {}
-        if schema.get("type", "object") != "object" or not isinstance(schema.get("properties", {}), dict):
-            raise ValueError('parameters must be an object schema ({"type": "object", "properties": {...}})')
-        return self
-
-
-class Tool(BaseModel):
-    """A tool the model may call. Keys besides `type` and `function` (the platform's built-in tools carry
-    their own) are passed on as sent."""
-
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-
-    type: Text = Field(
-        min_length=1, max_length=MAX_TOOL_NAME_CHARS, description='"function" or a built-in tool'
-    )
-    function: FunctionDefinition | None = Field(None, description='Required when type is "function"')
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bounded_depth(cls, data: Any) -> Any:
-        return plain_json(data)
-
-    @model_validator(mode="after")
-    def _function_tools_define_one(self) -> Tool:
-        if self.type == "function" and self.function is None:
-            raise ValueError('a tool of type "function" needs its "function" definition')
-        return self
 
 
 class ChatCompletionRequest(_Lenient):
@@ -109,9 +80,16 @@ class ChatCompletionRequest(_Lenient):
     tools: list[Tool] | None = Field(
         None, max_length=MAX_TOOLS, description="Tool definitions, passed to the model"
     )
-    tool_choice: Annotated[Text, Field(max_length=MAX_TOOL_NAME_CHARS)] | JsonObject | None = Field(
-        None, description='Accepted; only "auto" for now'
+    tool_choice: ToolChoice | None = Field(
+        None,
+        description='"auto" (default), "none", "required" (a call to some tool), or a function to call: '
+        '{"type": "function", "function": {"name": ...}} or {"name": ...}',
     )
+    response_format: ResponseFormat | None = Field(
+        None, description='{"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}'
+    )
+    thinking: Thinking | None = Field(None, description='{"type": "enabled" | "disabled"} for thinking models')
+    meta: PersonaMeta | None = Field(None, description="charglm-3 / emohaa: the persona and the user")
     n: int | None = Field(None, ge=1, le=1, description="OpenAI compatibility: one choice only")
     user: Text | None = Field(None, max_length=MAX_ID_CHARS, description="OpenAI compatibility: ignored")
 
@@ -124,8 +102,9 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str | None
-    tool_calls: list[dict[str, Any]] | None = None
+    content: str | None = Field(description="null when the reply is tool calls")
+    reasoning_content: str | None = Field(None, description="A thinking model's reasoning, before the answer")
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
@@ -147,6 +126,8 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -23,9 +23,11 @@ from glmstack.api.schemas.chat import (
     Usage,
 )
 from glmstack.api.schemas.models import GenerationDefaultsCard
+from glmstack.api.schemas.tools import FunctionCall, NamedToolChoice, ToolCall
 from glmstack.api.services.generation import Generation, Step
+from glmstack.api.services.personas import is_persona_model, persona_messages
 from glmstack.api.sse import DONE, EventStreamResponse, event
-from glmstack.protocol import GenerateRequest, GenerationDefaults, SamplingParams
+from glmstack.protocol import GenerateRequest, GenerationDefaults, SamplingParams, ToolCallDelta
 
 # The doc's defaults for the GLM-4 series, for what neither the request nor the served model's own
 # recommendation (ModelInfo.generation_defaults) says.
@@ -104,6 +106,29 @@ def _first(*values: float | None) -> float:
     return next(v for v in values if v is not None)
 
 
+def engine_tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, str | dict | None]:
+    """The tools the model is shown and the engine's tool_choice. "none" shows none (as the official GLM-4
+    server does); a named function must be one of the tools. Tool types the chat model cannot call
+    (`retrieval`, `web_search`) are not passed to it."""
+    choice = body.tool_choice
+    if not body.tools or choice == "none":
+        if isinstance(choice, NamedToolChoice) or choice == "required":
+            raise PlatformError(1214, "tool_choice asks for a tool call but no tools were given",
+                                field="tool_choice")
+        return None, None
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools
+             if tool.type not in ("retrieval", "web_search")]
+    names = {tool["function"]["name"] for tool in tools if tool["type"] == "function"}
+    if isinstance(choice, NamedToolChoice):
+        if choice.function_name not in names:
+            raise PlatformError(1214, f"tool_choice names {choice.function_name!r}, which is not among the "
+                                      "function tools", field="tool_choice")
+        return tools or None, {"type": "function", "function": {"name": choice.function_name}}
+    if choice == "required" and not names:
+        raise PlatformError(1214, 'tool_choice "required" needs a function tool', field="tool_choice")
+    return tools or None, choice or "auto"
+
+
 def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str) -> GenerateRequest:
     """Everything that can be refused before the engine is involved: model (1211), parameters (1213/1214),
     input content (1301)."""
@@ -111,12 +136,17 @@ def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str)
     if len(body.messages) > platform.settings.max_messages:
         raise PlatformError(1214, f"at most {platform.settings.max_messages} messages", field="messages")
     messages = engine_messages(body.messages)
+    if is_persona_model(body.model):
+        messages = persona_messages(body.model, body.meta, messages)
     info = platform.engine.info()
     cap = min(info.context_length, platform.settings.max_tokens_cap or info.context_length)
     params = sampling_params(body, cap, info.generation_defaults)
     platform.safety.check_input(messages)
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-    return GenerateRequest(completion_id, params, messages=messages, tools=tools)
+    tools, tool_choice = engine_tools(body)
+    thinking = None if body.thinking is None else body.thinking.type == "enabled"
+    response_format = body.response_format.engine_form() if body.response_format is not None else None
+    return GenerateRequest(completion_id, params, messages=messages, tools=tools, tool_choice=tool_choice,
+                           response_format=response_format, thinking=thinking)
 
 
 def _usage(generation: Generation) -> dict[str, int]:
@@ -129,14 +159,43 @@ def _output_blocked() -> PlatformError:
     return PlatformError(1301, extra={"contentFilter": [{"level": LEVEL, "role": "assistant"}]})
 
 
-async def collect(generation: Generation) -> tuple[str, str]:
-    """Runs a generation to its end: (text, finish_reason)."""
-    parts, reason = [], "network_error"
-    async for step in generation.steps():
-        parts.append(step.text)
+class Reply:
+    """A whole reply gathered from its steps: content, reasoning, tool calls (pieces joined by index)."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: dict[int, ToolCall] = {}
+        self.finish_reason = "network_error"
+
+    def add(self, step: Step) -> None:
+        self.content.append(step.text)
+        self.reasoning.append(step.reasoning)
+        for piece in step.tool_calls:
+            call = self.calls.get(piece.index)
+            if call is None:
+                call = self.calls[piece.index] = ToolCall(
+                    id=piece.id or f"call_{piece.index}", index=piece.index,
+                    function=FunctionCall(name=piece.name or "", arguments=""))
+            call.function.arguments += piece.arguments
         if step.finish_reason is not None:
-            reason = step.finish_reason
-    return "".join(parts), reason
+            self.finish_reason = step.finish_reason
+
+    def message(self) -> AssistantMessage:
+        content = "".join(self.content)
+        reasoning = "".join(self.reasoning)
+        calls = [self.calls[i] for i in sorted(self.calls)]
+        # spec §2.1: content is null when the model called a function
+        return AssistantMessage(content=None if calls and not content.strip() else content,
+                                reasoning_content=reasoning or None, tool_calls=calls or None)
+
+
+async def collect(generation: Generation) -> Reply:
+    """Runs a generation to its end."""
+    reply = Reply()
+    async for step in generation.steps():
+        reply.add(step)
+    return reply
 
 
 async def complete(
@@ -150,17 +209,17 @@ async def complete(
     request = prepare(platform, body, completion_id)
     generation = Generation(platform, caller, request, log_fields)
     try:
-        text, reason = await unless_disconnected(receive, collect(generation))
+        reply = await unless_disconnected(receive, collect(generation))
     finally:
         await generation.close()
-    if reason == "sensitive":
+    if reply.finish_reason == "sensitive":
         raise _output_blocked()
     return ChatCompletion(
         id=completion_id,
         created=int(time.time()),
         model=body.model,
         request_id=body.request_id or completion_id,
-        choices=[Choice(finish_reason=reason, message=AssistantMessage(content=text))],
+        choices=[Choice(finish_reason=reply.finish_reason, message=reply.message())],
         usage=Usage(**_usage(generation)),
     )
 
@@ -192,24 +251,39 @@ async def stream(
     return EventStreamResponse(_chunks(base, first, steps, generation), on_close=generation.close)
 
 
+def _call_chunk(piece: ToolCallDelta) -> dict[str, Any]:
+    """OpenAI's streamed call: the first piece has id, type and name; later pieces add arguments."""
+    chunk: dict[str, Any] = {"index": piece.index}
+    function: dict[str, str] = {"arguments": piece.arguments}
+    if piece.id is not None:
+        chunk["id"], chunk["type"] = piece.id, "function"
+    if piece.name is not None:
+        function["name"] = piece.name
+    chunk["function"] = function
+    return chunk
+
+
+def _delta(step: Step) -> dict[str, Any]:
+    delta: dict[str, Any] = {"role": "assistant"}
+    if step.text or not (step.reasoning or step.tool_calls):
+        delta["content"] = step.text
+    if step.reasoning:
+        delta["reasoning_content"] = step.reasoning
+    if step.tool_calls:
+        delta["tool_calls"] = [_call_chunk(piece) for piece in step.tool_calls]
+    return delta
+
+
 async def _chunks(
     base: dict[str, Any], step: Step | None, steps: AsyncIterator[Step], generation: Generation
 ) -> AsyncIterator[bytes]:
     while step is not None:
         if step.finish_reason is None:
-            yield event(
-                {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": step.text}}]}
-            )
+            yield event({**base, "choices": [{"index": 0, "delta": _delta(step)}]})
         else:
             last: dict[str, Any] = {
                 **base,
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": step.finish_reason,
-                        "delta": {"role": "assistant", "content": step.text},
-                    }
-                ],
+                "choices": [{"index": 0, "finish_reason": step.finish_reason, "delta": _delta(step)}],
                 "usage": _usage(generation),
             }
             if step.finish_reason == "sensitive":

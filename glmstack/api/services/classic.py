@@ -85,10 +85,11 @@ async def answer(
         platform, caller, GenerateRequest(request_id, params, messages=messages), log_fields
     )
     try:
-        text, reason = await unless_disconnected(receive, collect(generation))
+        reply = await unless_disconnected(receive, collect(generation))
     finally:
         await generation.close()
-    if reason == "sensitive":
+    text = "".join(reply.content)
+    if reply.finish_reason == "sensitive":
         raise PlatformError(1301, extra={"contentFilter": [{"level": LEVEL, "role": "assistant"}]})
     turn: Any = (
         [body.prompt, text]

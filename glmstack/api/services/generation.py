@@ -7,12 +7,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from glmstack.api.auth import Caller
 from glmstack.api.deps import Platform
-from glmstack.protocol import EngineRequestError, GenerateRequest, GenerationEvent
+from glmstack.protocol import EngineRequestError, GenerateRequest, GenerationEvent, ToolCallDelta
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,11 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"
 class Step:
     text: str
     finish_reason: str | None = None  # set on the last step only
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.text or self.reasoning or self.tool_calls or self.finish_reason)
 
 
 class Generation:
@@ -49,14 +54,19 @@ class Generation:
         try:
             async for event in self._events:
                 self._count(event)
-                if self._monitor.push(event.text):
+                # what the model wrote, all of it: reply, reasoning and tool-call arguments
+                written = event.text + event.reasoning + "".join(c.arguments for c in event.tool_calls)
+                if self._monitor.push(written):
                     yield self._finish("sensitive", "")
                     return
+                step = Step(event.text, None, event.reasoning, list(event.tool_calls))
                 if event.finish_reason is not None:
-                    yield self._finish(FINISH_REASONS.get(event.finish_reason, "network_error"), event.text)
+                    step.finish_reason = self._finish(
+                        FINISH_REASONS.get(event.finish_reason, "network_error"), "").finish_reason
+                    yield step
                     return
-                if event.text:
-                    yield Step(event.text)
+                if step:
+                    yield step
         except EngineRequestError:
             if not self._started:
                 raise

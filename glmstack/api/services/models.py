@@ -3,10 +3,11 @@
 The server runs one model. It answers to that model's own name, to "glmstack" and "default", to the
 platform's chat model codes - the GLM-4 codes of the documentation (spec §2.1) and the codes applications
 send today (`glm-4.5` ... `glm-4.7` in the Z.ai SDK's own examples, `glm-z1-*`, the `-0414`/`-250414` releases)
-- and to the aliases in Settings (GLMSTACK_MODEL_ALIASES), so code written for the hosted platform runs
-unchanged against a local server. Names match case-insensitively (the doc writes both "GLM-4-Flash" and
-"glm-4-flash"). Anything else is business error 1211; a code of a capability this server lacks (vision,
-embeddings, images, video, voice) says so rather than being answered by the chat model.
+-, to the persona codes charglm-3 and emohaa (personas.py), and to the aliases in Settings
+(GLMSTACK_MODEL_ALIASES), so code written for the hosted platform runs unchanged against a local server.
+Names match case-insensitively (the doc writes both "GLM-4-Flash" and "glm-4-flash"). Anything else is
+business error 1211; a code of a capability this server lacks (vision, embeddings, images, video, voice) says
+so rather than being answered by the chat model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from collections.abc import Mapping
 
 from glmstack.api.errors import PlatformError
+from glmstack.api.services.personas import PERSONA_MODELS
 
 ALIASES = ("glmstack", "default")
 CHAT_MODEL_CODES = (
@@ -42,7 +44,7 @@ class ModelCatalog:
         """`aliases`: extra name -> target, where the target is a name the server answers to already."""
         self.served = served  # the loaded model's name (ModelInfo.name)
         self.created = created  # when it was loaded, Unix seconds
-        builtin = (served, *ALIASES, *CHAT_MODEL_CODES)
+        builtin = (served, *ALIASES, *CHAT_MODEL_CODES, *PERSONA_MODELS)
         known = {name.lower() for name in builtin}
         for name, target in (aliases or {}).items():
             if target.lower() not in known:
