@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import glmstack
-from glmstack.api import errors
+from glmstack.api import errors, openapi
 from glmstack.api.auth import Authenticator, is_loopback
 from glmstack.api.deps import Platform
 from glmstack.api.limits import BodySizeLimit, ConcurrencyLimiter, RequestHeadCheck
@@ -66,6 +66,7 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
     )
     app.state.platform = platform
     errors.install(app)
+    openapi.install(app, platform)
     for router in (chat.router, models.router):
         app.include_router(router, prefix=PLATFORM_PREFIX)
         app.include_router(router, prefix=OPENAI_PREFIX, include_in_schema=False)

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from glmstack.api.auth import CallerDep, keyed_router
 from glmstack.api.deps import PlatformDep
-from glmstack.api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from glmstack.api.schemas.chat import ChatCompletion, ChatCompletionRequest
 from glmstack.api.schemas.errors import error_responses
 from glmstack.api.services import chat
 
@@ -20,7 +20,8 @@ router = keyed_router(tags=["chat"])
     response_model_exclude_none=True,
     responses={
         200: {
-            "content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}},
+            # the schema itself is put in components by api/openapi.py
+            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
             "description": 'With "stream": true, `data: <ChatCompletionChunk>` events, then `data: [DONE]`',
         },
         **error_responses(400, 401, 413, 429, 500),

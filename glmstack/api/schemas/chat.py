@@ -6,7 +6,7 @@ Unknown keys and nulls are accepted and ignored: the SDKs always send `response_
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,9 @@ from glmstack.api.schemas.tools import (
 # depth of free-form JSON (fields.MAX_JSON_DEPTH).
 MAX_ID_CHARS = 128  # model codes, request ids, tool call ids
 INT64 = 2**63
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class _Lenient(BaseModel):
@@ -34,11 +37,37 @@ class _Lenient(BaseModel):
 
 
 class TextPart(_Lenient):
-    type: Text = Field(description='"text" (other part types, e.g. "image_url", are refused by text models)')
+    type: Text = Field(
+        description='"text" (other part types, e.g. "image_url", are refused by text models)',
+        json_schema_extra={"enum": ["text"]},
+    )
     text: Text | None = None
 
 
+# What the service checks beyond the fields (1213): content on every message but an assistant message that
+# carries tool_calls. Published as JSON Schema conditions so a client knows it.
+MESSAGE_CONDITIONS = {
+    "allOf": [
+        {
+            "if": {"properties": {"role": {"enum": ["system", "user", "tool"]}}},
+            "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        },
+        {
+            "if": {"properties": {"role": {"const": "assistant"}}},
+            "then": {
+                "anyOf": [
+                    {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                    {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
+                ]
+            },
+        },
+    ]
+}
+
+
 class Message(_Lenient):
+    model_config = ConfigDict(json_schema_extra=MESSAGE_CONDITIONS)
+
     role: Literal["system", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = Field(
         None, description="Required except on an assistant message that carries tool_calls"
@@ -74,7 +103,9 @@ class ChatCompletionRequest(_Lenient):
         ge=1,
         description="Most tokens in the reply, at most the model's context length; default: the model's own, else 1024",
     )
-    stop: Text | list[Text] | None = Field(None, description="Stop strings (not included in the reply)")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description="Stop strings (not included in the reply)"
+    )
     seed: int | None = Field(None, ge=-INT64, lt=INT64, description="A 64-bit integer")
     user_id: Text | None = Field(None, min_length=6, max_length=128, description="Your end user's id")
     tools: list[Tool] | None = Field(
@@ -102,7 +133,7 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str | None = Field(description="null when the reply is tool calls")
+    content: str | None = Field(None, description="Absent when the reply is tool calls (spec §2.1's example)")
     reasoning_content: str | None = Field(None, description="A thinking model's reasoning, before the answer")
     tool_calls: list[ToolCall] | None = None
 

@@ -102,6 +102,11 @@ class ResponseFormat(BaseModel):
     "json_schema": {"name", "schema", "strict"}}` (OpenAI): it follows the schema. Enforced by constrained
     decoding, not by asking nicely."""
 
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}},
+    })
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 

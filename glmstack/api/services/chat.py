@@ -15,6 +15,8 @@ from glmstack.api.disconnect import unless_disconnected
 from glmstack.api.errors import PlatformError
 from glmstack.api.safety import LEVEL
 from glmstack.api.schemas.chat import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
@@ -38,8 +40,6 @@ DEFAULT_TOP_P = 0.7
 # NaN (which fails the whole batch's step); the SDKs clamp both the same way (sdk-wire §2).
 MIN_TOP_P = 0.01
 MIN_TEMPERATURE = 0.01
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 
 
 def engine_messages(messages: list[Message]) -> list[dict[str, Any]]:
