@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 from scripted import ScriptedEngine
