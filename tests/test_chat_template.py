@@ -125,9 +125,13 @@ def test_raise_exception_reaches_the_caller(tokenizer):
         TemplateChatFormat(tokenizer, template).render([{"role": "assistant", "content": "x"}])
 
 
-def test_tools_need_a_template_that_uses_them(tokenizer):
-    with pytest.raises(ChatTemplateError, match="tools"):
-        chat_format_for(tokenizer).render(CONVERSATION, tools=[{"name": "get_weather"}])
+def test_tools_reach_a_template_without_tools_support_through_the_system_message(tokenizer):
+    # The Hermes convention (hermes.py; byte-exact cases in test_template_tools.py).
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    text = chat_format_for(tokenizer).render(CONVERSATION, tools=tools).text
+    assert text.startswith("<|im_start|>system\nYou are terse.\n\n# Tools\n\n")
+    assert '\n<tools>\n{"type": "function", "function": {"name": "get_weather"}}\n</tools>\n' in text
+    assert text.endswith(EXPECTED[EXPECTED.index("<|im_end|>"):])
 
 
 def test_template_errors_are_chat_template_errors(tokenizer):

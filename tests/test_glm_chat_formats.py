@@ -49,6 +49,7 @@ WEATHER_TOOL = {
     },
 }
 SELF_INTRO = "你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。"  # fmt: skip
+SELF_INTRO_CHATGLM = SELF_INTRO.replace("名为 GLM-4 的", "名为 ChatGLM 的")  # THUDM's template (spec 3.2)
 
 
 @pytest.fixture(scope="module")
@@ -104,18 +105,24 @@ def test_glm4_same_ids_from_a_gguf_tokenizer(glm4):
 
 def test_glm4_tools_block(glm4, tik):
     messages = [
-        {"role": "system", "content": "dropped for the tools"},
+        {"role": "system", "content": "kept after the tools"},
         {"role": "user", "content": "北京天气？"},
     ]
     prompt = GLM4ChatFormat(glm4).render(messages, tools=[WEATHER_TOOL])
     function_json = json.dumps(WEATHER_TOOL["function"], ensure_ascii=False, indent=4)
-    system = f"{SELF_INTRO}\n\n# 可用工具\n\n## get_weather\n\n{function_json}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
-    assert prompt.text == f"[gMASK]<sop><|system|>\n{system}<|user|>\n北京天气？<|assistant|>"
+    # ONE newline before "## name" (the template's trim_blocks), the ChatGLM self-intro, and the client's system
+    # message kept as its own turn after the tools block (spec 3.2).
+    system = f"{SELF_INTRO_CHATGLM}\n\n# 可用工具\n## get_weather\n\n{function_json}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+    assert prompt.text == (
+        f"[gMASK]<sop><|system|>\n{system}<|system|>\nkept after the tools<|user|>\n北京天气？<|assistant|>"
+    )
     assert prompt.token_ids == [
         151331,
         151333,
         151335,
         *tik.encode("\n" + system),
+        151335,
+        *tik.encode("\nkept after the tools"),
         151336,
         *tik.encode("\n北京天气？"),
         151337,
@@ -165,7 +172,7 @@ def test_glm4_builtin_tools_and_skipped_messages(glm4):
         ],
         tools=[{"type": "cogview"}, {"type": "python"}, {"type": "retrieval"}],
     )
-    assert "\n\n## cogview\n\n如果用户的请求中包含了对图像的描述" in prompt.text
+    assert "# 可用工具\n## cogview\n\n如果用户的请求中包含了对图像的描述" in prompt.text
     assert prompt.text.index("## cogview") < prompt.text.index("## python")
     assert "retrieval" not in prompt.text
     assert prompt.text.endswith(
@@ -174,10 +181,11 @@ def test_glm4_builtin_tools_and_skipped_messages(glm4):
 
 
 def test_glm4_self_intro_follows_the_models_template(tik):
-    chatglm_intro = SELF_INTRO.replace("名为 GLM-4 的", "名为 ChatGLM 的")
-    tokenizer = GLM4Tokenizer(glm4_ranks(), chat_template="{# ... #}<|system|>\n" + chatglm_intro)
+    default = GLM4ChatFormat(GLM4Tokenizer(glm4_ranks())).render([{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL])
+    assert f"<|system|>\n{SELF_INTRO_CHATGLM}\n\n# 可用工具" in default.text
+    tokenizer = GLM4Tokenizer(glm4_ranks(), chat_template="{# ... #}<|system|>\n" + SELF_INTRO)
     prompt = GLM4ChatFormat(tokenizer).render([{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL])
-    assert f"<|system|>\n{chatglm_intro}\n\n# 可用工具" in prompt.text
+    assert f"<|system|>\n{SELF_INTRO}\n\n# 可用工具" in prompt.text
 
 
 # --- ChatGLM3 ----------------------------------------------------------------------------------------------
@@ -212,16 +220,14 @@ def test_chatglm3_same_ids_from_a_gguf_tokenizer(chatglm3):
 def test_chatglm3_tools_metadata_and_observation(chatglm3, sp_v2):
     sp = sp_v2.encode
     messages = [
-        {"role": "system", "content": "dropped for the tools"},
+        {"role": "system", "content": "You are ChatGLM3. Use the tools."},
         {"role": "user", "content": "北京天气？"},
         {"role": "assistant", "metadata": "get_weather", "content": '```python\ntool_call(city="北京")\n```'},
         {"role": "function", "content": '{"temp": 22}'},
     ]
     prompt = ChatGLM3ChatFormat(chatglm3).render(messages, tools=[WEATHER_TOOL])
-    system = (
-        "Answer the following questions as best as you can. You have access to the following tools:\n"
-        + json.dumps([WEATHER_TOOL], indent=4, ensure_ascii=False)
-    )
+    # The client's system text is kept and carries the tools (spec 2.8, verified against ChatGLM3's own code).
+    system = "You are ChatGLM3. Use the tools.\n" + json.dumps([WEATHER_TOOL], indent=4, ensure_ascii=False)
     expected = [64790, 64792, 64794, *sp("\n"), *sp(system), 64795, *sp("\n"), *sp("北京天气？")]
     expected += [64796, *sp("get_weather\n"), *sp(messages[2]["content"])]
     expected += [64797, *sp("\n"), *sp('{"temp": 22}'), 64796]

@@ -32,6 +32,7 @@ import torch
 
 from glmstack.engine import native
 from glmstack.engine.chat_format import ChatFormat, chat_format_for
+from glmstack.engine.chat_format.chatglm3 import classic_tool_result
 from glmstack.engine.errors import ContextLengthError
 from glmstack.engine.generation import generate_stream
 from glmstack.engine.loading.catalog import resolve_model_path
@@ -165,17 +166,24 @@ class ChatModel:
     # ---- raw generation --------------------------------------------------------------------------------
 
     def stream_generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                        stop_token_ids: set[int] | None = None) -> Iterator[GenerationEvent]:
+                        stop_token_ids: set[int] | None = None, *, tools: list[dict] | None = None
+                        ) -> Iterator[GenerationEvent]:
         """Generate on the serving engine, the server's own fast path (paged KV, native decode, prefix reuse
         across a conversation's turns); models it cannot run (ChatGLM-6B, whose prompt attends
-        bidirectionally) and requests larger than its KV pool take the reference loop."""
+        bidirectionally) and requests larger than its KV pool take the reference loop. With `tools` (the
+        prompt offered them), the reply is parsed into content and tool calls and a call's arguments are
+        constrained to its function's schema, as the server does."""
         stops = set(self.chat_format.stop_token_ids) if stop_token_ids is None else set(stop_token_ids)
         if len(prompt_ids) >= self.context_length:
             raise ContextLengthError(len(prompt_ids), self.context_length)
         if getattr(self.module, "supports_paged", True):
             engine = self._local_engine()
+            options: dict[str, Any] = {}
+            if tools:
+                options["reply_parser"] = self.chat_format.reply_parser(tools=tools)
+                options["grammar"] = engine.core.constraints.matcher_for(tools=tools, tool_choice="auto")
             try:
-                return engine.generate(list(prompt_ids), params, stops)
+                return engine.generate(list(prompt_ids), params, stops, **options)
             except RequestTooLargeError:
                 log.info("request larger than the KV pool: generating on the reference loop")
         return generate_stream(self.module, self.tokenizer, prompt_ids, params, context_length=self.context_length,
@@ -219,10 +227,12 @@ class ChatModel:
             del messages[first_turn:end]
 
     def stream_messages(self, messages: list[dict[str, Any]], params: SamplingParams,
-                        max_length: int | None = None) -> Iterator[GenerationEvent]:
-        """Chat on OpenAI-style messages: render, fit the context (dropping old turns), generate."""
+                        max_length: int | None = None, *, tools: list[dict] | None = None,
+                        thinking: bool | None = None) -> Iterator[GenerationEvent]:
+        """Chat on OpenAI-style messages: render (with the tools offered), fit the context (dropping old
+        turns), generate. The text comes back unparsed: callers split it with `chat_format.reply_parser`."""
         reserve = min(params.max_tokens or DEFAULT_REPLY_RESERVE, self.context_length // 4)
-        prompt_ids, _ = self.render_chat(messages, reserve)
+        prompt_ids, _ = self.render_chat(messages, reserve, tools=tools, thinking=thinking)
         if max_length is not None:
             # ChatGLM's max_length counts prompt and reply together
             if max_length <= len(prompt_ids):
@@ -230,7 +240,7 @@ class ChatModel:
                                          f"prompt is {len(prompt_ids)} tokens, not below max_length={max_length}")
             params = dataclasses.replace(
                 params, max_tokens=min(params.max_tokens or max_length, max_length - len(prompt_ids)))
-        return self.stream_generate(prompt_ids, params)
+        return self.stream_generate(prompt_ids, params, tools=tools)
 
     def stream_chat(
         self,
@@ -248,6 +258,7 @@ class ChatModel:
         top_k: int = 0,
         stop: list[str] | None = None,
         seed: int | None = None,
+        tools: list[dict] | None = None,
         past_key_values: Any = None,
         return_past_key_values: bool = False,
         num_beams: int = 1,
@@ -257,7 +268,12 @@ class ChatModel:
         """Yields (response so far, history including this turn), ChatGLM style; with
         `return_past_key_values=True`, (response, history, past_key_values) as ChatGLM2/3's demos unpack.
         past_key_values is an opaque handle here, taken and given back: the engine's prefix cache is what
-        reuses the earlier turns (their blocks stay cached), so passing it back or not changes nothing."""
+        reuses the earlier turns (their blocks stay cached), so passing it back or not changes nothing.
+
+        Tools, as ChatGLM3 takes them: `tools=[...]`, or a system message in `history` that carries
+        `"tools"`; bare `{name, description, parameters}` or OpenAI's `{"type": "function", ...}`. A reply
+        that calls one ends as ChatGLM3's does, with `{"name": ..., "parameters": {...}}` as the response
+        (the call goes into the history; answer it with `role="observation"`)."""
         if unsupported:
             raise TypeError(f"stream_chat() got keyword arguments glmstack does not support: "
                             f"{', '.join(sorted(unsupported))}")
@@ -269,7 +285,7 @@ class ChatModel:
         for response, new_history in self._stream_chat(tokenizer, query, history, system=system, role=role,
                                                        max_length=max_length, max_new_tokens=max_new_tokens,
                                                        do_sample=do_sample, top_p=top_p, temperature=temperature,
-                                                       top_k=top_k, stop=stop, seed=seed):
+                                                       top_k=top_k, stop=stop, seed=seed, tools=tools):
             if return_past_key_values:
                 yield response, new_history, PastKeyValues(new_history)
             else:
@@ -279,29 +295,48 @@ class ChatModel:
                      system: str | None, role: str, max_length: int | None, max_new_tokens: int | None,
                      do_sample: bool, top_p: builtins.float, temperature: builtins.float, top_k: int,
                      stop: list[str] | None,
-                     seed: int | None) -> Iterator[tuple[str, History]]:
+                     seed: int | None, tools: list[dict] | None = None) -> Iterator[tuple[Any, History]]:
         history = list(history or [])
         tuple_style = _is_tuple_history(history) and not (not history and self.chat_format.dict_history)
         messages = _to_messages(history, tuple_style)
         if system is not None:
             messages = [m for m in messages if m.get("role") != "system"]
             messages.insert(0, {"role": "system", "content": system})
+        messages, tools = _tools_from_history(messages, tools)
+        if tools and tuple_style:  # a call goes into the history as a message: ChatGLM3's dict history
+            if history:
+                raise ValueError("tools need a history of {'role', 'content'} dicts, not (query, response) pairs")
+            tuple_style = False
         messages.append({"role": role, "content": query})
         params = SamplingParams(max_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                 top_p=top_p, top_k=top_k, stop=list(stop or []), seed=seed)
         response = ""
-        for event in self.stream_messages(messages, params, max_length=max_length):
+        calls: dict[int, dict[str, Any]] = {}
+        for event in self.stream_messages(messages, params, max_length=max_length, tools=tools):
+            for piece in event.tool_calls:
+                call = calls.setdefault(piece.index, {"id": piece.id, "type": "function",
+                                                      "function": {"name": piece.name or "", "arguments": ""}})
+                call["function"]["arguments"] += piece.arguments
             if event.text:
                 response += event.text
                 yield response, _with_turn(history, tuple_style, role, query, response)
-        yield response, _with_turn(history, tuple_style, role, query, response)
+        if not calls:
+            yield response, _with_turn(history, tuple_style, role, query, response)
+            return
+        first = calls[min(calls)]["function"]
+        new_history: list[Any] = list(_with_turn(history, tuple_style, role, query, response))
+        new_history[-1] = {"role": "assistant", "content": response,
+                           "tool_calls": [calls[i] for i in sorted(calls)]}
+        yield classic_tool_result(first["name"], first["arguments"]), new_history
 
     def chat(self, tokenizer: Tokenizer | None, query: str, history: History | None = None,
-             **kwargs: Any) -> tuple[str, History]:
+             **kwargs: Any) -> tuple[Any, History]:
+        """(response, history): the response is the reply's text, or for a tool call ChatGLM3's
+        `{"name", "parameters"}` (see stream_chat)."""
         if kwargs.pop("return_past_key_values", False):
             raise TypeError("chat() returns (response, history); stream_chat() is the one that can return "
                             "past_key_values")
-        last: tuple[str, History] | None = None
+        last: tuple[Any, History] | None = None
         for last in self.stream_chat(tokenizer, query, history, **kwargs):  # noqa: B007 - we want the final one
             pass
         assert last is not None  # stream_chat always yields the finished turn
@@ -330,11 +365,12 @@ class LocalEngine:
         self._lock = threading.Lock()
         self._queues: dict[str, collections.deque[GenerationEvent]] = {}
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 stop_token_ids: set[int]) -> Iterator[GenerationEvent]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, stop_token_ids: set[int],
+                 **options: Any) -> Iterator[GenerationEvent]:
+        """`options`: EngineCore.add_request's `grammar` and `reply_parser`."""
         request_id = uuid.uuid4().hex
         with self._lock:
-            self.core.add_request(request_id, prompt_ids, params, stop_token_ids)  # refusals raise here
+            self.core.add_request(request_id, prompt_ids, params, stop_token_ids, **options)  # refusals raise
             self._queues[request_id] = collections.deque()
         return self._events(request_id)
 
@@ -375,6 +411,23 @@ def _to_messages(history: Sequence[Any], tuple_style: bool) -> list[dict[str, An
     for query, response in history:
         messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
     return messages
+
+
+def _tools_from_history(messages: list[dict[str, Any]], tools: list[dict] | None
+                        ) -> tuple[list[dict[str, Any]], list[dict] | None]:
+    """ChatGLM3 offers tools in a system message of the history (`{"role": "system", "content": ...,
+    "tools": [...]}`): they come out of it and are offered like `tools=`, in OpenAI's shape."""
+    found = list(tools or [])
+    kept = []
+    for message in messages:
+        if message.get("role") == "system" and "tools" in message:
+            found += message.get("tools") or []
+            message = {k: v for k, v in message.items() if k != "tools"}
+            if not message.get("content"):
+                continue
+        kept.append(message)
+    wrapped = [t if "type" in t else {"type": "function", "function": t} for t in found]
+    return kept, wrapped or None
 
 
 def _with_turn(history: list[Any], tuple_style: bool, role: str, query: str, response: str) -> History:

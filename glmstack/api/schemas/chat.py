@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from glmstack.api.schemas.fields import JsonObject, Text
 from glmstack.api.schemas.tools import (
@@ -46,7 +47,7 @@ class TextPart(_Lenient):
 
 # What the service checks beyond the fields (1213): content on every message but an assistant message that
 # carries tool_calls. Published as JSON Schema conditions so a client knows it.
-MESSAGE_CONDITIONS = {
+MESSAGE_CONDITIONS: JsonDict = {
     "allOf": [
         {
             "if": {"properties": {"role": {"enum": ["system", "user", "tool"]}}},

@@ -1,4 +1,4 @@
-"""Chat prompt formats: one module per prompt family (rendering and, later, tool-call parsing).
+"""Chat prompt formats: one module per prompt family (rendering, and parsing the family's tool calls).
 
 `chat_format_for(tokenizer)` picks the format for a model with a Jinja template; GLM models get theirs from
 `glm_chat_format_for_model(tokenizer, config)` (or `glm_chat_format_for(tokenizer, generation)`).
@@ -6,8 +6,9 @@
 
 from glmstack.engine.chat_format.base import ChatFormat, ChatPrompt, ChatTemplateError, message_text
 from glmstack.engine.chat_format.chatglm import ChatGLM2ChatFormat, ChatGLM6BChatFormat
-from glmstack.engine.chat_format.chatglm3 import ChatGLM3ChatFormat
-from glmstack.engine.chat_format.glm4 import GLM4ChatFormat
+from glmstack.engine.chat_format.chatglm3 import ChatGLM3ChatFormat, ChatGLM3Dialect, classic_tool_result
+from glmstack.engine.chat_format.glm4 import GLM4ChatFormat, GLM4Dialect
+from glmstack.engine.chat_format.glm45 import GLM45ChatFormat, GLM45Dialect
 from glmstack.engine.chat_format.glm_family import (
     GLM_CHAT_FORMATS,
     detect_generation,
@@ -21,13 +22,18 @@ __all__ = [
     "ChatFormat",
     "ChatGLM2ChatFormat",
     "ChatGLM3ChatFormat",
+    "ChatGLM3Dialect",
     "ChatGLM6BChatFormat",
     "ChatPrompt",
     "ChatTemplateError",
     "GLM4ChatFormat",
+    "GLM4Dialect",
+    "GLM45ChatFormat",
+    "GLM45Dialect",
     "PlainChatFormat",
     "TemplateChatFormat",
     "chat_format_for",
+    "classic_tool_result",
     "detect_generation",
     "glm_chat_format_for",
     "glm_chat_format_for_model",

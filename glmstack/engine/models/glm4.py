@@ -65,7 +65,10 @@ def chat_format_for(tokenizer: Tokenizer, config: ChatGLMConfig) -> ChatFormat:
 
     The template writes no end-of-turn token and tokenizer_config.json names only `<|endoftext|>` as eos, but
     the model ends a turn with `<|user|>` or `<|observation|>` (generation_config.json lists all three):
-    without them here it would go on to write the user's next turn itself."""
+    without them here it would go on to write the user's next turn itself.
+
+    Tool calls and reasoning follow from the template (template.py): its GLM-4 tools block selects
+    `GLM4Dialect`, and GLM-Z1's generation prompt, which opens `<think>`, makes replies start as reasoning."""
     if not tokenizer.chat_template:
         return GLM4ChatFormat(tokenizer)
     chat_format = TemplateChatFormat(tokenizer)

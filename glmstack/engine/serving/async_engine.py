@@ -11,14 +11,18 @@ cannot (ChatGLM-6B's bidirectional prefix) are served one request at a time by t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import llguidance
+
+from glmstack.engine.chat_format.base import ReplyParser
 from glmstack.engine.classic import DEFAULT_REPLY_RESERVE, ChatModel
 from glmstack.engine.serving.core import EngineCore, RequestTooLargeError
 from glmstack.protocol import (
@@ -39,6 +43,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     aborted: threading.Event = field(default_factory=threading.Event)
+    grammar: llguidance.LLMatcher | None = None  # compiled before the job is queued
 
 
 class AsyncEngine:
@@ -85,8 +90,16 @@ class AsyncEngine:
         return {**core, "waiting": max(0, known - core["running"])}
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerationEvent, None]:
-        """Stream events for `request`. Cancelling the consumer (client disconnect) aborts the request."""
+        """Stream events for `request`. Cancelling the consumer (client disconnect) aborts the request.
+
+        A `response_format` or tool grammar is compiled here, before anything is queued, so a schema the
+        compiler refuses raises InvalidConstraintError at once (and a slow compile runs on a thread, not
+        on the event loop). The one-request-at-a-time path (ChatGLM-6B) decodes without constraints."""
         job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
+        if self.core is not None and _constrained(request):
+            job.grammar = await asyncio.to_thread(
+                self.core.constraints.matcher_for, tools=request.tools, tool_choice=request.tool_choice,
+                response_format=request.response_format)
         with self._lock:
             if len(self._jobs) >= self.max_waiting:
                 raise EngineOverloadedError(f"engine queue is full ({self.max_waiting} requests)")
@@ -174,12 +187,14 @@ class AsyncEngine:
         try:
             if req.messages is not None:
                 reserve = min(req.params.max_tokens or DEFAULT_REPLY_RESERVE, self.model.context_length // 4)
-                prompt_ids, _ = self.model.render_chat(req.messages, reserve)
+                prompt_ids, _ = self.model.render_chat(req.messages, reserve, tools=req.tools,
+                                                       thinking=req.thinking)
             elif req.prompt_ids is not None:
                 prompt_ids = list(req.prompt_ids)
             else:
                 raise ValueError("request has neither messages nor prompt_ids")
-            self.core.add_request(req.request_id, prompt_ids, req.params)
+            self.core.add_request(req.request_id, prompt_ids, req.params, grammar=job.grammar,
+                                  reply_parser=self._reply_parser(req))
         except RequestTooLargeError as exc:
             self._send(job, PromptTooLongError(str(exc)))
             self._send(job, _DONE)
@@ -213,16 +228,20 @@ class AsyncEngine:
     def _run(self, job: _Job) -> None:
         req = job.request
         if req.messages is not None:
-            events = self.model.stream_messages(req.messages, req.params)
+            events = self.model.stream_messages(req.messages, req.params, tools=req.tools, thinking=req.thinking)
         elif req.prompt_ids is not None:
             events = self.model.stream_generate(req.prompt_ids, req.params)
         else:
             raise ValueError("request has neither messages nor prompt_ids")
-        for event in events:
+        for event in _parsed(events, self._reply_parser(req)):
             if job.aborted.is_set():
                 log.info("request %s aborted", req.request_id)
                 return
             self._send(job, event)
+
+    def _reply_parser(self, req: GenerateRequest) -> ReplyParser:
+        tools = req.tools if req.tool_choice != "none" else None
+        return self.model.chat_format.reply_parser(tools=tools or None, thinking=req.thinking)
 
     @classmethod
     def _send_many(cls, deliveries: list[tuple[_Job, object]]) -> None:
@@ -246,3 +265,29 @@ class AsyncEngine:
     @classmethod
     def _send(cls, job: _Job, item: object) -> None:
         cls._send_many([(job, item)])
+
+
+def _constrained(request: GenerateRequest) -> bool:
+    """Whether `request` may need a grammar (Constraints.matcher_for decides which)."""
+    fmt = request.response_format
+    return bool(request.tools and request.tool_choice != "none") or (
+        fmt is not None and fmt.get("type") not in (None, "text"))
+
+
+def _parsed(events: Iterator[GenerationEvent], parser: ReplyParser) -> Iterator[GenerationEvent]:
+    """The reference loop's events with their text split by the reply parser, as EngineCore splits its own."""
+    for event in events:
+        delta = parser.push(event.text) if event.text else None
+        if event.finish_reason is not None:
+            tail = parser.finish()
+            content = (delta.content if delta else "") + tail.content
+            reasoning = (delta.reasoning if delta else "") + tail.reasoning
+            calls = (delta.tool_calls if delta else []) + tail.tool_calls
+            finish = "tool_calls" if event.finish_reason == "stop" and parser.calls > 0 else event.finish_reason
+            yield dataclasses.replace(event, text=content, reasoning=reasoning, tool_calls=calls,
+                                      finish_reason=finish)
+        elif delta is not None:
+            yield dataclasses.replace(event, text=delta.content, reasoning=delta.reasoning,
+                                      tool_calls=delta.tool_calls)
+        else:
+            yield event

@@ -15,8 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import llguidance
 import torch
 
+from glmstack.engine.chat_format.base import ContentOnly, ReplyDelta, ReplyParser
+from glmstack.engine.constrained import Constraints, advance, mask_logits
 from glmstack.engine.kv_cache import PagedKVCache, StepCancelled
 from glmstack.engine.sampling import StopStringMatcher, is_greedy, make_generator, sample_token
 from glmstack.engine.serving.block_allocator import BlockAllocator
@@ -41,15 +44,32 @@ class _Request:
     seq: Sequence
     params: SamplingParams
     decoder: StreamDecoder
-    matcher: StopStringMatcher
+    stops: StopStringMatcher
     generator: torch.Generator | None
+    parser: ReplyParser = field(default_factory=ContentOnly)
+    grammar: llguidance.LLMatcher | None = None  # the reply's constraint, advanced token by token
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
     def event(self, text: str, token_ids: list[int], finish: str | None = None) -> GenerationEvent:
+        """An event for `text` (after stop strings), split by the reply parser into content, reasoning and
+        tool calls; the last one (`finish` given) flushes the parser."""
+        delta = self.parser.push(text) if text else ReplyDelta()
+        if finish is not None:
+            tail = self.parser.finish()
+            delta = ReplyDelta(delta.content + tail.content, delta.reasoning + tail.reasoning,
+                               delta.tool_calls + tail.tool_calls)
+            if finish == "stop" and self.parser.calls > 0:
+                finish = "tool_calls"
         usage = Usage(prompt_tokens=len(self.seq.prompt_ids), completion_tokens=len(self.seq.output_ids))
-        return GenerationEvent(text, token_ids, finish_reason=finish, usage=usage,
-                               time_to_first_token=self.first_token_at)
+        return GenerationEvent(delta.content, token_ids, finish_reason=finish, usage=usage,
+                               time_to_first_token=self.first_token_at, reasoning=delta.reasoning,
+                               tool_calls=delta.tool_calls)
+
+    @property
+    def grammar_done(self) -> bool:
+        """The constraint is complete (nothing but an end token could follow) or broken: the reply ends."""
+        return self.grammar is not None and self.grammar.is_stopped()
 
 
 class EngineCore:
@@ -84,12 +104,22 @@ class EngineCore:
         self.step_budget = None if step_target_seconds is None else StepBudget(step_target_seconds)
         self.requests: dict[str, _Request] = {}
         self.steps = 0
+        fmt = model.chat_format
+        self.constraints = Constraints(model.tokenizer, fmt, fmt.stop_token_ids)
+        # the special tokens the reply parser must read: decoded into the text rather than skipped
+        kept = (model.tokenizer.token_to_id(token) for token in fmt.reply_tokens)
+        self._reply_token_ids = frozenset(i for i in kept if i is not None)
 
     # ---- requests -------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    stop_token_ids: set[int] | None = None) -> None:
-        """Queue a request. Raises RequestTooLargeError if it can never fit the context or KV budget."""
+                    stop_token_ids: set[int] | None = None, *, grammar: llguidance.LLMatcher | None = None,
+                    reply_parser: ReplyParser | None = None) -> None:
+        """Queue a request. Raises RequestTooLargeError if it can never fit the context or KV budget.
+
+        `grammar`: a fresh matcher (`self.constraints.matcher_for(...)`) the reply must follow; it ends the
+        reply ("stop") once complete. `reply_parser`: splits the text into content, reasoning and tool calls
+        (`ChatFormat.reply_parser`); all content without one."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         stops = set(self.model.chat_format.stop_token_ids if stop_token_ids is None else stop_token_ids)
@@ -97,9 +127,10 @@ class EngineCore:
         budget = params.max_tokens or (self.model.context_length - len(prompt_ids))
         seq = Sequence(request_id, list(prompt_ids), max(budget, 1), frozenset(stops))
         self.scheduler.add(seq)
+        decoder = self.model.tokenizer.stream_decoder(skip_special_tokens=True, keep=self._reply_token_ids)
         self.requests[request_id] = _Request(
-            seq, params, self.model.tokenizer.stream_decoder(skip_special_tokens=True),
-            StopStringMatcher(params.stop), make_generator(params, self.model.device))
+            seq, params, decoder, StopStringMatcher(params.stop), make_generator(params, self.model.device),
+            parser=reply_parser or ContentOnly(), grammar=grammar)
 
     def abort(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
@@ -118,18 +149,30 @@ class EngineCore:
         }
 
     def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> dict[str, int]:
-        """The next token of each sampling chunk (row i of `logits` is chunk i's). The greedy rows take one
-        argmax together, in float32: per row on bf16 logits it cost ~3 ms of a 16-row step."""
+        """The next token of each sampling chunk (row i of `logits` is chunk i's). Constrained rows are masked
+        first (in place; free rows are untouched), then the greedy rows take one argmax together, in
+        float32: per row on bf16 logits it cost ~3 ms of a 16-row step. Constrained rows' matchers then
+        consume their tokens."""
         sampled: dict[str, int] = {}
-        greedy = [row for row, chunk in enumerate(sampling) if is_greedy(self.requests[chunk.seq.seq_id].params)]
+        requests = [self.requests[chunk.seq.seq_id] for chunk in sampling]
+        constrained = [row for row, req in enumerate(requests) if req.grammar is not None]
+        if constrained:
+            grammars = [requests[row].grammar for row in constrained]
+            mask_logits(logits, constrained, [g for g in grammars if g is not None],
+                        self.constraints.ll_tokenizer.vocab_size)
+        greedy = [row for row, req in enumerate(requests) if is_greedy(req.params)]
         if greedy:
             rows = logits[greedy] if len(greedy) < len(sampling) else logits[: len(sampling)]
             for row, token in zip(greedy, rows.float().argmax(dim=-1).tolist(), strict=True):
                 sampled[sampling[row].seq.seq_id] = int(token)
         for row, chunk in enumerate(sampling):
             if chunk.seq.seq_id not in sampled:
-                req = self.requests[chunk.seq.seq_id]
+                req = requests[row]
                 sampled[chunk.seq.seq_id] = sample_token(logits[row], req.params, req.generator)
+        for row in constrained:
+            grammar = requests[row].grammar
+            assert grammar is not None
+            advance(grammar, sampled[sampling[row].seq.seq_id])
         return sampled
 
     # ---- one step -------------------------------------------------------------------------------------
@@ -174,18 +217,22 @@ class EngineCore:
 
     def _event_for(self, req: _Request, token: int) -> GenerationEvent | None:
         seq = req.seq
-        stopped_by_token = seq.finish_reason == "stop"
+        stopped_by_token = seq.finish_reason == "stop"  # a stop id: not part of the text
         text = ""
         if not stopped_by_token:
-            text, hit = req.matcher.push(req.decoder.push(token))
+            text, hit = req.stops.push(req.decoder.push(token))
             if hit:
                 self.scheduler.finish(seq, "stop")
                 return req.event(text, [token], "stop")
-        if seq.finish_reason is None:
-            return req.event(text, [token]) if text else req.event("", [token])
-        tail, hit = req.matcher.push(req.decoder.flush())
-        tail += "" if hit else req.matcher.flush()
-        return req.event(text + tail, [] if stopped_by_token else [token], seq.finish_reason)
-
+        reason = seq.finish_reason
+        if req.grammar_done and not stopped_by_token:
+            # the grammar is complete: the reply ends here, without waiting for the format's stop token
+            self.scheduler.finish(seq, "stop")
+            reason = "stop"
+        if reason is None:
+            return req.event(text, [token])
+        tail, hit = req.stops.push(req.decoder.flush())
+        tail += "" if hit else req.stops.flush()
+        return req.event(text + tail, [] if stopped_by_token else [token], reason)
 
 __all__ = ["EngineCore", "RequestTooLargeError"]

@@ -44,8 +44,8 @@ class Tokenizer(ABC):
     @abstractmethod
     def id_to_token(self, token_id: int) -> str | None: ...
 
-    def stream_decoder(self, *, skip_special_tokens: bool = True) -> StreamDecoder:
-        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+    def stream_decoder(self, *, skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens, keep=keep)
 
 
 class StreamDecoder:
@@ -56,11 +56,16 @@ class StreamDecoder:
     decoding tokens one by one we decode a short window twice -- without and with the new ids -- and emit
     the difference once it no longer ends in U+FFFD, the replacement a dangling partial character decodes
     to. The window starts at a token boundary where earlier text was complete, so the difference is exact.
+
+    `keep`: special ids written out even when the others are skipped -- the tokens a chat format's reply
+    parser reads (`ChatFormat.reply_tokens`: GLM-4.5's `<tool_call>`, `<think>`, ...).
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True,
+                 keep: frozenset[int] = frozenset()) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        self._keep = keep if skip_special_tokens else frozenset()
         self._ids: list[int] = []
         self._prefix_offset = 0  # the window starts here: text before it has been emitted and is complete
         self._read_offset = 0  # ids before this are emitted; those after it are held back
@@ -88,4 +93,21 @@ class StreamDecoder:
         return text[len(emitted) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens) if ids else ""
+        if not ids:
+            return ""
+        if not self._keep or self._keep.isdisjoint(ids):
+            return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        # The kept tokens cut the window into runs decoded as usual; each kept token decodes alone. Both
+        # decodes of a window cut it at the same places, so their difference stays exact.
+        parts: list[str] = []
+        run: list[int] = []
+        for token_id in ids:
+            if token_id in self._keep:
+                parts += [self._tokenizer.decode(run, skip_special_tokens=True) if run else "",
+                          self._tokenizer.decode([token_id], skip_special_tokens=False)]
+                run = []
+            else:
+                run.append(token_id)
+        if run:
+            parts.append(self._tokenizer.decode(run, skip_special_tokens=True))
+        return "".join(parts)
