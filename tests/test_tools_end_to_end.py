@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -209,3 +210,40 @@ def test_json_schema_replies_validate(bundled_server: str, sdk: str) -> None:
     chunks = list(api.chat.completions.create(model="glm-4", messages=ask, response_format={"type": "json_object"},
                                               max_tokens=96, stream=True))
     assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), dict)
+
+
+def hostile_cases() -> list[tuple[str, dict[str, Any], str | None]]:
+    """(what, request fields, the field a refusal names; None: served)."""
+    many = [{"type": "function", "function": {"name": f"tool_{i}", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}}}} for i in range(128)]
+    recursive = {"type": "object", "properties": {"node": {"$ref": "#/$defs/node"}},
+                 "$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}}}}}
+    huge = {"type": "object", "properties": {f"p{i}": {"type": "object", "properties": {"v": {"type": "string"}}}
+                                             for i in range(16_000)}}
+    return [
+        ("128 tools", {"tools": many, "tool_choice": "required"}, None),
+        ("129 tools", {"tools": many + many[:1]}, "tools"),
+        ("a recursive $ref", {"response_format": {"type": "json_schema", "json_schema": {"schema": recursive}}}, None),
+        ("a 1 MB schema", {"response_format": {"type": "json_schema", "json_schema": {"schema": huge}}},
+         "response_format.json_schema.schema"),
+        ("parameters of the wrong type", {"tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "no-such-type"}}}}}],
+            "tool_choice": "required"}, "tools[0].function.parameters"),
+        ("a schema that is not an object", {"response_format": {"type": "json_schema", "json_schema": {
+            "schema": ["x"]}}}, "response_format"),
+        ("a tool_choice naming no tool", {"tools": many[:1], "tool_choice": {"name": "nope"}}, "tool_choice"),
+    ]
+
+
+@pytest.mark.parametrize(("what", "fields", "refused"), hostile_cases(), ids=[c[0] for c in hostile_cases()])
+def test_hostile_tools_and_schemas(bundled_server: str, what: str, fields: dict[str, Any],
+                                   refused: str | None) -> None:
+    body = {"model": "glm-4", "messages": ASK, "max_tokens": 8, **fields}
+    response = httpx.post(f"{bundled_server}/api/paas/v4/chat/completions", json=body, timeout=120)
+    if refused is None:
+        assert response.status_code == 200, response.text
+        return
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] in ("1213", "1214") and refused in error["message"], error
+    assert httpx.get(f"{bundled_server}/health", timeout=10).status_code == 200
