@@ -90,6 +90,7 @@ class GenerateRequest:
     # "json_schema": {"name", "schema", "strict"}}; thinking True/False, None for the model's default.
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True  # False: at most one call per reply (OpenAI's parameter)
     response_format: dict | None = None
     thinking: bool | None = None
 

@@ -247,3 +247,19 @@ def test_hostile_tools_and_schemas(bundled_server: str, what: str, fields: dict[
     error = response.json()["error"]
     assert error["code"] in ("1213", "1214") and refused in error["message"], error
     assert httpx.get(f"{bundled_server}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("sdk", ["openai", "zai"])
+def test_required_with_one_call_at_most(bundled_server: str, sdk: str) -> None:
+    """`tool_choice: "required"` with `parallel_tool_calls: false`: exactly one call, and the reply ends there
+    (a small model allowed more keeps writing calls until max_tokens)."""
+    api = client(sdk, bundled_server)
+    ask = [{"role": "user", "content": "What is the flight number from Beijing to Shanghai on 2024-01-20?"}]
+    extra = {"parallel_tool_calls": False}
+    reply = api.chat.completions.create(model="glm-4", messages=ask, tools=FLIGHT_TOOLS, tool_choice="required",
+                                        max_tokens=128, extra_body=extra)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, choice
+    call = choice.message.tool_calls[0]
+    tool = next(t for t in FLIGHT_TOOLS if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])

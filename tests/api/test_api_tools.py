@@ -117,6 +117,9 @@ def test_tool_choice_forms(client: TestClient, engine: ScriptedEngine) -> None:
     ]:
         assert client.post(CHAT, json=chat_body(tools=[WEATHER], tool_choice=sent)).status_code == 200
         assert engine.requests[-1].tool_choice == expected and engine.requests[-1].tools == [WEATHER]
+    assert engine.requests[-1].parallel_tool_calls is True
+    assert client.post(CHAT, json=chat_body(tools=[WEATHER], parallel_tool_calls=False)).status_code == 200
+    assert engine.requests[-1].parallel_tool_calls is False
     # "none": the model is not shown the tools at all (as the official GLM-4 server does)
     assert client.post(CHAT, json=chat_body(tools=[WEATHER], tool_choice="none")).status_code == 200
     assert engine.requests[-1].tools is None and engine.requests[-1].tool_choice is None

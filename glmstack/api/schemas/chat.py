@@ -117,6 +117,9 @@ class ChatCompletionRequest(_Lenient):
         description='"auto" (default), "none", "required" (a call to some tool), or a function to call: '
         '{"type": "function", "function": {"name": ...}} or {"name": ...}',
     )
+    parallel_tool_calls: bool | None = Field(
+        None, description="false: at most one tool call per reply (default: as many as the model's syntax allows)"
+    )
     response_format: ResponseFormat | None = Field(
         None, description='{"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}'
     )

@@ -146,6 +146,7 @@ def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str)
     thinking = None if body.thinking is None else body.thinking.type == "enabled"
     response_format = body.response_format.engine_form() if body.response_format is not None else None
     return GenerateRequest(completion_id, params, messages=messages, tools=tools, tool_choice=tool_choice,
+                           parallel_tool_calls=body.parallel_tool_calls is not False,
                            response_format=response_format, thinking=thinking)
 
 

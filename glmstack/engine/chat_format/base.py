@@ -68,7 +68,8 @@ class ToolDialect(ABC):
     def reply_parser(self, tools: list[dict]) -> ReplyParser: ...
 
     @abstractmethod
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None: ...
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None: ...
 
     def template_messages(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
         """OpenAI-shaped messages (assistant `tool_calls`, `tool` results) in the shape this family's Jinja
@@ -110,10 +111,12 @@ class ChatFormat(ABC):
         """A parser for one reply to a prompt rendered with `tools`."""
         return ContentOnly()
 
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None:
         """The whole reply as an llguidance Lark grammar when `tools` are offered: free text or a call in this
         family's syntax whose arguments follow the function's `parameters` schema ("auto"), a call to any
-        tool ("required"), a call to the named one ({"type": "function", ...}). None: no constraint."""
+        tool ("required"), a call to the named one ({"type": "function", ...}). `parallel=False` (OpenAI's
+        `parallel_tool_calls`): at most one call, where the syntax allows several. None: no constraint."""
         return None
 
 

@@ -270,7 +270,8 @@ class ChatGLM3Dialect(ToolDialect):
         names = {function["name"] for function in function_tools(tools)}
         return ChatGLM3ReplyParser(names) if names else ContentOnly()
 
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None:
         """The reply's grammar: "\\n" + free text ("auto" only), or `name\\n```python\\ntool_call(...)\\n````
         with the function's properties as keyword arguments in schema order, each value a Python literal of
         the property's type (enums exactly). Nested schemas are not followed inside lists and dicts."""
@@ -344,5 +345,6 @@ class ChatGLM3ChatFormat(RoleTokenChatFormat):
     def reply_parser(self, *, tools: list[dict] | None = None, thinking: bool | None = None) -> ReplyParser:
         return self.dialect.reply_parser(tools) if tools else ContentOnly()
 
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
-        return self.dialect.tool_grammar(tools, tool_choice)
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None:
+        return self.dialect.tool_grammar(tools, tool_choice, parallel=parallel)

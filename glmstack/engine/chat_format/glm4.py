@@ -182,7 +182,8 @@ class GLM4Dialect(ToolDialect):
         names = {function["name"] for function in function_tools(tools)}
         return GLM4ReplyParser(names) if names else ContentOnly()
 
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None:
         """The reply's grammar. "auto": `\\n` + free text, or a call; "required": a call to any tool; named: a
         call to that one. A call is the name, a newline and a JSON object following the function's `parameters`
         schema; after it the grammar accepts only end of generation (`<|observation|>` must be among the
@@ -239,5 +240,6 @@ class GLM4ChatFormat(RoleTokenChatFormat):
     def reply_parser(self, *, tools: list[dict] | None = None, thinking: bool | None = None) -> ReplyParser:
         return self.dialect.reply_parser(tools) if tools else ContentOnly()
 
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
-        return self.dialect.tool_grammar(tools, tool_choice)
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None:
+        return self.dialect.tool_grammar(tools, tool_choice, parallel=parallel)

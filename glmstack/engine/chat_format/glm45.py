@@ -192,6 +192,13 @@ class GLM45ReplyParser(ReplyParser):
         return partial + (len(body) - len(body.rstrip()))
 
 
+def calls_rule(required: bool, parallel: bool) -> str:
+    """The calls at the end of a reply: one or more (or just one when not `parallel`), optional unless
+    `required`."""
+    calls = "call (WS call)*" if parallel else "call"
+    return calls if required else f"({calls})?"
+
+
 class GLM45Dialect(ToolDialect):
     """GLM-4.5's `<tool_call>{name}` + `<arg_key>`/`<arg_value>` pairs. `special_tags`: the tags are special
     tokens of the model's tokenizer (GLM-4.5's are), so the grammar names them as tokens, not text."""
@@ -208,7 +215,8 @@ class GLM45Dialect(ToolDialect):
     def _tag(self, tag: str) -> str:
         return tag if self.special_tags else lark_literal(tag)
 
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None:
         """The reply: optional `<think>` reasoning, free text, then calls ("auto": any number, "required" and
         named: at least one) with only whitespace between them. A call is the name, then the function's
         properties in schema order (required ones always) as key/value pairs: string-typed values free text,
@@ -220,7 +228,7 @@ class GLM45Dialect(ToolDialect):
         calls = " | ".join(f"fn_{i}" for i in range(len(functions)))
         lines = [
             "%llguidance {}",
-            f"start: reasoning? TEXT {'call (WS call)*' if required else '(call (WS call)*)?'} WS",
+            f"start: reasoning? TEXT {calls_rule(required, parallel)} WS",
             f"reasoning: WS {tag('<think>')} TEXT {tag('</think>')}",
             f"call: {tag(CALL_START)} ({calls}) {tag(CALL_END)}",
             "TEXT: /(?s:.*)/",
@@ -382,5 +390,6 @@ class GLM45ChatFormat(ChatFormat):
         inner = self.dialect.reply_parser(tools) if tools else ContentOnly()
         return ThinkingSplitter(inner, starts_inside=False)
 
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
-        return self.dialect.tool_grammar(tools, tool_choice)
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None:
+        return self.dialect.tool_grammar(tools, tool_choice, parallel=parallel)

@@ -226,14 +226,16 @@ def calls_schema(functions: list[dict]) -> dict:
 
 
 def hermes_tool_grammar(
-    tools: list[dict], tool_choice: str | dict | None, *, special_tokens: frozenset[str] = frozenset()
+    tools: list[dict], tool_choice: str | dict | None, *, special_tokens: frozenset[str] = frozenset(),
+    parallel: bool = True,
 ) -> str | None:
     """The reply as an llguidance Lark grammar:
 
     - "auto" (or None): free text, optionally followed by one or more calls (a newline between calls, nothing
       after the last: the model ends its turn there);
     - "required": one or more calls and nothing else;
-    - {"type": "function", "function": {"name": N}}: exactly one call, to N.
+    - {"type": "function", "function": {"name": N}}: exactly one call, to N;
+    - `parallel=False`: one call at most, in every mode.
 
     A call is `<tool_call>\\n{json}\\n</tool_call>`, the JSON held by `%json` to a schema that pairs each tool's
     name (a `const`) with its `parameters` schema, so both the name and the argument types are enforced.
@@ -253,6 +255,7 @@ def hermes_tool_grammar(
     special = CALL_START in special_tokens and CALL_END in special_tokens
     start, end = (CALL_START, CALL_END) if special else (lark_literal(CALL_START), lark_literal(CALL_END))
     body = f'"\\n" call_json "\\n" {end}'
+    more = " more_calls" if parallel else ""  # what may follow the first call
     lines = [
         "%llguidance {}",
         f"call_json: {lark_json(calls_schema(functions))}",
@@ -262,12 +265,12 @@ def hermes_tool_grammar(
     if isinstance(tool_choice, dict):
         lines.insert(1, "start: call")
     elif required:
-        lines.insert(1, "start: call more_calls")
+        lines.insert(1, f"start: call{more}")
     elif special:
-        lines.insert(1, "start: TEXT | TEXT call more_calls")
+        lines.insert(1, f"start: TEXT | TEXT call{more}")
         lines.append(r"TEXT: /(?s:.*)/")
     else:
-        lines.insert(1, "start: TEXT | text_then_call more_calls")
+        lines.insert(1, f"start: TEXT | text_then_call{more}")
         lines.append(f"text_then_call: text_then_start {body}")
         lines.append(f"text_then_start[lazy]: /(?s:.*){CALL_START}/")  # ends at the first <tool_call>
         lines.append(rf"TEXT: /(?s:.*)/ & ~/(?s:.*){CALL_START}(?s:.*)/")
@@ -286,8 +289,9 @@ class HermesDialect(ToolDialect):
     def reply_parser(self, tools: list[dict]) -> ReplyParser:
         return HermesReplyParser(tools)
 
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
-        return hermes_tool_grammar(tools, tool_choice, special_tokens=self.special_tokens)
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None:
+        return hermes_tool_grammar(tools, tool_choice, special_tokens=self.special_tokens, parallel=parallel)
 
     def template_messages(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
         """For templates that read `tool_calls` themselves (Qwen2.5: `tool_call.arguments | tojson`): arguments

@@ -148,8 +148,9 @@ class TemplateChatFormat(ChatFormat):
             return inner
         return ThinkingSplitter(inner, starts_inside=self.starts_inside_thinking(thinking))
 
-    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None) -> str | None:
-        grammar = self.dialect.tool_grammar(tools, tool_choice)
+    def tool_grammar(self, tools: list[dict], tool_choice: str | dict | None, *,
+                     parallel: bool = True) -> str | None:
+        grammar = self.dialect.tool_grammar(tools, tool_choice, parallel=parallel)
         # a dialect whose grammar already makes room for reasoning (GLM-4.5's) is left as it is
         if grammar is None or not self.supports_thinking or THINK_START in grammar:
             return grammar

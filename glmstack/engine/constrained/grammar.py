@@ -117,16 +117,16 @@ class Constraints:
         return template.deep_copy()
 
     def matcher_for(self, *, tools: list[dict] | None = None, tool_choice: str | dict | None = None,
-                    response_format: dict | None = None) -> llguidance.LLMatcher | None:
+                    response_format: dict | None = None, parallel: bool = True) -> llguidance.LLMatcher | None:
         """The matcher a request with these fields decodes under, or None for free text (see the module
-        docstring for which one wins)."""
+        docstring for which one wins). `parallel=False`: at most one tool call."""
         if tools and tool_choice != "none":
             for i, tool in enumerate(tools):  # each one's size, before a format embeds them in one grammar
                 if count_nodes(tool, MAX_SCHEMA_NODES) > MAX_SCHEMA_NODES:
                     raise InvalidConstraintError(f"tool too large: more than {MAX_SCHEMA_NODES} objects and "
                                                  "arrays", f"tools[{i}].function.parameters")
             try:
-                text = self.chat_format.tool_grammar(tools, tool_choice)
+                text = self.chat_format.tool_grammar(tools, tool_choice, parallel=parallel)
             except (KeyError, TypeError, ValueError) as exc:  # a tool the format cannot read
                 raise InvalidConstraintError(f"cannot build the tool-call grammar: {exc}", "tools") from None
             if text is not None:

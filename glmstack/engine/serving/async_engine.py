@@ -99,7 +99,7 @@ class AsyncEngine:
         if self.core is not None and _constrained(request):
             job.grammar = await asyncio.to_thread(
                 self.core.constraints.matcher_for, tools=request.tools, tool_choice=request.tool_choice,
-                response_format=request.response_format)
+                response_format=request.response_format, parallel=request.parallel_tool_calls)
         with self._lock:
             if len(self._jobs) >= self.max_waiting:
                 raise EngineOverloadedError(f"engine queue is full ({self.max_waiting} requests)")
