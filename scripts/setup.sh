@@ -20,7 +20,10 @@ fi
 case "${1:-}" in
   test) "${PIP[@]}" -e ".[test]"
         # official Z.ai SDK; --no-deps because its pyjwt range excludes the one zhipuai pins (see pyproject)
-        "${PIP[@]}" --no-deps "zai-sdk==0.2.3" ;;
+        "${PIP[@]}" --no-deps "zai-sdk==0.2.3"
+        # a client generated from /openapi.json must work (tests/test_tools_end_to_end.py); --no-deps because it
+        # caps httpx and typer below the versions the rest resolves to, and generating needs neither
+        "${PIP[@]}" --no-deps "openapi-python-client==0.29.1" ;;
   bench) "${PIP[@]}" -e ".[bench]" ;;
   *) "${PIP[@]}" -e . ;;
 esac

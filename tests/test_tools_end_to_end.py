@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -263,3 +264,29 @@ def test_required_with_one_call_at_most(bundled_server: str, sdk: str) -> None:
     call = choice.message.tool_calls[0]
     tool = next(t for t in FLIGHT_TOOLS if t["function"]["name"] == call.function.name)
     jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_a_client_generated_from_the_openapi_document(bundled_server: str, tmp_path: Path) -> None:
+    """openapi-python-client turns the server's /openapi.json into a typed client; that client sends a request
+    with tools and gets back a parsed completion carrying the call."""
+    (tmp_path / "openapi.json").write_text(httpx.get(f"{bundled_server}/openapi.json", timeout=30).text)
+    subprocess.run(["openapi-python-client", "generate", "--path", "openapi.json", "--output-path",
+                    "generated_client", "--meta", "none"], cwd=tmp_path, check=True, capture_output=True,
+                   env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from generated_client.api.chat import (
+            create_chat_completion_api_paas_v4_chat_completions_post as create,
+        )
+        from generated_client.client import Client
+        from generated_client.models import ChatCompletion, ChatCompletionRequest
+    finally:
+        sys.path.remove(str(tmp_path))
+    body = ChatCompletionRequest.from_dict({
+        "model": "glm-4", "messages": ASK, "tools": FLIGHT_TOOLS, "max_tokens": 96,
+        "tool_choice": {"type": "function", "function": {"name": "get_flight_number"}}})
+    reply = create.sync(client=Client(base_url=bundled_server, timeout=httpx.Timeout(120)), body=body)
+    assert isinstance(reply, ChatCompletion), reply
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_flight_number" and reply.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments), FLIGHT_TOOLS[0]["function"]["parameters"])
