@@ -296,7 +296,7 @@ class _JsonCallFormat(ChatFormat):
     def render(self, messages, *, tools=None, add_generation_prompt=True, thinking=None) -> ChatPrompt:
         return self.inner.render(messages, add_generation_prompt=add_generation_prompt)
 
-    def tool_grammar(self, tools, tool_choice):
+    def tool_grammar(self, tools, tool_choice, *, parallel=True):
         calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                                    "arguments": t["function"].get("parameters", {})},
                   "required": ["name", "arguments"], "additionalProperties": False} for t in tools]

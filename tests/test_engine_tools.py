@@ -88,7 +88,7 @@ class TagCallFormat(ChatFormat):
     def reply_parser(self, *, tools=None, thinking=None) -> ReplyParser:
         return TagCallParser(bool(thinking))
 
-    def tool_grammar(self, tools, tool_choice):
+    def tool_grammar(self, tools, tool_choice, *, parallel=True):
         if isinstance(tool_choice, dict):
             tools = [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
         calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
