@@ -44,6 +44,7 @@ from glmstack.engine.chat_format.glm_tools import (
     function_tools,
     lark_json,
     lark_literal,
+    metadata_line_grammar,
     new_call_id,
     ordered_fields,
     parameters_schema,
@@ -278,15 +279,13 @@ class ChatGLM3Dialect(ToolDialect):
         functions, required = chosen_functions(tools, tool_choice)
         if not functions:
             return None
-        calls = [f"call_{i}" for i in range(len(functions))]
-        lines = ["%llguidance {}", "start: " + " | ".join(calls if required else ["answer", *calls])]
-        if not required:
-            lines += ['answer: "\\n" TEXT', "TEXT: /(?s:.*)/"]
-        for i, function in enumerate(functions):
+
+        def call(i: int, function: dict) -> tuple[str, list[str]]:
             kwargs, rules = kwargs_rules(f"args_{i}", parameters_schema(function))
             head = lark_literal(f"{function['name']}\n```python\ntool_call(")
-            lines += [f"{calls[i]}: {head} {kwargs} {lark_literal(chr(10).join([')', '```']))}", *rules]
-        return "\n".join(lines) + PYTHON_LITERALS
+            return f"{head} {kwargs} {lark_literal(chr(10).join([')', '```']))}", rules
+
+        return metadata_line_grammar(functions, required, call) + PYTHON_LITERALS
 
     def template_messages(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
         return expand_tool_calls(messages)

@@ -43,6 +43,7 @@ from glmstack.engine.chat_format.glm_tools import (
     function_tools,
     lark_json,
     lark_literal,
+    metadata_line_grammar,
     new_call_id,
     parameters_schema,
 )
@@ -191,13 +192,8 @@ class GLM4Dialect(ToolDialect):
         functions, required = chosen_functions(tools, tool_choice)
         if not functions:
             return None
-        calls = [f"call_{i}" for i in range(len(functions))]
-        lines = ["%llguidance {}", "start: " + " | ".join(calls if required else ["answer", *calls])]
-        if not required:
-            lines += ['answer: "\\n" TEXT', "TEXT: /(?s:.*)/"]
-        for rule, function in zip(calls, functions, strict=True):
-            lines.append(f"{rule}: {lark_literal(function['name'] + chr(10))} {lark_json(parameters_schema(function))}")
-        return "\n".join(lines) + "\n"
+        return metadata_line_grammar(functions, required, lambda _, function: (
+            f"{lark_literal(function['name'] + chr(10))} {lark_json(parameters_schema(function))}", []))
 
     def template_messages(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
         return expand_tool_calls(messages)

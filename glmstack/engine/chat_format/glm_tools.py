@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
+from collections.abc import Callable
 
 from glmstack.engine.chat_format.base import ChatTemplateError
 
@@ -55,6 +56,20 @@ def parameters_schema(function: dict) -> dict:
     if isinstance(schema.get("properties"), dict) and schema["properties"] and "additionalProperties" not in schema:
         return {**schema, "additionalProperties": False}
     return schema
+
+
+def metadata_line_grammar(functions: list[dict], required: bool,
+                          call_body: Callable[[int, dict], tuple[str, list[str]]]) -> str:
+    """The reply grammar of the families whose first line says what follows (ChatGLM3, GLM-4): an answer is
+    `\n` + free text ("auto" only), a call is `call_body(i, function)` -> (its expression, extra rules)."""
+    calls = [f"call_{i}" for i in range(len(functions))]
+    lines = ["%llguidance {}", "start: " + " | ".join(calls if required else ["answer", *calls])]
+    if not required:
+        lines += ['answer: "\\n" TEXT', "TEXT: /(?s:.*)/"]
+    for i, function in enumerate(functions):
+        expression, rules = call_body(i, function)
+        lines += [f"{calls[i]}: {expression}", *rules]
+    return "\n".join(lines) + "\n"
 
 
 def lark_literal(text: str) -> str:
