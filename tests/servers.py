@@ -142,7 +142,8 @@ def postgres_schema() -> Iterator[str]:
     try:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+        # public stays on the path: pgvector's `vector` type lives there (scripts/postgres.sh creates it once)
+        yield url.update_query_dict({"options": f"-csearch_path={schema},public"}).render_as_string(
             hide_password=False
         )
         with admin.connect() as conn:

@@ -52,6 +52,42 @@ def create_db_engine(url: str | URL) -> Engine:
     raise ValueError(f"unsupported database URL {parsed!r}: use sqlite:///PATH or postgresql://USER@HOST/DB")
 
 
+def sqlite_module() -> Any:
+    """The DB-API module SQLite connections are made with: one that can load extensions (sqlite-vec, for the
+    knowledge bases' vectors). Python's own sqlite3 where it was built with `enable_load_extension`, else
+    pysqlite3 (pysqlite3-binary, a recent SQLite with FTS5) - never both in one process. None of them:
+    Python's sqlite3, and knowledge bases report that vectors are unavailable."""
+    import sqlite3
+
+    if hasattr(sqlite3.Connection, "enable_load_extension"):
+        return sqlite3
+    try:
+        import pysqlite3.dbapi2 as pysqlite3  # type: ignore[import-not-found]
+    except ImportError:
+        return sqlite3
+    return pysqlite3
+
+
+def load_sqlite_vec(dbapi_connection: Any) -> bool:
+    """Load sqlite-vec into a connection; False (and one warning per process) where it cannot be."""
+    global _vec_warned
+    try:
+        import sqlite_vec  # type: ignore[import-untyped]
+
+        dbapi_connection.enable_load_extension(True)
+        sqlite_vec.load(dbapi_connection)
+        dbapi_connection.enable_load_extension(False)
+        return True
+    except Exception as e:  # no extension loading in this Python, or no sqlite-vec: knowledge says so
+        if not _vec_warned:
+            log.warning("sqlite-vec could not be loaded (%s): knowledge-base vectors are unavailable", e)
+            _vec_warned = True
+        return False
+
+
+_vec_warned = False
+
+
 def _sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
@@ -61,7 +97,7 @@ def _sqlite_engine(url: URL) -> Engine:
             raise StoreUnavailableError(f"cannot create the directory for {database}: {e}") from e
     # The pool hands each connection to one thread at a time, so pysqlite's same-thread check only gets in
     # the way.
-    engine = create_engine(url, connect_args={"check_same_thread": False})
+    engine = create_engine(url, module=sqlite_module(), connect_args={"check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -75,6 +111,7 @@ def _sqlite_engine(url: URL) -> Engine:
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
+        load_sqlite_vec(dbapi_connection)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
