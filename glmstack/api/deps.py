@@ -3,7 +3,7 @@ by create_app. The engine is seen only through `glmstack.protocol.Engine`, so no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,7 +13,8 @@ from glmstack.api.limits import ConcurrencyLimiter
 from glmstack.api.observability import Metrics
 from glmstack.api.safety import SafetyPolicy
 from glmstack.api.services.models import ModelCatalog
-from glmstack.protocol import Engine
+from glmstack.knowledge.indexer import Indexer
+from glmstack.protocol import Embedder, Engine
 from glmstack.settings import Settings
 from glmstack.store import Store
 from glmstack.store.usage import UsageWriter
@@ -30,6 +31,10 @@ class Platform:
     authenticator: Authenticator
     metrics: Metrics
     usage: UsageWriter  # usage rows are written behind the replies
+    # name the API answers to (embedding-2, embedding-3, ...) -> the model serving it; several names may share one
+    embedders: dict[str, Embedder] = field(default_factory=dict)
+    # the background worker that chunks and embeds knowledge documents (its queue is the database)
+    indexer: Indexer = field(default=None)  # type: ignore[assignment]  # create_app always sets it
 
 
 async def get_platform(request: Request) -> Platform:

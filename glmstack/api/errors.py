@@ -55,6 +55,9 @@ CODES: dict[int, tuple[int, str]] = {
     ),
     1302: (429, "您当前使用该API的并发数过高，请降低并发，或联系客服增加限额。"),
     1305: (429, "当前API请求过多，请稍后重试。"),
+    # Not a business code of the table but the HTTP status the doc gives oversized uploads (spec §1.6, "文件大小
+    # 超过100MB"), with the cap that applied named in the message.
+    435: (435, "文件大小超过{limit}"),
 }
 
 

@@ -76,13 +76,16 @@ class ConcurrencyLimiter:
 
 class BodySizeLimit:
     """ASGI middleware: refuses bodies over `max_bytes` — up front from Content-Length, and while the body
-    streams in (chunked uploads declare no length), so an oversized body is never held in memory."""
+    streams in (chunked uploads declare no length), so an oversized body is never held in memory.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    Paths in `exempt` (file uploads) are left alone: their handlers stream the body to disk under caps of
+    their own (api/uploads.py)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: frozenset[str] = frozenset()) -> None:
+        self.app, self.max_bytes, self.exempt = app, max_bytes, exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")

@@ -96,6 +96,11 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
         settings=settings,
     )
     _prepare_native_kernels(model)
+    try:
+        embedders = load_embedders(settings)
+    except (OSError, ValueError) as e:  # a GLMSTACK_EMBEDDING_MODELS folder that is missing or not loadable
+        print(f"glmstack: error: embedding model: {e}", file=sys.stderr)
+        return EXIT_USAGE
     engine = AsyncEngine(model, max_waiting=settings.max_queue or 2**31,
                          kv_cache_bytes=settings.kv_cache_mb * 1024 * 1024)
     # The event loop and the engine's thread share the GIL. At Python's default 5 ms switch interval, a
@@ -104,7 +109,7 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
     # it nothing measurable.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
-        app = create_app(settings, engine, store)
+        app = create_app(settings, engine, store, embedders=embedders)
         config = uvicorn.Config(
             app,
             host=settings.host,
@@ -121,6 +126,27 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
         return 0 if server.started else 1
     finally:
         engine.shutdown()
+
+
+def load_embedders(settings: Settings) -> dict[str, Any]:
+    """The embedding models by the names the API answers to: settings.embedding_models, and embedding-2 and
+    embedding-3 on the bundled all-MiniLM-L6-v2 unless named there. One model per distinct folder, shared by
+    its names. Without the bundled model's package, only configured names are served (a warning says so)."""
+    from glmstack.engine.embeddings import bundled_embedding_model_dir, load_embedder
+
+    folders = dict(settings.embedding_models)
+    missing = [name for name in ("embedding-2", "embedding-3") if name not in folders]
+    if missing:
+        try:
+            bundled = str(bundled_embedding_model_dir())
+            folders.update((name, bundled) for name in missing)
+        except FileNotFoundError as e:
+            logging.getLogger(__name__).warning("%s: %s are not served", e, " and ".join(missing))
+    loaded: dict[str, Any] = {}  # folder -> its model
+    for folder in folders.values():
+        if folder not in loaded:
+            loaded[folder] = load_embedder(folder)
+    return {name: loaded[folder] for name, folder in folders.items()}
 
 
 def _prepare_native_kernels(model: Any) -> None:

@@ -39,7 +39,7 @@ class Retriever:
     def __init__(self, store: KnowledgeStore | object, embedder: Embedder | None,
                  reranker: Reranker | None = None, fusion: Fusion = "relative"):
         # a Store or its KnowledgeStore: benchmarks and the platform hold the former
-        self.knowledge: KnowledgeStore = getattr(store, "knowledge", store)  # type: ignore[assignment]
+        self.knowledge: KnowledgeStore = getattr(store, "knowledge", store)  # type: ignore[arg-type]
         self.embedder = embedder
         self.reranker = reranker
         self.fusion = fusion

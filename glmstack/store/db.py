@@ -62,7 +62,7 @@ def sqlite_module() -> Any:
     if hasattr(sqlite3.Connection, "enable_load_extension"):
         return sqlite3
     try:
-        import pysqlite3.dbapi2 as pysqlite3  # type: ignore[import-not-found]
+        import pysqlite3.dbapi2 as pysqlite3  # type: ignore[import-untyped]
     except ImportError:
         return sqlite3
     return pysqlite3

@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 
+from glmstack.store.blobs import BlobStore
 from glmstack.store.db import Database, migrate
+from glmstack.store.files import FileStore
 from glmstack.store.keys import KeyStore
+from glmstack.store.knowledge import KnowledgeStore
 from glmstack.store.master_key import load_master_key
+from glmstack.store.tables import documents
 from glmstack.store.usage import UsageStore
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,9 @@ class Store:
             raise
         self.keys = KeyStore(self._db, sealer)
         self.usage = UsageStore(self._db)
+        self.blobs = BlobStore(Path(home) / "files")
+        self.files = FileStore(self._db)
+        self.knowledge = KnowledgeStore(self._db)
 
     @property
     def dialect(self) -> str:
@@ -47,6 +54,13 @@ class Store:
             log.warning("database health check failed: %s", e)
             return False
         return True
+
+    def sweep_orphan_blobs(self) -> int:
+        """Removes staging leftovers and blobs that neither a file nor a document names (an upload cut off
+        by a crash); returns how many. Run at start-up."""
+        with self._db.read() as conn:
+            named = set(conn.execute(select(documents.c.blob).where(documents.c.blob.is_not(None))).scalars())
+        return self.blobs.sweep(named | self.files.blobs())
 
     def close(self) -> None:
         self._db.dispose()

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from scripted import ScriptedEngine
 
 from glmstack.api import create_app
+from glmstack.protocol import Embedder
 from glmstack.settings import Settings
 from glmstack.store import Store
 
@@ -27,18 +28,29 @@ def engine() -> ScriptedEngine:
     return ScriptedEngine()
 
 
+@pytest.fixture(scope="session")
+def bundled_embedder() -> Embedder:
+    """The bundled all-MiniLM-L6-v2 on our encoder, loaded once per session (about a second)."""
+    from glmstack.engine.embeddings import bundled_embedding_model_dir, load_embedder
+
+    return load_embedder(bundled_embedding_model_dir())
+
+
 @pytest.fixture
-def make_client(store: Store, engine: ScriptedEngine, tmp_path: Path):
+def make_client(store: Store, engine: ScriptedEngine, bundled_embedder: Embedder, tmp_path: Path):
     made: list[TestClient] = []
+    embedders = {"embedding-2": bundled_embedder, "embedding-3": bundled_embedder}  # as `glmstack serve` has them
 
     def make(**overrides: Any) -> TestClient:
         settings = Settings(home=tmp_path, database_url="unused", **overrides)
-        made.append(TestClient(create_app(settings, engine, store), raise_server_exceptions=False))
+        app = create_app(settings, engine, store, embedders=embedders)
+        made.append(TestClient(app, raise_server_exceptions=False))
         return made[-1]
 
     yield make
     for c in made:  # as at the app's shutdown: usage still being written lands before the store goes
         c.app.state.platform.usage.close()
+        c.app.state.platform.indexer.stop()
 
 
 @pytest.fixture

@@ -156,6 +156,8 @@ class ChatCompletion(BaseModel):
     request_id: str
     choices: list[Choice]
     usage: Usage
+    retrieval: list[dict[str, Any]] | None = Field(
+        None, description="With a retrieval tool: the knowledge chunks the model was given (glmstack's field)")
 
 
 class Delta(BaseModel):

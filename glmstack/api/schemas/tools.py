@@ -40,9 +40,19 @@ class FunctionDefinition(BaseModel):
 class Tool(BaseModel):
     """A tool the model may call: `function` (its arguments follow `parameters`), or a built-in tool type
     (`retrieval`, `web_search`, GLM-4's `python` / `simple_browser` / `cogview`), whose keys are passed on
-    as sent."""
+    as sent. A `retrieval` tool searches a knowledge base first (api/services/retrieval.py)."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, json_schema_extra={"allOf": [
+        {"if": {"properties": {"type": {"const": "function"}}, "required": ["type"]},
+         "then": {"required": ["function"], "properties": {"function": {"type": "object"}}}},
+        {"if": {"properties": {"type": {"const": "retrieval"}}, "required": ["type"]},
+         "then": {"required": ["retrieval"], "properties": {"retrieval": {
+             "type": "object", "required": ["knowledge_id"],
+             "properties": {"knowledge_id": {"type": "string", "minLength": 1},
+                            "prompt_template": {"type": "string", "maxLength": 8000,
+                                                "description": "{{knowledge}} and {{question}} are filled in"}},
+         }}}},
+    ]})
 
     type: Text = Field(
         min_length=1, max_length=MAX_TOOL_NAME_CHARS, description='"function" or a built-in tool'

@@ -26,8 +26,10 @@ from glmstack.api.schemas.chat import (
 )
 from glmstack.api.schemas.models import GenerationDefaultsCard
 from glmstack.api.schemas.tools import FunctionCall, NamedToolChoice, ToolCall
+from glmstack.api.services import retrieval
 from glmstack.api.services.generation import Generation, Step
 from glmstack.api.services.personas import is_persona_model, persona_messages
+from glmstack.api.services.retrieval import Grounding
 from glmstack.api.sse import DONE, EventStreamResponse, event
 from glmstack.protocol import GenerateRequest, GenerationDefaults, SamplingParams, ToolCallDelta
 
@@ -129,13 +131,16 @@ def engine_tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | No
     return tools or None, choice or "auto"
 
 
-def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str) -> GenerateRequest:
+def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str,
+            grounding: Grounding | None = None) -> GenerateRequest:
     """Everything that can be refused before the engine is involved: model (1211), parameters (1213/1214),
-    input content (1301)."""
+    input content (1301). `grounding`: what the retrieval tool found, put into the messages."""
     platform.models.resolve(body.model)
     if len(body.messages) > platform.settings.max_messages:
         raise PlatformError(1214, f"at most {platform.settings.max_messages} messages", field="messages")
     messages = engine_messages(body.messages)
+    if grounding is not None:
+        messages = grounding.apply(messages)
     if is_persona_model(body.model):
         messages = persona_messages(body.model, body.meta, messages)
     info = platform.engine.info()
@@ -207,7 +212,9 @@ async def complete(
     receive: Receive,
     log_fields: dict[str, Any],
 ) -> ChatCompletion:
-    request = prepare(platform, body, completion_id)
+    platform.models.resolve(body.model)  # an unknown model is refused before any retrieval work
+    grounding = await retrieval.ground(platform, caller, body)
+    request = prepare(platform, body, completion_id, grounding)
     generation = Generation(platform, caller, request, log_fields)
     try:
         reply = await unless_disconnected(receive, collect(generation))
@@ -222,6 +229,7 @@ async def complete(
         request_id=body.request_id or completion_id,
         choices=[Choice(finish_reason=reply.finish_reason, message=reply.message())],
         usage=Usage(**_usage(generation)),
+        retrieval=grounding.references() if grounding else None,
     )
 
 
@@ -235,7 +243,9 @@ async def stream(
 ) -> EventStreamResponse:
     """The SSE response. The first step is awaited before the response starts, so that refusals the
     engine makes at admission (prompt too long, overloaded) are still ordinary HTTP errors."""
-    request = prepare(platform, body, completion_id)
+    platform.models.resolve(body.model)
+    grounding = await retrieval.ground(platform, caller, body)
+    request = prepare(platform, body, completion_id, grounding)
     generation = Generation(platform, caller, request, log_fields)
     steps = generation.steps()
     try:
@@ -249,7 +259,8 @@ async def stream(
         "created": int(time.time()),
         "model": body.model,
     }
-    return EventStreamResponse(_chunks(base, first, steps, generation), on_close=generation.close)
+    references = grounding.references() if grounding else None
+    return EventStreamResponse(_chunks(base, first, steps, generation, references), on_close=generation.close)
 
 
 def _call_chunk(piece: ToolCallDelta) -> dict[str, Any]:
@@ -276,11 +287,15 @@ def _delta(step: Step) -> dict[str, Any]:
 
 
 async def _chunks(
-    base: dict[str, Any], step: Step | None, steps: AsyncIterator[Step], generation: Generation
+    base: dict[str, Any], step: Step | None, steps: AsyncIterator[Step], generation: Generation,
+    references: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[bytes]:
+    if references is not None:  # the first chunk says what the retrieval tool gave the model
+        base = {**base, "retrieval": references}
     while step is not None:
         if step.finish_reason is None:
             yield event({**base, "choices": [{"index": 0, "delta": _delta(step)}]})
+            base.pop("retrieval", None)
         else:
             last: dict[str, Any] = {
                 **base,

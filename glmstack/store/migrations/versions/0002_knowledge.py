@@ -1,9 +1,10 @@
 """Files, knowledge bases, documents and chunks, with their vector and full-text search.
 
-SQLite: chunk vectors are sqlite-vec BLOBs and `chunks_fts` is an FTS5 index over `chunks.terms` (external
-content, kept in step by triggers). PostgreSQL: vectors are pgvector's `vector` and the full-text index is a
-GIN index on `to_tsvector('simple', terms)`; where the server has no pgvector extension the column is bytea and
-knowledge bases answer with an error naming the missing extension (chat and everything else still work).
+SQLite: chunk vectors are sqlite-vec BLOBs and `chunks_fts` is an FTS5 index (Porter-stemmed) over
+`chunks.terms` (external content, kept in step by triggers). PostgreSQL: vectors are pgvector's `vector` and
+the full-text index is a GIN index on `to_tsvector('english', terms)` (stemmed; Chinese terms pass through).
+Where the server has no pgvector extension the column is bytea and knowledge bases answer with an error naming
+the missing extension (chat and everything else still work).
 
 Revision ID: 0002
 Revises: 0001
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SQLITE_FTS = [
     "CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, content='chunks', content_rowid='id', "
-    "tokenize='unicode61 remove_diacritics 2')",
+    "tokenize='porter unicode61 remove_diacritics 2')",
     "CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN "
     "INSERT INTO chunks_fts(rowid, terms) VALUES (new.id, new.terms); END",
     "CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN "
@@ -128,7 +129,7 @@ def upgrade() -> None:
     op.create_index("ix_chunks_knowledge", "chunks", ["knowledge_id"])
     op.create_index("ix_chunks_document", "chunks", ["document_id", "position"])
     if postgres:
-        op.execute("CREATE INDEX ix_chunks_terms_fts ON chunks USING gin (to_tsvector('simple', terms))")
+        op.execute("CREATE INDEX ix_chunks_terms_fts ON chunks USING gin (to_tsvector('english', terms))")
     else:
         for statement in SQLITE_FTS:
             op.execute(statement)

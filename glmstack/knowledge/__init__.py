@@ -1,0 +1,1 @@
+"""Knowledge: document extraction, chunking, embedding and retrieval for files and knowledge bases."""
