@@ -1,7 +1,7 @@
 """The dependency rules of docs/architecture.md, checked in a clean interpreter each:
 
 - the engine (every module) never loads the HTTP or database stack;
-- the platform (api, store, protocol, settings) never loads torch or numpy;
+- the platform (api, store, knowledge, protocol, settings) never loads torch or numpy;
 - the pure-Python bookkeeping of the serving engine (scheduler, block allocator, step budget) loads no torch;
 - building the CLI's parser loads none of the heavy stacks (every command pays for it);
 - only glmstack/settings.py reads GLMSTACK_* variables.
@@ -65,7 +65,7 @@ def test_engine_never_loads_the_http_or_database_stack() -> None:
     assert loaded.isdisjoint(HTTP_AND_DATABASE), sorted(loaded & set(HTTP_AND_DATABASE))
 
 
-@pytest.mark.parametrize("package", ["glmstack.api", "glmstack.store"])
+@pytest.mark.parametrize("package", ["glmstack.api", "glmstack.store", "glmstack.knowledge"])
 def test_platform_never_loads_torch_or_numpy(package: str) -> None:
     modules = [*modules_under(package), "glmstack.protocol", "glmstack.settings"]
     loaded = loaded_after_importing(modules)
