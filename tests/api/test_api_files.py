@@ -21,11 +21,13 @@ import pytest
 import uvicorn
 import zhipuai
 from fastapi.testclient import TestClient
+from make_files import make_docx, make_encrypted_pdf, make_ole, make_pdf, make_xxe_docx, make_zip_bomb
 from scripted import ScriptedEngine
 
 from glmstack.api import create_app
 from glmstack.api.h11_envelope import EnvelopeH11Protocol
 from glmstack.api.services import files as files_service
+from glmstack.knowledge.extraction import ExtractionLimits
 from glmstack.knowledge.jsonl_checks import MAX_BATCH_REQUESTS, JsonlError, check_batch, check_fine_tune
 from glmstack.settings import Settings
 from glmstack.store import Store
@@ -200,31 +202,10 @@ def test_oversize_through_the_sdk(live: LiveServer, store: Store, key: str, tmp_
 
 # --- purposes ---------------------------------------------------------------------------------------------------
 
-def make_docx(path: Path, paragraphs: list[str]) -> None:
-    import docx
-
-    document = docx.Document()
-    document.core_properties.title = "季度报告"
-    for text in paragraphs:
-        document.add_paragraph(text)
-    document.save(str(path))
-
-
-def make_pdf(path: Path, lines: list[str]) -> None:
-    from fpdf import FPDF
-
-    pdf = FPDF()
-    pdf.add_page()
-    pdf.set_font("Helvetica", size=12)
-    for line in lines:
-        pdf.cell(0, 10, line, new_x="LMARGIN", new_y="NEXT")
-    pdf.output(str(path))
-
-
 def test_file_extract_returns_the_text_of_a_docx_and_a_pdf(live: LiveServer, store: Store, key: str,
                                                            tmp_path: Path) -> None:
     docx_path, pdf_path = tmp_path / "报告 2024.docx", tmp_path / "notes.pdf"
-    make_docx(docx_path, ["The launch moved to Thursday.", "发布会改到周四。"])
+    make_docx(docx_path, ["The launch moved to Thursday.", "发布会改到周四。"], title="季度报告")
     make_pdf(pdf_path, ["Quarterly revenue grew by 12 percent."])
     sdk = zhipuai.ZhipuAI(api_key=key, base_url=f"{live.url}/api/paas/v4")
     for path, words, mime in ((docx_path, ["Thursday", "周四"], "wordprocessingml"),
@@ -250,6 +231,34 @@ def test_file_extract_refusals_keep_nothing(client: TestClient, store: Store, na
                                             words: list[str]) -> None:
     assert_error(upload(client, content, "file-extract", name), 400, "1214", "file", *words)
     assert client.get(FILES, params={"purpose": "file-extract"}).json()["data"] == []
+    assert leftovers(store) == [] and blob_names(store) == []
+
+
+def truncated_pdf(path: Path) -> None:
+    make_pdf(path, ["text"] * 40)
+    path.write_bytes(path.read_bytes()[:900])
+
+
+HOSTILE_FILES = {
+    "a zip bomb (1 GiB of zeros in 1 MB)": ("bomb.docx", lambda p: make_zip_bomb(p), "inflates"),
+    "an external entity": ("xxe.docx", lambda p: make_xxe_docx(p), "DTD"),
+    "an encrypted PDF": ("secret.pdf", lambda p: make_encrypted_pdf(p, ["hidden"]), "password"),
+    "a truncated PDF": ("cut.pdf", lambda p: truncated_pdf(p), "PDF"),
+    "a legacy .doc": ("old.doc", lambda p: make_ole(p), "docx"),
+}
+
+
+@pytest.mark.parametrize("what", list(HOSTILE_FILES))
+def test_hostile_documents_are_refused_in_bounded_time(client: TestClient, store: Store, tmp_path: Path,
+                                                       what: str) -> None:
+    name, build, word = HOSTILE_FILES[what]
+    path = tmp_path / name
+    build(path)
+    started = time.monotonic()
+    response = upload(client, path.read_bytes(), "file-extract", name)
+    assert_error(response, 400, "1214", "file", word)
+    assert "root:" not in response.text
+    assert time.monotonic() - started < ExtractionLimits().timeout_s  # refused, not timed out
     assert leftovers(store) == [] and blob_names(store) == []
 
 
