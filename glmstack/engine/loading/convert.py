@@ -42,6 +42,10 @@ def convert_checkpoint(src: Path, dst: Path) -> Path:
         for path in sorted(src.iterdir()):
             if path.is_file() and path.suffix not in PICKLE_SUFFIXES and path.name not in SKIPPED_FILES:
                 shutil.copyfile(path, work / path.name)  # contents only (the Hugging Face cache links files)
+            elif path.is_dir() and not path.name.startswith("."):
+                # a sentence-transformers folder's module configs (1_Pooling/, 2_Normalize/), never pickles
+                shutil.copytree(path, work / path.name, copy_function=shutil.copyfile,
+                                ignore=shutil.ignore_patterns(*(f"*{suffix}" for suffix in PICKLE_SUFFIXES)))
         if len(ckpt.files) > 1:
             index = {"metadata": {"converted_from": "pytorch_model.bin"}, "weight_map": weight_map}
             (work / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -1,10 +1,15 @@
-"""BERT encoders (all-MiniLM, bge, e5, ... : the `BertModel` checkpoints that sentence-transformers folders hold).
+"""BERT encoders (all-MiniLM, bge, e5, ... : the `BertModel` checkpoints that sentence-transformers folders hold),
+and the (XLM-)RoBERTa ones (bge-m3, multilingual-e5, paraphrase-multilingual-*: `XLMRobertaModel`).
 
 One readable encoder in plain PyTorch, gpt-fast style: embeddings (word + position + token type, LayerNorm),
 then post-norm layers of fused QKV attention through `F.scaled_dot_product_attention` with a padding mask, and
 a GELU feed-forward. Hugging Face parameter names are mapped on load (`load_bert_weights`): the three attention
 projections become one QKV linear, so a layer runs one matmul where BertModel runs three. There is no cache and
 no causal mask: an encoder sees a whole batch of padded sentences at once.
+
+RoBERTa and XLM-RoBERTa are the same network but for their position ids (`roberta_positions`): real tokens count
+from pad_token_id + 1 (fairseq's convention) and padding takes position pad_token_id. Their checkpoints also
+have one token type and a "roberta." prefix where saved from a task head.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from torch import nn
 WEIGHTS_FILE = "model.safetensors"
 # GELU variants BERT configs name; the tanh form is the approximation some checkpoints were trained with.
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+# config.json model_type -> whether its position ids are RoBERTa's (counted from pad_token_id + 1).
+MODEL_TYPES = {"bert": False, "roberta": True, "xlm-roberta": True}
+# Name prefixes of checkpoints saved from a task head (BertForMaskedLM, XLMRobertaForMaskedLM, ...); "" first.
+PREFIXES = ("", "bert.", "roberta.")
 
 
 @dataclass
@@ -36,12 +45,15 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     gelu_approximate: str = "none"  # F.gelu's `approximate`
     pad_token_id: int = 0
+    roberta_positions: bool = False  # positions count from pad_token_id + 1 (RoBERTa, XLM-RoBERTa)
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> BertConfig:
-        """From a config.json of `model_type` bert. Refuses what this encoder does not implement."""
-        if config.get("model_type", "bert") != "bert":
-            raise ValueError(f"not a BERT model: model_type {config.get('model_type')!r}")
+        """From a config.json of `model_type` bert, roberta or xlm-roberta. Refuses what this encoder does not
+        implement."""
+        model_type = config.get("model_type", "bert")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"not a BERT or (XLM-)RoBERTa model: model_type {model_type!r}")
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"unsupported position_embedding_type {config['position_embedding_type']!r}")
         activation = config.get("hidden_act", "gelu")
@@ -58,26 +70,39 @@ class BertConfig:
             layer_norm_eps=config.get("layer_norm_eps", 1e-12),
             gelu_approximate=ACTIVATIONS[activation],
             pad_token_id=config.get("pad_token_id") or 0,
+            roberta_positions=MODEL_TYPES[model_type],
         )
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def max_tokens(self) -> int:
+        """The longest input the position table covers (RoBERTa's first pad_token_id + 1 rows are not used by
+        real tokens: 514 positions hold 512 tokens)."""
+        return self.max_position_embeddings - (self.pad_token_id + 1 if self.roberta_positions else 0)
+
 
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
+        self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        length = input_ids.shape[1]
+        if self.config.roberta_positions:
+            # As transformers' create_position_ids_from_input_ids: real tokens count from pad + 1, padding is pad.
+            pad = self.config.pad_token_id
+            real = input_ids.ne(pad).long()
+            positions = self.position_embeddings(torch.cumsum(real, dim=1) * real + pad)
+        else:
+            positions = self.position_embeddings.weight[:input_ids.shape[1]]
         # Single-segment input (what sentence embedding uses): every token is of type 0.
-        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:length] \
-            + self.token_type_embeddings.weight[0]
+        x = self.word_embeddings(input_ids) + positions + self.token_type_embeddings.weight[0]
         return self.norm(x)
 
 
@@ -149,11 +174,12 @@ def hf_names(name: str) -> list[str]:
 
 
 def load_bert_weights(model: BertModel, weights: Path) -> None:
-    """Copies a Hugging Face BertModel safetensors file into `model` (tensor by tensor). Checkpoints saved from
-    a task head (BertForMaskedLM, ...) prefix names with "bert."; the pooler and heads are not used."""
+    """Copies a Hugging Face BertModel (or XLMRobertaModel) safetensors file into `model` (tensor by tensor).
+    Checkpoints saved from a task head (BertForMaskedLM, ...) prefix names with "bert." or "roberta."; the pooler
+    and heads are not used."""
     with safe_open(str(weights), framework="pt") as f:
         stored = set(f.keys())
-        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in stored else ""
+        prefix = next((p for p in PREFIXES if p + "embeddings.word_embeddings.weight" in stored), "")
         for name, parameter in model.state_dict().items():
             sources = [prefix + source for source in hf_names(name)]
             missing = [source for source in sources if source not in stored]
@@ -167,7 +193,8 @@ def load_bert_weights(model: BertModel, weights: Path) -> None:
 
 
 def load_bert(folder: Path, dtype: torch.dtype = torch.float32) -> BertModel:
-    """The encoder of a Hugging Face BERT folder (config.json + model.safetensors), in eval mode."""
+    """The encoder of a Hugging Face BERT or (XLM-)RoBERTa folder (config.json + model.safetensors), in eval
+    mode."""
     config = BertConfig.from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
