@@ -367,7 +367,10 @@ class KnowledgeStore:
             match = " OR ".join('"' + t.replace('"', '""') + '"' for t in query_terms)
             marks = ",".join(f":id{i}" for i in range(len(ids)))
             sql = text(f"SELECT c.id, c.document_id, c.position, c.text, bm25(chunks_fts) AS s "
-                       f"FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
+                       # CROSS JOIN: SQLite then runs the full-text match first and looks up its rows, rather
+                       # than matching every chunk of the base found by the knowledge-id index (28 s vs 0.1 s
+                       # at 100k chunks)
+                       f"FROM chunks_fts CROSS JOIN chunks c ON c.id = chunks_fts.rowid "
                        f"WHERE chunks_fts MATCH :q AND c.knowledge_id IN ({marks}) ORDER BY s LIMIT :k")
             params: dict[str, Any] = {f"id{i}": v for i, v in enumerate(ids)}
             rows = conn.execute(sql, {**params, "q": match, "k": k}).all()
@@ -378,45 +381,55 @@ class KnowledgeStore:
 # BM25's usual constants; term frequency is taken as 1 per matched term, which is what it nearly always is in
 # chunks of a few hundred characters.
 BM25_K1, BM25_B = 1.2, 0.75
-TERM_CANDIDATES = 200   # chunks fetched per query term
+TERM_CANDIDATES = 500   # a term in at most this many chunks brings them all in as candidates
 DF_COUNT_CAP = 10_000   # document frequency counted up to this (a term that common scores ~0 anyway)
 
 
+def _tsquery(term: str) -> str:
+    return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 def _postgres_bm25(conn: Any, ids: list[str], query_terms: Sequence[str], k: int) -> list[ChunkHit]:
-    """BM25 on PostgreSQL: for each term, the chunks containing it (from the GIN index, the densest first) and
-    its document frequency; then each candidate scores the IDF of the terms it contains, length-normalized.
-    ts_rank_cd alone ranks a chunk that repeats a common word above one holding the rare word asked about."""
+    """BM25 on PostgreSQL, whose ts_rank has no inverse document frequency (it ranks a chunk that repeats a
+    common word above one holding the rare word asked about). From the GIN index: each term's document
+    frequency, and the chunks of the rarer terms as candidates; then, for the candidates, exactly which query
+    terms each contains (one tsvector per candidate), scored as BM25 with length normalization."""
     total = conn.execute(text("SELECT count(*) FROM chunks WHERE knowledge_id = ANY(:ids)"), {"ids": ids}).scalar()
     if not total:
         return []
-    candidates: dict[int, tuple[Row, set[str]]] = {}
+    match = "knowledge_id = ANY(:ids) AND to_tsvector('english', terms) @@ to_tsquery('english', :q)"
     idf: dict[str, float] = {}
+    pool: set[int] = set()
+    rarest: tuple[int, list[int]] | None = None
     for term in query_terms:
-        query = "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
-        rows = conn.execute(text(
-            "SELECT id, document_id, position, text, terms FROM chunks "
-            "WHERE knowledge_id = ANY(:ids) AND to_tsvector('english', terms) @@ to_tsquery('english', :q) "
-            "ORDER BY ts_rank_cd(to_tsvector('english', terms), to_tsquery('english', :q)) DESC LIMIT :m"),
-            {"ids": ids, "q": query, "m": TERM_CANDIDATES}).all()
-        df = len(rows)
-        if df == TERM_CANDIDATES:
-            df = conn.execute(text(
-                "SELECT count(*) FROM (SELECT 1 FROM chunks WHERE knowledge_id = ANY(:ids) "
-                "AND to_tsvector('english', terms) @@ to_tsquery('english', :q) LIMIT :cap) AS matched"),
-                {"ids": ids, "q": query, "cap": DF_COUNT_CAP}).scalar()
-        if not df:
-            continue
-        idf[term] = math.log(1 + (total - df + 0.5) / (df + 0.5))
-        for row in rows:
-            candidates.setdefault(row[0], (row, set()))[1].add(term)
-    if not candidates:
+        found = list(conn.execute(text(f"SELECT id FROM chunks WHERE {match} LIMIT :m"),
+                                  {"ids": ids, "q": _tsquery(term), "m": TERM_CANDIDATES + 1}).scalars())
+        df = len(found)
+        if df > TERM_CANDIDATES:
+            df = conn.execute(text(f"SELECT count(*) FROM (SELECT 1 FROM chunks WHERE {match} LIMIT :cap) AS m"),
+                              {"ids": ids, "q": _tsquery(term), "cap": DF_COUNT_CAP}).scalar()
+        else:
+            pool.update(found)
+        if df:
+            idf[term] = math.log(1 + (total - df + 0.5) / (df + 0.5))
+            if rarest is None or df < rarest[0]:
+                rarest = (df, found)
+    if not pool and rarest is not None:  # every term is common: the candidates of the least common one
+        pool.update(rarest[1][:TERM_CANDIDATES])
+    if not pool:
         return []
-    lengths = {chunk_id: len(row[4].split()) for chunk_id, (row, _) in candidates.items()}
+    terms = list(idf)
+    tests = ", ".join(f"v @@ to_tsquery('english', :t{i})" for i in range(len(terms)))
+    rows = conn.execute(text(
+        f"SELECT c.id, c.document_id, c.position, c.text, c.terms, {tests} FROM chunks c "
+        f"CROSS JOIN LATERAL to_tsvector('english', c.terms) AS v WHERE c.id = ANY(:pool)"),
+        {"pool": list(pool), **{f"t{i}": _tsquery(t) for i, t in enumerate(terms)}}).all()
+    lengths = {row[0]: len(row[4].split()) for row in rows}
     average = sum(lengths.values()) / len(lengths)
     scored = []
-    for chunk_id, (row, matched) in candidates.items():
-        norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths[chunk_id] / average)
-        score = sum(idf[t] * (BM25_K1 + 1) / (1 + norm) for t in matched)
+    for row in rows:
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths[row[0]] / average)
+        score = sum(idf[t] * (BM25_K1 + 1) / (1 + norm) for t, hit in zip(terms, row[5:], strict=True) if hit)
         scored.append(ChunkHit(row[0], row[1], row[2], row[3], score))
     scored.sort(key=lambda hit: (-hit.score, hit.chunk_id))
     return scored[:k]
