@@ -1,5 +1,6 @@
 """Test helpers shared by the store, API and reliability suites: launching `glmstack serve` as a child
-process, and a TCP relay that can cut a database connection the way an outage does."""
+process, an app served by uvicorn on a real socket in this process (LiveServer, for SDKs and browsers), and a
+TCP relay that can cut a database connection the way an outage does."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
+
+from glmstack.api.h11_envelope import EnvelopeH11Protocol
 
 STARTUP_TIMEOUT_S = 240  # loading the bundled model on a busy 2-core machine
 
@@ -151,3 +156,24 @@ def postgres_schema() -> Iterator[str]:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
     finally:
         admin.dispose()
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn (with glmstack's h11 envelope) on 127.0.0.1, in a thread of this process."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, http=EnvelopeH11Protocol, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 import glmstack
@@ -62,7 +63,9 @@ def create_app(settings: Settings, engine: Engine, store: Store, *,
         await run_in_threadpool(platform.indexer.stop)
         await run_in_threadpool(platform.usage.close)  # what was served is recorded before the process ends
 
-    app = FastAPI(
+    # FastAPIOffline: /docs with Swagger UI served by glmstack itself (FastAPI's own page loads it from a CDN and
+    # is blank offline); its static files are mounted under /static-offline-docs.
+    app = FastAPIOffline(
         lifespan=lifespan,
         title="glmstack",
         version=glmstack.__version__,

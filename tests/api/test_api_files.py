@@ -9,7 +9,6 @@ import io
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +17,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 import zhipuai
 from fastapi.testclient import TestClient
 from make_files import make_docx, make_encrypted_pdf, make_ole, make_pdf, make_xxe_docx, make_zip_bomb
 from scripted import ScriptedEngine
+from servers import LiveServer
 
 from glmstack.api import create_app
-from glmstack.api.h11_envelope import EnvelopeH11Protocol
 from glmstack.api.services import files as files_service
 from glmstack.knowledge.extraction import ExtractionLimits
 from glmstack.knowledge.jsonl_checks import MAX_BATCH_REQUESTS, JsonlError, check_batch, check_fine_tune
@@ -81,25 +79,6 @@ def assert_error(response: httpx.Response, status: int, code: str, *words: str) 
 
 
 # --- a real server on a socket, for the SDKs ------------------------------------------------------------------
-
-class LiveServer:
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, http=EnvelopeH11Protocol, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
 
 @pytest.fixture
 def live(store: Store, tmp_path: Path) -> Iterator[LiveServer]:

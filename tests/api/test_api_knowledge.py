@@ -16,7 +16,7 @@ import zhipuai
 from fastapi.testclient import TestClient
 from make_files import make_docx, make_xlsx
 from scripted import ScriptedEngine
-from test_api_files import LiveServer
+from servers import LiveServer
 
 from glmstack.api import create_app
 from glmstack.api.services.retrieval import DEFAULT_PROMPT_TEMPLATE
