@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import math
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +19,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 import zhipuai
 from fastapi.testclient import TestClient
 from scripted import ScriptedEngine, written_usage
+from servers import LiveServer
 
 from glmstack.api import create_app
 from glmstack.api.schemas.embeddings import MAX_INPUTS
@@ -94,25 +93,6 @@ def test_base64_is_little_endian_float32() -> None:
 # --- the SDKs against a real server -----------------------------------------------------------------------
 
 
-class ThreadServer:
-    """uvicorn serving the app on the loopback from a thread of this process."""
-
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, bundled_embedder: Embedder) -> Iterator[tuple[str, str, Store]]:
     """(url, key, store) of a server with a key (so usage is per key), embedding-2 and -3 on the bundled model."""
@@ -123,7 +103,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, bundled_embedder: Embedder)
         # one model under both names, as `glmstack serve` shares one model per folder
         embedders = {"embedding-2": bundled_embedder, "embedding-3": bundled_embedder}
         app = create_app(settings, ScriptedEngine(), store, embedders=embedders)
-        server = ThreadServer(app)
+        server = LiveServer(app)
         try:
             yield server.url, key, store
         finally:
