@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 import glmstack
-from glmstack.api import errors, openapi
+from glmstack.api import docs_page, errors, openapi
 from glmstack.api.auth import Authenticator, is_loopback
 from glmstack.api.deps import Platform
 from glmstack.api.limits import BodySizeLimit, ConcurrencyLimiter, RequestHeadCheck
@@ -37,7 +36,6 @@ UNBOUNDED = 2**31
 
 def create_app(settings: Settings, engine: Engine, store: Store, *,
                embedders: Mapping[str, Embedder] | None = None) -> FastAPI:
-    store.sweep_orphan_blobs()  # uploads a crash cut off, and blobs no row names
     limiter = ConcurrencyLimiter(
         per_key=settings.max_concurrency_per_key, total=settings.max_queue or UNBOUNDED
     )
@@ -58,25 +56,25 @@ def create_app(settings: Settings, engine: Engine, store: Store, *,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(store.sweep_orphan_blobs)  # uploads a crash cut off, blobs no row names
         platform.indexer.start()  # documents a stopped server left half-indexed are finished first
         yield
         await run_in_threadpool(platform.indexer.stop)
         await run_in_threadpool(platform.usage.close)  # what was served is recorded before the process ends
 
-    # FastAPIOffline: /docs with Swagger UI served by glmstack itself (FastAPI's own page loads it from a CDN and
-    # is blank offline); its static files are mounted under /static-offline-docs.
-    app = FastAPIOffline(
+    app = FastAPI(
         lifespan=lifespan,
         title="glmstack",
         version=glmstack.__version__,
         summary="The GLM open platform API (v4) on your own machine",
-        docs_url="/docs",
+        docs_url=None,  # docs_page.install: the same page, without a CDN
         redoc_url=None,
         openapi_url="/openapi.json",
     )
     app.state.platform = platform
     errors.install(app)
     openapi.install(app, platform)
+    docs_page.install(app)
     for router in (chat.router, models.router, embeddings.router, files.router, knowledge.router):
         app.include_router(router, prefix=PLATFORM_PREFIX)
         app.include_router(router, prefix=OPENAI_PREFIX, include_in_schema=False)

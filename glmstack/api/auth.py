@@ -9,8 +9,8 @@ are in *milliseconds*, which stock libraries read as seconds (a token would neve
 header is narrow enough to spell out.
 
 Deny by default: every route is a `KeyedRoute`, which authenticates before the body is read; only the paths
-in PUBLIC_PATHS skip it. /docs and /openapi.json are FastAPI's own routes and open (they describe the API and
-hold no data); /metrics is keyed like the API (it reveals traffic and token volumes).
+in PUBLIC_PATHS skip it. /docs (with its Swagger UI files, docs_page.py) and /openapi.json are plain routes and
+open (they describe the API and hold no data); /metrics is keyed like the API (it reveals traffic and token volumes).
 
 Open mode: a server bound to a loopback address while no key is active (store.keys.count_active() == 0)
 serves its single local user without credentials. Whether the bind address is loopback is decided once,

@@ -72,7 +72,6 @@ class Indexer:
 
     def __init__(self, store: object, embedders: Mapping[str, Embedder], *, extraction_limits: object = None):
         self.store = store
-        self.knowledge: KnowledgeStore = store.knowledge  # type: ignore[attr-defined]
         self.embedders = embedders
         self.extraction_limits = extraction_limits
         self.stats = IndexerStats()
@@ -80,6 +79,10 @@ class Indexer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one pass at a time, thread or caller
+
+    @property
+    def knowledge(self) -> KnowledgeStore:
+        return self.store.knowledge  # type: ignore[attr-defined]
 
     def start(self) -> None:
         if self._thread is None:

@@ -416,7 +416,7 @@ def test_another_key_sees_none_of_my_files(client: TestClient, make_client, stor
     assert_error(client.get(f"{FILES}/{'x' * 500}/content"), 404, "1214", "file_id")
 
 
-def test_orphans_are_swept_when_the_app_is_created(store: Store, tmp_path: Path, key: str) -> None:
+def test_orphans_are_swept_when_the_server_starts(store: Store, tmp_path: Path, key: str) -> None:
     kept = store.files.create(None, NewFile(purpose="batch", filename="a.jsonl", bytes=1,
                                                          blob="a" * 32))
     assert kept is not None
@@ -428,7 +428,10 @@ def test_orphans_are_swept_when_the_app_is_created(store: Store, tmp_path: Path,
         path.write_bytes(b"x")
         if name not in ("c" * 32, "staged-now"):  # these two were written just now: maybe by another process
             os.utime(path, (OLD, OLD))
-    create_app(Settings(home=tmp_path, database_url="unused"), ScriptedEngine(), store).state.platform.usage.close()
+    app = create_app(Settings(home=tmp_path, database_url="unused"), ScriptedEngine(), store)
+    assert all(path.exists() for path in paths.values())  # building the app touches nothing
+    with TestClient(app):  # the lifespan: what `glmstack serve` runs at start-up
+        pass
     remaining = {name for name, path in paths.items() if path.exists()}
     assert remaining == {"a" * 32, "c" * 32, "notes.txt", "staged-now"}
 

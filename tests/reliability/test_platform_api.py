@@ -22,6 +22,7 @@ from platform_server import API_MAX_TOKENS, CHAT, Server
 
 from glmstack.api import create_app
 from glmstack.api.auth import PUBLIC_PATHS
+from glmstack.api.docs_page import ASSET_FILES, ASSET_PREFIX
 from glmstack.protocol import ModelInfo
 from glmstack.settings import Settings
 from glmstack.store import Store
@@ -255,7 +256,9 @@ class _Engine:
         return {}
 
 
-ALLOWED = PUBLIC_PATHS | {"/docs", "/docs/oauth2-redirect", "/openapi.json"}
+# the API's description: the page, its Swagger UI files (served by glmstack: docs_page) and the document
+ALLOWED = PUBLIC_PATHS | {"/docs", "/docs/oauth2-redirect", "/openapi.json"} | {
+    f"{ASSET_PREFIX}/{name}" for name in ASSET_FILES}
 
 
 def app_routes() -> list[tuple[str, str]]:
