@@ -50,6 +50,20 @@ def launch_serve(args: list[str], env: dict[str, str], log: Path) -> tuple[subpr
     raise AssertionError(f"server did not start:\n{log.read_text()[-3000:]}")
 
 
+@contextmanager
+def serving(args: list[str], env: dict[str, str], log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`glmstack serve ARGS` for the block: (process, URL); terminated (killed if it will not stop) after."""
+    proc, url = launch_serve(args, env, log)
+    try:
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Every sample of a Prometheus text page by its full name, labels included
     (e.g. 'glmstack_completions_total{finish_reason="abort"}')."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import openai
 import pytest
 import zhipuai
 from make_files import make_docx, make_pdf
-from servers import launch_serve
+from servers import serving
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +30,8 @@ FACTS = [
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("home")
     env = {**os.environ, "GLMSTACK_HOME": str(home), "GLMSTACK_DATABASE_URL": f"sqlite:///{home / 'db.sqlite'}"}
-    proc, url = launch_serve(["--port", "0", "--device", "cpu"], env, home / "server.log")
-    try:
+    with serving(["--port", "0", "--device", "cpu"], env, home / "server.log") as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def zhipu(url: str) -> zhipuai.ZhipuAI:

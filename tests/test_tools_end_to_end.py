@@ -26,7 +26,7 @@ import openai
 import pytest
 import zhipuai
 from scripted_models import scripted_reply
-from servers import launch_serve
+from servers import serving
 from test_glm_chat import chatglm2, glm4_0414, glm4_9b_chat
 from zai import ZhipuAiClient
 
@@ -67,15 +67,8 @@ def serve(folder: Path | None, home: Path) -> Iterator[str]:
     """`glmstack serve` on the loopback (open, no keys) for the checkpoint in `folder` (None: the bundled model)."""
     env = {**os.environ, "GLMSTACK_HOME": str(home), "GLMSTACK_DATABASE_URL": f"sqlite:///{home / 'db.sqlite'}"}
     args = ["--port", "0", "--device", "cpu"] + (["--model", str(folder), "--dtype", "float32"] if folder else [])
-    proc, url = launch_serve(args, env, home / "server.log")
-    try:
+    with serving(args, env, home / "server.log") as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

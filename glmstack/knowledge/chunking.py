@@ -27,47 +27,33 @@ def split_text(text: str, separators: list[str] | tuple[str, ...] | None = None,
     pieces = [text]
     for separator in [s for s in (separators or DEFAULT_SEPARATORS) if s]:
         pieces = [part for piece in pieces for part in piece.split(separator)]
-    chunks: list[str] = []
+    parts = [part for piece in pieces if piece.strip() for part in _fit(piece.strip(), sentence_size)]
+    return _pack(parts, sentence_size, "\n")
+
+
+def _pack(parts: list[str], size: int, joiner: str) -> list[str]:
+    """Consecutive parts (each at most `size`) joined into groups of at most `size` characters, in order."""
+    groups: list[str] = []
     current = ""
-    for piece in (p.strip() for p in pieces):
-        if not piece:
-            continue
-        for part in _fit(piece, sentence_size):
-            if current and len(current) + 1 + len(part) <= sentence_size:
-                current = f"{current}\n{part}"
-            else:
-                if current:
-                    chunks.append(current)
-                current = part
+    for part in parts:
+        if current and len(current) + len(joiner) + len(part) <= size:
+            current = f"{current}{joiner}{part}"
+        else:
+            if current:
+                groups.append(current)
+            current = part
     if current:
-        chunks.append(current)
-    return chunks
+        groups.append(current)
+    return groups
 
 
 def _fit(piece: str, size: int) -> list[str]:
     """`piece` as parts no longer than `size`: whole sentences packed together, an overlong sentence cut."""
     if len(piece) <= size:
         return [piece]
-    parts: list[str] = []
-    current = ""
-    for sentence in (s.strip() for s in _SENTENCE_END.split(piece)):
-        if not sentence:
-            continue
-        while len(sentence) > size:
-            if current:
-                parts.append(current)
-                current = ""
-            parts.append(sentence[:size])
-            sentence = sentence[size:]
-        if current and len(current) + 1 + len(sentence) <= size:
-            current = f"{current} {sentence}"
-        else:
-            if current:
-                parts.append(current)
-            current = sentence
-    if current:
-        parts.append(current)
-    return parts
+    sentences = [s.strip() for s in _SENTENCE_END.split(piece) if s.strip()]
+    cut = [sentence[i:i + size] for sentence in sentences for i in range(0, len(sentence), size)]
+    return _pack(cut, size, " ")
 
 
 def split_table(text: str, sentence_size: int = DEFAULT_SENTENCE_SIZE) -> list[str]:

@@ -23,7 +23,7 @@ import jwt
 import openai
 import pytest
 import zhipuai
-from servers import launch_serve, parse_metrics, postgres_schema
+from servers import parse_metrics, postgres_schema, serving
 from zai import ZhipuAiClient
 
 from glmstack.store import Store
@@ -158,15 +158,10 @@ def served(server_database_url: str, tmp_path_factory: pytest.TempPathFactory) -
         "GLMSTACK_LOG_LEVEL": "INFO",
     }
     log = home / "server.log"
-    proc, url = launch_serve(["--port", "0", "--device", "cpu"], env, log)
     try:
-        yield Served(url, proc, log, store)
+        with serving(["--port", "0", "--device", "cpu"], env, log) as (proc, url):
+            yield Served(url, proc, log, store)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         store.close()
 
 
