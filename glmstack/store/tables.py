@@ -137,3 +137,97 @@ chunks = Table(
 )
 Index("ix_chunks_knowledge", chunks.c.knowledge_id)
 Index("ix_chunks_document", chunks.c.document_id, chunks.c.position)
+
+
+# --- conversations (the web page and `glmstack chat --conversation`) and durable jobs (issue 18) ------------
+
+conversations = Table(
+    "conversations", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("key_id", String(32), nullable=True),     # the owner; None: no key (open mode, the terminal)
+    Column("title", String(200), nullable=False),
+    Column("model", String(200), nullable=True),
+    Column("system_prompt", Text, nullable=True),
+    Column("settings", Text, nullable=True),         # JSON: temperature, top_p, max_tokens, knowledge_id, ...
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_conversations_key_updated", conversations.c.key_id, conversations.c.updated_at)
+
+conversation_messages = Table(
+    "conversation_messages", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("conversation_id", String(40), ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),     # 0, 1, 2, ... within the conversation
+    Column("role", String(16), nullable=False),      # user | assistant | tool | system
+    Column("content", Text, nullable=False, server_default=""),
+    Column("reasoning_content", Text, nullable=True),
+    Column("tool_calls", Text, nullable=True),       # JSON list, as the API returns them
+    Column("meta", Text, nullable=True),             # JSON: model, usage, finish_reason, retrieval, ...
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+Index("uq_conversation_messages_position", conversation_messages.c.conversation_id,
+      conversation_messages.c.position, unique=True)
+
+# Async chat tasks (spec §2.3-2.4) and batches (§2.9) are the API's own rows; jobs/runner.py runs them, taking
+# a lease (lease_owner, lease_until) so a second server on the same database never runs one twice and a
+# killed server's work is taken up again once its lease runs out.
+async_tasks = Table(
+    "async_tasks", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("key_id", String(32), nullable=True),
+    Column("request_id", String(128), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("body", Text, nullable=False),            # the chat request, JSON
+    Column("status", String(16), nullable=False),    # PROCESSING | SUCCESS | FAIL
+    Column("result", Text, nullable=True),           # JSON: choices, usage, created (SUCCESS) or error (FAIL)
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+Index("ix_async_tasks_status", async_tasks.c.status, async_tasks.c.created_at)
+
+batches = Table(
+    "batches", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("key_id", String(32), nullable=True),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(40), nullable=False),
+    Column("input_blob", String(64), nullable=True),  # kept until the batch ends, even if the file is deleted
+    Column("completion_window", String(16), nullable=False),
+    Column("metadata", Text, nullable=True),          # JSON object
+    Column("auto_delete_input_file", Boolean, nullable=False, server_default="1"),
+    Column("status", String(16), nullable=False),
+    Column("output_file_id", String(40), nullable=True),
+    Column("error_file_id", String(40), nullable=True),
+    Column("errors", Text, nullable=True),            # JSON list of {code, line, message, param}
+    Column("request_total", Integer, nullable=False, server_default="0"),
+    Column("request_completed", Integer, nullable=False, server_default="0"),
+    Column("request_failed", Integer, nullable=False, server_default="0"),
+    # Unix seconds of each transition (the Batch object's own fields)
+    Column("created_at", BigInteger, nullable=False),
+    Column("in_progress_at", BigInteger, nullable=True),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("finalizing_at", BigInteger, nullable=True),
+    Column("completed_at", BigInteger, nullable=True),
+    Column("failed_at", BigInteger, nullable=True),
+    Column("expired_at", BigInteger, nullable=True),
+    Column("cancelling_at", BigInteger, nullable=True),
+    Column("cancelled_at", BigInteger, nullable=True),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+)
+Index("ix_batches_key_created", batches.c.key_id, batches.c.created_at)
+Index("ix_batches_status", batches.c.status)
+
+# One row per finished input line: what its output (or error) file line is. The primary key makes "every line
+# once" a database fact: a line run again after a crash cannot be recorded twice.
+batch_lines = Table(
+    "batch_lines", metadata,
+    Column("batch_id", String(40), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    Column("line", Integer, primary_key=True),       # 1-based line number in the input file
+    Column("ok", Boolean, nullable=False),           # True: output file; False: error file
+    Column("record", Text, nullable=False),          # the JSONL record, as written to its file
+)
