@@ -93,6 +93,9 @@ class GenerateRequest:
     parallel_tool_calls: bool = True  # False: at most one call per reply (OpenAI's parameter)
     response_format: dict | None = None
     thinking: bool | None = None
+    # Batch lines and async tasks: scheduled after interactive requests (admitted, prefilled and kept
+    # last), so a chat's first token does not wait behind a running batch.
+    background: bool = False
 
 
 @dataclass

@@ -121,3 +121,42 @@ def test_prompts_sent_together_with_one_prefix_compute_it_once() -> None:
     assert fake_step(s) == {"first": (0, 12), "other": (0, 6)}
     assert fake_step(s) == {"first": (12, 1), "other": (6, 1), "second": (8, 3)}
     assert second.prefix_hit_tokens == 8  # its two full shared blocks, from first's computation
+
+
+def test_interactive_requests_go_before_waiting_background_ones() -> None:
+    s = make(budget=64, max_running=2)
+    batch = [Sequence(f"b{i}", list(range(10 * i, 10 * i + 6)), max_tokens=50, background=True) for i in range(3)]
+    for seq in batch:
+        s.add(seq)
+    fake_step(s)  # b0 and b1 run; b2 waits
+    chat = Sequence("chat", list(range(500, 506)), max_tokens=2)
+    s.add(chat)
+    assert [q.seq_id for q in s.waiting] == ["chat", "b2"]
+    b0 = batch[0]
+    s.finish(b0, "abort")  # a slot frees: the interactive request takes it, not the older batch line
+    assert "chat" in fake_step(s) and batch[2].status is Status.WAITING
+
+
+def test_interactive_prompt_is_chunked_before_background_prompts() -> None:
+    s = make(budget=8, num_blocks=64)
+    s.add(Sequence("batch", list(range(4)), max_tokens=5, background=True))  # shorter, but background
+    s.add(Sequence("chat", list(range(100, 108)), max_tokens=5))
+    assert fake_step(s) == {"chat": (0, 8)}
+
+
+def test_background_sequences_are_preempted_before_interactive_ones() -> None:
+    s = make(num_blocks=6, block_size=4, budget=16)
+    batch = Sequence("batch", list(range(100, 107)), max_tokens=10, background=True)
+    s.add(batch)
+    fake_step(s)
+    chat = Sequence("chat", list(range(7)), max_tokens=10)
+    s.add(chat)  # younger, so without priority it would be the one to give up its blocks
+    fake_step(s)
+    chat_order = chat.order
+    while s.preemptions == 0 and s.has_work():
+        fake_step(s)
+    # the batch line gave up its blocks (it was admitted again, with a new order); the chat kept running
+    assert s.preemptions == 1 and chat.order == chat_order and batch.order > chat_order
+    while s.has_work():
+        fake_step(s)
+    assert chat.output_ids == [7] * 10 and batch.output_ids == [7] * 10  # the batch line recomputes and ends

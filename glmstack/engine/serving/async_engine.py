@@ -194,7 +194,7 @@ class AsyncEngine:
             else:
                 raise ValueError("request has neither messages nor prompt_ids")
             self.core.add_request(req.request_id, prompt_ids, req.params, grammar=job.grammar,
-                                  reply_parser=self._reply_parser(req))
+                                  reply_parser=self._reply_parser(req), background=req.background)
         except RequestTooLargeError as exc:
             self._send(job, PromptTooLongError(str(exc)))
             self._send(job, _DONE)

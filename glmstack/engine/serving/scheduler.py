@@ -10,6 +10,11 @@ No torch here: the scheduler decides, the runner (runner.py) turns decisions int
    When blocks run out, the most recently admitted sequence is preempted: its blocks are freed and it is
    recomputed later (its cached full blocks usually survive, so recomputation is mostly prefix hits).
 
+Background sequences (batch lines, async tasks) come after interactive ones everywhere a choice is made: an
+interactive request waits in front of them, its prompt is chunked first, and when blocks run out a background
+sequence is preempted before any interactive one. They still decode every step once running, so a batch runs
+at full speed whenever nothing interactive needs the room.
+
 Sequences leave between steps: finished (stop id, max_tokens, context full) or aborted, freeing every
 block they held.
 """
@@ -51,6 +56,7 @@ class Sequence:
     order: int = 0  # admission order, for preemption
     prefix_hit_tokens: int = 0
     yielded: bool = False  # the last step left this prompt out for newer ones (never two steps running)
+    background: bool = False  # batch work: after interactive requests (see the module docstring)
 
     @property
     def token_ids(self) -> list[int]:
@@ -132,7 +138,12 @@ class Scheduler:
             raise RequestTooLargeError(
                 f"request needs {total} tokens of KV cache; the whole budget is "
                 f"{self.allocator.num_blocks * self.block_size} tokens")
-        self.waiting.append(seq)
+        if seq.background:
+            self.waiting.append(seq)
+            return
+        # an interactive request goes in front of every waiting background one, behind the interactive ones
+        position = next((i for i, s in enumerate(self.waiting) if s.background), len(self.waiting))
+        self.waiting.insert(position, seq)
 
     def abort(self, seq_id: str) -> Sequence | None:
         for seq in list(self.running) + list(self.waiting):
@@ -178,7 +189,7 @@ class Scheduler:
         self._admit_waiting(prompts)
         timed = step_budget is not None and (bool(chunks) or len(prompts) > 1)
         newer_scheduled = False
-        for seq in sorted(prompts, key=lambda s: (s.num_tokens - s.num_computed, s.order)):
+        for seq in sorted(prompts, key=lambda s: (s.background, s.num_tokens - s.num_computed, s.order)):
             if budget == 0:
                 break
             limit = budget
@@ -265,8 +276,9 @@ class Scheduler:
             try:
                 seq.block_table.append(self.allocator.allocate())
             except OutOfBlocks:
-                victim = max((s for s in self.running if s is not seq), key=lambda s: s.order, default=None)
-                if not preempt or victim is None or victim.order < seq.order:
+                # the youngest background sequence first, then the youngest interactive one
+                victim = max((s for s in self.running if s is not seq), key=_preemption_rank, default=None)
+                if not preempt or victim is None or _preemption_rank(victim) < _preemption_rank(seq):
                     if preempt:  # seq itself is the youngest: it waits
                         self._preempt(seq)
                     return False
@@ -278,7 +290,10 @@ class Scheduler:
         self._release(seq)
         seq.status = Status.WAITING
         self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        if seq.background:  # first of the background ones, still behind every waiting interactive request
+            self.waiting.insert(next((i for i, s in enumerate(self.waiting) if s.background), len(self.waiting)), seq)
+        else:
+            self.waiting.appendleft(seq)
 
     # ---- results --------------------------------------------------------------------------------------
 
@@ -320,6 +335,11 @@ class Scheduler:
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             tokens = ids[b * self.block_size : (b + 1) * self.block_size]
             seq.block_hashes.append(self.allocator.register_full(seq.block_table[b], parent, tokens))
+
+
+def _preemption_rank(seq: Sequence) -> tuple[bool, int]:
+    """Higher gives up its blocks first: background before interactive, then the most recently admitted."""
+    return seq.background, seq.order
 
 
 def count_blocks(seqs: Iterable[Sequence]) -> int:
