@@ -7,6 +7,7 @@ boundary test checks). Standard library only, so any part of glmstack can import
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,14 @@ class Settings:
     native: bool = True                 # the native CPU kernels (glmstack/engine/native), where they build
     native_dir: Path | None = None      # None: torch's extension cache, shared by every home
     vnni: bool = True                   # False keeps the native int8/int4 kernels on fp32 activations
+    # After SIGTERM, requests in flight have this long to finish; a reply still running then is cut with an
+    # error (api/shutdown.py)
+    shutdown_grace_s: float = 30.0
+    # Batch lines and async tasks running in the engine at once (jobs/runner.py): background work, scheduled
+    # after interactive requests; below the engine's own limit of running sequences so a chat always gets in
+    batch_concurrency: int = 16
+    batch_window_s: int = 24 * 3600        # a batch not finished this long after creation expires (spec §2.9.5)
+    async_result_ttl_s: int = 24 * 3600    # finished async chat results are kept this long (spec §2.4)
 
     @property
     def models_dir(self) -> Path:
@@ -88,6 +97,20 @@ class Settings:
         def get_int(name: str, default: int, *, minimum: int) -> int:
             value = get_optional_int(name, minimum=minimum)
             return default if value is None else value
+
+        def get_float(name: str, default: float, *, minimum: float) -> float:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):  # "inf" and "nan" parse, but are no number of seconds
+                raise ValueError(f"GLMSTACK_{name} must be a number, got {raw!r}")
+            if value < minimum:
+                raise ValueError(f"GLMSTACK_{name} must be at least {minimum:g}, got {raw}")
+            return value
 
         def get_bool(name: str, default: bool) -> bool:
             raw = get(name)
@@ -140,7 +163,11 @@ class Settings:
             model_aliases=get_map("MODEL_ALIASES"),
             embedding_models=get_map("EMBEDDING_MODELS"),
             kv_cache_mb=get_int("KV_CACHE_MB", defaults.kv_cache_mb, minimum=1),
+            batch_concurrency=get_int("BATCH_CONCURRENCY", defaults.batch_concurrency, minimum=1),
+            batch_window_s=get_int("BATCH_WINDOW_S", defaults.batch_window_s, minimum=1),
+            async_result_ttl_s=get_int("ASYNC_RESULT_TTL_S", defaults.async_result_ttl_s, minimum=1),
             native=get_bool("NATIVE", defaults.native),
             native_dir=get_path("NATIVE_DIR"),
             vnni=get_bool("VNNI", defaults.vnni),
+            shutdown_grace_s=get_float("SHUTDOWN_GRACE_S", defaults.shutdown_grace_s, minimum=0),
         )

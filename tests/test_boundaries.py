@@ -65,7 +65,7 @@ def test_engine_never_loads_the_http_or_database_stack() -> None:
     assert loaded.isdisjoint(HTTP_AND_DATABASE), sorted(loaded & set(HTTP_AND_DATABASE))
 
 
-@pytest.mark.parametrize("package", ["glmstack.api", "glmstack.store", "glmstack.knowledge"])
+@pytest.mark.parametrize("package", ["glmstack.api", "glmstack.store", "glmstack.knowledge", "glmstack.jobs"])
 def test_platform_never_loads_torch_or_numpy(package: str) -> None:
     modules = [*modules_under(package), "glmstack.protocol", "glmstack.settings"]
     loaded = loaded_after_importing(modules)

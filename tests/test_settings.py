@@ -16,7 +16,7 @@ def test_defaults(tmp_path: Path):
     assert (s.host, s.port, s.model, s.quantize, s.safety_dir) == ("127.0.0.1", 8000, None, "auto", None)
     assert (s.max_body_bytes, s.max_concurrency_per_key, s.max_queue, s.max_messages) == (4 << 20, None, 64, 256)
     assert (s.kv_cache_mb, s.native, s.native_dir, s.vnni) == (512, True, None, True)
-    assert s.max_tokens_cap is None
+    assert s.max_tokens_cap is None and s.shutdown_grace_s == 30
 
 
 def test_home_defaults_to_dot_glmstack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -41,7 +41,9 @@ def test_engine_values_from_env(tmp_path: Path):
         "GLMSTACK_HOME": str(tmp_path), "GLMSTACK_KV_CACHE_MB": "64", "GLMSTACK_NATIVE": "0",
         "GLMSTACK_NATIVE_DIR": str(tmp_path / "build"), "GLMSTACK_VNNI": "off",
         "GLMSTACK_MAX_CONCURRENCY_PER_KEY": "3", "GLMSTACK_MODEL_ALIASES": "my-model=glm-4, gpt-4o-mini = glm-4.5",
+        "GLMSTACK_SHUTDOWN_GRACE_S": "2.5",
     })
+    assert s.shutdown_grace_s == 2.5
     assert s.model_aliases == {"my-model": "glm-4", "gpt-4o-mini": "glm-4.5"}
     assert (s.kv_cache_mb, s.native, s.native_dir, s.vnni) == (64, False, tmp_path / "build", False)
     assert s.max_concurrency_per_key == 3 and s.models_dir == tmp_path / "models"
@@ -55,6 +57,9 @@ def test_engine_values_from_env(tmp_path: Path):
     ("GLMSTACK_KV_CACHE_MB", "0", "GLMSTACK_KV_CACHE_MB must be at least 1"),
     ("GLMSTACK_MAX_CONCURRENCY_PER_KEY", "0", "GLMSTACK_MAX_CONCURRENCY_PER_KEY must be at least 1"),
     ("GLMSTACK_MODEL_ALIASES", "my-model", "GLMSTACK_MODEL_ALIASES must be name=target pairs"),
+    ("GLMSTACK_SHUTDOWN_GRACE_S", "soon", "GLMSTACK_SHUTDOWN_GRACE_S must be a number"),
+    ("GLMSTACK_SHUTDOWN_GRACE_S", "-1", "GLMSTACK_SHUTDOWN_GRACE_S must be at least 0"),
+    ("GLMSTACK_SHUTDOWN_GRACE_S", "inf", "GLMSTACK_SHUTDOWN_GRACE_S must be a number"),
 ])
 def test_bad_values_name_the_variable(name: str, value: str, message: str):
     with pytest.raises(ValueError, match=message):

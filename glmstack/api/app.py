@@ -14,14 +14,26 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import glmstack
-from glmstack.api import docs_page, errors, openapi
+from glmstack.api import docs_page, errors, openapi, web_page
 from glmstack.api.auth import Authenticator, is_loopback
 from glmstack.api.deps import Platform
 from glmstack.api.limits import BodySizeLimit, ConcurrencyLimiter, RequestHeadCheck
 from glmstack.api.observability import Metrics, RequestLog
-from glmstack.api.routes import chat, classic, embeddings, files, health, knowledge, models
+from glmstack.api.routes import (
+    batches,
+    chat,
+    classic,
+    conversations,
+    embeddings,
+    files,
+    health,
+    knowledge,
+    models,
+)
 from glmstack.api.safety import SafetyPolicy
 from glmstack.api.services.models import ModelCatalog
+from glmstack.api.shutdown import Drain
+from glmstack.jobs.runner import JobRunner
 from glmstack.knowledge.indexer import Indexer
 from glmstack.protocol import Embedder, Engine
 from glmstack.settings import Settings
@@ -51,14 +63,18 @@ def create_app(settings: Settings, engine: Engine, store: Store, *,
         metrics=Metrics(engine.stats, lambda: limiter.active),
         usage=UsageWriter(store.usage),
         embedders=dict(embedders or {}),
+        drain=Drain(settings.shutdown_grace_s),
     )
     platform.indexer = Indexer(store, platform.embedders)
+    platform.jobs = JobRunner(platform)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(store.sweep_orphan_blobs)  # uploads a crash cut off, blobs no row names
         platform.indexer.start()  # documents a stopped server left half-indexed are finished first
+        platform.jobs.start()  # async tasks and batches a stopped server left are resumed
         yield
+        await platform.jobs.stop()  # what is still running is released for the next server to resume
         await run_in_threadpool(platform.indexer.stop)
         await run_in_threadpool(platform.usage.close)  # what was served is recorded before the process ends
 
@@ -75,9 +91,12 @@ def create_app(settings: Settings, engine: Engine, store: Store, *,
     errors.install(app)
     openapi.install(app, platform)
     docs_page.install(app)
-    for router in (chat.router, models.router, embeddings.router, files.router, knowledge.router):
+    web_page.install(app)  # the chat page at / (glmstack/web)
+    for router in (chat.router, models.router, embeddings.router, files.router, knowledge.router,
+                   batches.router):
         app.include_router(router, prefix=PLATFORM_PREFIX)
         app.include_router(router, prefix=OPENAI_PREFIX, include_in_schema=False)
+    app.include_router(conversations.router, prefix="/api/glmstack")
     app.include_router(classic.router)
     app.include_router(health.router)
     # Added last = outermost: the request log sees (and times) everything, including oversized bodies.

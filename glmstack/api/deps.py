@@ -4,7 +4,7 @@ by create_app. The engine is seen only through `glmstack.protocol.Engine`, so no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -13,11 +13,15 @@ from glmstack.api.limits import ConcurrencyLimiter
 from glmstack.api.observability import Metrics
 from glmstack.api.safety import SafetyPolicy
 from glmstack.api.services.models import ModelCatalog
+from glmstack.api.shutdown import Drain
 from glmstack.knowledge.indexer import Indexer
 from glmstack.protocol import Embedder, Engine
 from glmstack.settings import Settings
 from glmstack.store import Store
 from glmstack.store.usage import UsageWriter
+
+if TYPE_CHECKING:  # jobs/ builds on the platform's services, which import this module
+    from glmstack.jobs.runner import JobRunner
 
 
 @dataclass
@@ -35,6 +39,10 @@ class Platform:
     embedders: dict[str, Embedder] = field(default_factory=dict)
     # the background worker that chunks and embeds knowledge documents (its queue is the database)
     indexer: Indexer = field(default=None)  # type: ignore[assignment]  # create_app always sets it
+    # SIGTERM's grace period: begun by `glmstack serve`, read by generations and jobs (api/shutdown.py)
+    drain: Drain = field(default_factory=lambda: Drain(30.0))
+    # async chat tasks and batches (jobs/runner.py), started with the app
+    jobs: JobRunner = field(default=None)  # type: ignore[assignment]  # create_app always sets it
 
 
 async def get_platform(request: Request) -> Platform:

@@ -8,6 +8,7 @@
     glmstack convert SRC DST                    rewrite a pickle (.bin) checkpoint as safetensors
     glmstack quantize MODEL --bits 4|8 -o DIR   write an int4/int8 checkpoint (see glmstack/cli/quantize.py)
     glmstack keys create|list|revoke            API keys (see glmstack/cli/keys.py)
+    glmstack conversations list|show|export|rename|delete   saved conversations (glmstack/cli/conversations.py)
     glmstack usage [--key ID]                   requests and tokens per key and model
     glmstack serve [--host H] [--port P]        the HTTP API (see glmstack/cli/serve.py)
 
@@ -24,6 +25,7 @@ import sys
 import time
 from typing import Any
 
+from glmstack.cli import conversations as conversations_cli
 from glmstack.cli import keys as store_cli
 from glmstack.cli import models as models_cli
 from glmstack.cli import quantize as quantize_cli
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     chat.add_argument("-p", "--prompt", default=None,
                       help="answer this one prompt and exit (reads the prompt from stdin when piped)")
+    conversations_cli.add_chat_options(chat)
 
     inspect = sub.add_parser("inspect", help="architecture, parameters, context and memory of a model")
     inspect.add_argument("model", help="model path or name (a config.json alone is enough)")
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="checkpoint folder with config.json and pytorch_model*.bin")
     convert.add_argument("dst", help="new folder to write (never overwritten)")
     store_cli.add_subcommands(sub)
+    conversations_cli.add_subcommands(sub)
     models_cli.add_subcommands(sub)
     quantize_cli.add_subcommands(sub)
     serve.add_subcommands(sub)
@@ -81,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command in store_cli.COMMANDS:
         return store_cli.run(args)
+    if args.command in conversations_cli.COMMANDS:
+        return conversations_cli.run(args)
     from glmstack.engine.errors import EngineError
+    from glmstack.store.errors import StoreError  # glmstack chat --conversation
 
     try:
         if args.command == "serve":
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(convert_checkpoint(args.src, args.dst))
             return 0
-    except (EngineError, ValueError, OSError) as exc:
+    except (EngineError, StoreError, ValueError, OSError) as exc:
         if args.debug:
             raise
         print(f"glmstack: error: {exc}", file=sys.stderr)
@@ -129,25 +136,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not prompt:
             raise ValueError("no prompt: stdin was empty")
     settings = serve.settings_from(args)
-    model, _ = load(settings.model, device=settings.device, dtype=settings.dtype, progress=sys.stderr.isatty(),
-                    quantize=settings.quantize, settings=settings)
-    params = _sampling(args, model)
-    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    if prompt is not None:
-        for event in model.stream_messages(messages + [{"role": "user", "content": prompt}], params):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        return 0
-    return _repl(model, messages, params)
+    # The conversation is looked up before the model loads, so a bad database fails fast.
+    with conversations_cli.chat_log(settings, args.conversation, args.key, args.system) as log:
+        model, _ = load(settings.model, device=settings.device, dtype=settings.dtype,
+                        progress=sys.stderr.isatty(), quantize=settings.quantize, settings=settings)
+        params = _sampling(args, model)
+        system = log.system_prompt if log is not None else args.system
+        messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        history = log.history() if log is not None else []
+        if prompt is not None:
+            reply, last = "", None
+            for event in model.stream_messages(messages + history + [{"role": "user", "content": prompt}], params):
+                reply += event.text
+                last = event
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            if log is not None:
+                log.record(prompt, reply, last, model.name)
+            return 0
+        return _repl(model, messages, params, history=history, log=log)
 
 
-def _repl(model: Any, system_messages: list[dict[str, str]], params: Any) -> int:
+def _repl(model: Any, system_messages: list[dict[str, Any]], params: Any, *,
+          history: list[dict[str, Any]] | None = None, log: conversations_cli.ChatLog | None = None) -> int:
     print(f"glmstack chat · {model.name} · {model.device} {str(model.dtype).removeprefix('torch.')} · "
           f"context {model.context_length}", file=sys.stderr)
     print("Type a message. 'clear' starts over, 'stop' or Ctrl-D quits, Ctrl-C interrupts a reply.",
           file=sys.stderr)
-    messages = list(system_messages)
+    messages = list(system_messages) + list(history or [])
     while True:
         try:
             query = input("\n>>> ")
@@ -164,6 +181,8 @@ def _repl(model: Any, system_messages: list[dict[str, str]], params: Any) -> int
             return 0
         if command == "clear":
             messages = list(system_messages)
+            if log is not None:
+                log.clear()
             os.system("cls" if os.name == "nt" else "clear") if sys.stdout.isatty() else None
             print("(conversation cleared)", file=sys.stderr)
             continue
@@ -181,6 +200,8 @@ def _repl(model: Any, system_messages: list[dict[str, str]], params: Any) -> int
             continue
         print()
         messages = turn + [{"role": "assistant", "content": reply}]
+        if log is not None:
+            log.record(query, reply, last, model.name)
         if last is not None:
             _print_stats(last, time.perf_counter() - started)
 

@@ -9,15 +9,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from glmstack.settings import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES, QUANTIZE_HELP, Settings
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from glmstack.api.shutdown import Drain
 
 EXIT_USAGE = 2
 GIL_SWITCH_INTERVAL_S = 0.0005
 # Libraries that narrate start-up at INFO (migrations, the server process, ...); shown with --debug.
 THIRD_PARTY_LOGGERS = ("alembic", "uvicorn", "sqlalchemy", "httpx", "httpcore", "asyncio", "multipart")
+# uvicorn cancels what still runs this long after the shutdown grace: by then the replies cut at the deadline
+# have ended themselves (an engine abort takes effect within a step), with their error event sent.
+SHUTDOWN_MARGIN_S = 3.0
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -117,15 +127,35 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
             access_log=False,
             # uvicorn sets its own loggers' levels from this
             log_level=logging.getLevelName(logging.getLogger("uvicorn").getEffectiveLevel()).lower(),
-            timeout_graceful_shutdown=5,
+            # uvicorn waits this long for open connections once it stops listening, then cancels them; the
+            # app's own deadline (Drain) comes SHUTDOWN_MARGIN_S earlier, so replies end with an error instead.
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + SHUTDOWN_MARGIN_S),
             http=EnvelopeH11Protocol,
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         )
-        server = uvicorn.Server(config)
+        server = draining_server(config, app.state.platform.drain)
         asyncio.run(_run_until_stopped(server, settings, model.name, active_keys))
         return 0 if server.started else 1
     finally:
         engine.shutdown()
+
+
+def draining_server(config: uvicorn.Config, drain: Drain) -> uvicorn.Server:
+    """uvicorn's Server, which also starts `drain` at SIGTERM or SIGINT. uvicorn itself tells the app nothing
+    until every connection has closed (its lifespan shutdown comes last), too late to end a reply cleanly."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # A signal handler, run by the main thread - the event loop's - between two bytecodes.
+            if not drain.draining:
+                logging.getLogger(__name__).info(
+                    "draining for %g s: no new connections; replies still running then are cut", drain.grace_s
+                )
+            drain.begin()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
 
 
 def load_embedders(settings: Settings) -> dict[str, Any]:

@@ -90,11 +90,16 @@ class FileStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def create(self, owner: str | None, new: NewFile, *, max_count: int | None = None) -> FileRecord | None:
+    def create(self, owner: str | None, new: NewFile, *, max_count: int | None = None,
+               file_id: str | None = None) -> FileRecord | None:
         """Inserts a row and returns it; None when `owner` already has `max_count` uploaded (not generated)
         files of this purpose. The count is taken in the same transaction as the insert (serialized on
-        SQLite; on PostgreSQL two uploads racing for the last place may both get it)."""
-        record = FileRecord(id=new_file_id(), key_id=owner, purpose=new.purpose, filename=new.filename,
+        SQLite; on PostgreSQL two uploads racing for the last place may both get it). `file_id`: a chosen id
+        (a batch's output file, written again after a crash): when that file exists already, it is returned
+        as it is."""
+        if file_id is not None and (existing := self.get(owner, file_id)) is not None:
+            return existing
+        record = FileRecord(id=file_id or new_file_id(), key_id=owner, purpose=new.purpose, filename=new.filename,
                             bytes=new.bytes, created_at=datetime.now(UTC), status="processed",
                             status_details=None, blob=new.blob, file_type=new.file_type, title=new.title,
                             generated=new.generated)

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from sqlalchemy import select, text
 
+from glmstack.store.async_tasks import AsyncTaskStore
+from glmstack.store.batches import BatchStore
 from glmstack.store.blobs import BlobStore
+from glmstack.store.conversations import ConversationStore
 from glmstack.store.db import Database, migrate
 from glmstack.store.files import FileStore
 from glmstack.store.keys import KeyStore
@@ -38,6 +41,9 @@ class Store:
         self.blobs = BlobStore(Path(home) / "files")
         self.files = FileStore(self._db)
         self.knowledge = KnowledgeStore(self._db)
+        self.async_tasks = AsyncTaskStore(self._db)
+        self.batches = BatchStore(self._db)
+        self.conversations = ConversationStore(self._db)
 
     @property
     def dialect(self) -> str:
@@ -60,7 +66,7 @@ class Store:
         by a crash); returns how many. Run at start-up."""
         with self._db.read() as conn:
             named = set(conn.execute(select(documents.c.blob).where(documents.c.blob.is_not(None))).scalars())
-        return self.blobs.sweep(named | self.files.blobs())
+        return self.blobs.sweep(named | self.files.blobs() | self.batches.blobs())
 
     def close(self) -> None:
         self._db.dispose()

@@ -243,11 +243,6 @@ def test_hostile_documents_are_refused_in_bounded_time(client: TestClient, store
 
 @pytest.mark.parametrize("purpose, content, words", [
     ("batch", b'{"custom_id": "a", "method": "POST"', ["line 1", "JSON"]),
-    ("batch", jsonl(batch_line("request-1"), batch_line("request-2"), batch_line("request-1")),
-     ["line 3", "'request-1' repeats line 1"]),
-    ("batch", jsonl(batch_line("a"), batch_line("b", model="glm-4-air")), ["line 2", "one model per batch"]),
-    ("batch", jsonl(batch_line("a", method="GET")), ["line 1", "POST"]),
-    ("batch", jsonl(batch_line("a", url="/v4/images/edit")), ["line 1", "url"]),
     ("batch", b"\n\n" + jsonl([1, 2]), ["line 3", "JSON object"]),
     ("batch", jsonl(batch_line("a")) + b'{"custom_id": "\xff"}\n', ["line 2", "UTF-8"]),
     ("fine-tune", jsonl({"messages": [{"role": "user", "content": "hi"}]}), ["line 1", "assistant"]),
@@ -271,9 +266,10 @@ def test_jsonl_checks_stream_line_by_line() -> None:
     assert check_fine_tune(io.BytesIO(GOOD_FINE_TUNE)) == 2
     with pytest.raises(JsonlError, match="no requests"):
         check_batch(io.BytesIO(b"\n"))
-    with pytest.raises(JsonlError) as mixed:
-        check_batch(io.BytesIO(jsonl(batch_line("a"), {**embeddings, "body": {"model": "glm-4"}})))
-    assert mixed.value.line == 2 and "one endpoint" in str(mixed.value)
+    # what a request says is checked when the batch runs (a bad line goes to the error file): a repeated
+    # custom_id, a GET, another url or model still make a JSONL file
+    odd = jsonl(batch_line("a"), batch_line("a", method="GET", url="/v4/images/edit", model="glm-4-air"))
+    assert check_batch(io.BytesIO(odd)) == 2
     too_many = b"".join(json.dumps(batch_line(f"r{i}")).encode() + b"\n" for i in range(MAX_BATCH_REQUESTS + 1))
     with pytest.raises(JsonlError) as over:
         check_batch(io.BytesIO(too_many))

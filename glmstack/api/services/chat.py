@@ -30,6 +30,7 @@ from glmstack.api.services import retrieval
 from glmstack.api.services.generation import Generation, Step
 from glmstack.api.services.personas import is_persona_model, persona_messages
 from glmstack.api.services.retrieval import Grounding
+from glmstack.api.shutdown import deadline_error
 from glmstack.api.sse import DONE, EventStreamResponse, event
 from glmstack.protocol import GenerateRequest, GenerationDefaults, SamplingParams, ToolCallDelta
 
@@ -160,7 +161,7 @@ def _usage(generation: Generation) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _output_blocked() -> PlatformError:
+def output_blocked() -> PlatformError:
     # Synchronous calls: the doc answers a flagged output with 1301 and no result (spec §1.10, §9 item 30).
     return PlatformError(1301, extra={"contentFilter": [{"level": LEVEL, "role": "assistant"}]})
 
@@ -220,8 +221,10 @@ async def complete(
         reply = await unless_disconnected(receive, collect(generation))
     finally:
         await generation.close()
+    if generation.cut_at_deadline:  # nothing has been sent yet, so this can still be an HTTP error (500)
+        raise deadline_error(completion_id)
     if reply.finish_reason == "sensitive":
-        raise _output_blocked()
+        raise output_blocked()
     return ChatCompletion(
         id=completion_id,
         created=int(time.time()),
@@ -253,6 +256,9 @@ async def stream(
     except BaseException:
         await generation.close()
         raise
+    if generation.cut_at_deadline:  # still queued at the shutdown deadline: an HTTP error, nothing sent yet
+        await generation.close()
+        raise deadline_error(completion_id)
     base = {
         "id": completion_id,
         "object": "chat.completion.chunk",
@@ -304,6 +310,12 @@ async def _chunks(
             }
             if step.finish_reason == "sensitive":
                 last["content_filter"] = [{"role": "assistant", "level": LEVEL}]
+            if generation.cut_at_deadline:
+                # The error event comes before the finish chunk: the SDKs (zhipuai, zai, openai) raise when
+                # they read it (sdk-wire §4), whatever follows, and a reader that stops at the first
+                # finish_reason - a common loop - would never reach an error sent after it. The finish chunk
+                # still follows, for raw readers: "network_error" and the usage of what was generated.
+                yield event(deadline_error(base["id"]).body())
             yield event(last)
             yield DONE
             return

@@ -17,6 +17,7 @@ from glmstack.api.safety import LEVEL
 from glmstack.api.schemas.classic import ClassicRequest, ClassicResponse
 from glmstack.api.services.chat import MIN_TEMPERATURE, MIN_TOP_P, collect
 from glmstack.api.services.generation import Generation
+from glmstack.api.shutdown import deadline_error
 from glmstack.protocol import GenerateRequest, SamplingParams
 
 # api.py's defaults
@@ -88,6 +89,8 @@ async def answer(
         reply = await unless_disconnected(receive, collect(generation))
     finally:
         await generation.close()
+    if generation.cut_at_deadline:
+        raise deadline_error(request_id)
     text = "".join(reply.content)
     if reply.finish_reason == "sensitive":
         raise PlatformError(1301, extra={"contentFilter": [{"level": LEVEL, "role": "assistant"}]})

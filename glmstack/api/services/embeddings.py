@@ -124,13 +124,19 @@ def _embed(embedder: Embedder, texts: list[str], size: int, as_base64: bool) -> 
     return _Embedded(data, batch.prompt_tokens)
 
 
-async def create(platform: Platform, caller: Caller, body: EmbeddingRequest) -> EmbeddingList:
+async def create(platform: Platform, caller: Caller, body: EmbeddingRequest, *,
+                 background: bool = False) -> EmbeddingList:
+    """`background`: a batch line, bounded by the job runner's concurrency rather than the key's slots."""
     name, embedder = resolve(platform, body.model)
     size = output_dimensions(name, embedder.info(), body.dimensions)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    # An embedding request holds a concurrency slot like a chat request: both keep the CPU busy.
-    with platform.limiter.acquire(caller):
-        embedded = await run_in_threadpool(_embed, embedder, texts, size, body.encoding_format == "base64")
+    as_base64 = body.encoding_format == "base64"
+    if background:
+        embedded = await run_in_threadpool(_embed, embedder, texts, size, as_base64)
+    else:
+        # An embedding request holds a concurrency slot like a chat request: both keep the CPU busy.
+        with platform.limiter.acquire(caller):
+            embedded = await run_in_threadpool(_embed, embedder, texts, size, as_base64)
     # Written behind the reply, as chat usage is; embeddings are billed on input tokens only (spec §5).
     platform.usage.add(caller.key_id, name, embedded.prompt_tokens, 0)
     usage = EmbeddingUsage.model_construct(prompt_tokens=embedded.prompt_tokens, completion_tokens=0,

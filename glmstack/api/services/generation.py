@@ -1,9 +1,10 @@
 """One admitted run of the engine, as both chat endpoints and the classic endpoint use it: a concurrency
 slot, the output safety check, and usage accounting when it ends — however it ends (finished, stopped as
-sensitive, or aborted because the client hung up)."""
+sensitive, aborted because the client hung up, or cut at the shutdown deadline)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -36,7 +37,9 @@ class Generation:
     def __init__(
         self, platform: Platform, caller: Caller, request: GenerateRequest, log_fields: dict[str, Any]
     ) -> None:
-        self._lease = platform.limiter.acquire(caller)  # 1302 / 1305 before anything runs
+        # 1302 / 1305 before anything runs. Background work (batch lines, async tasks) is bounded by the job
+        # runner's own concurrency instead, so a running batch never uses up a key's interactive slots.
+        self._lease = None if request.background else platform.limiter.acquire(caller)
         self._platform, self._caller, self._log = platform, caller, log_fields
         self._submitted = time.perf_counter()
         self._engine_seconds: float | None = None  # submit to last event: queue + prefill + decode
@@ -46,13 +49,37 @@ class Generation:
         self.finish_reason: str | None = None
         self._time_to_first_token: float | None = None
         self._started = self._closed = False
+        self._cut = False
+        # One waiting task per generation (not a check per token): it sleeps until the shutdown deadline,
+        # which never comes unless the server is draining. Background work has none: the job runner cancels
+        # it at the deadline, so the line or task is run again by the next server rather than failed.
+        self._deadline_watch = (None if request.background
+                                else asyncio.ensure_future(self._abort_at_deadline(request)))
+
+    @property
+    def cut_at_deadline(self) -> bool:
+        """The run ended because the server's shutdown deadline came first (its last step says
+        "network_error"); the reply must end with error 1234 (api/shutdown.py)."""
+        return self._cut and self.finish_reason == "network_error"
+
+    async def _abort_at_deadline(self, request: GenerateRequest) -> None:
+        await self._platform.drain.wait_deadline()
+        if self.finish_reason is None:
+            self._cut = True
+            # request.request_id, read now: the engine renames a duplicate id when it queues the request
+            log.warning("request %s cut at the shutdown deadline", request.request_id)
+            # The engine ends the event stream (without a finish event) and frees the KV blocks; steps()
+            # then ends the run with "network_error".
+            await self._platform.engine.abort(request.request_id)
 
     async def steps(self) -> AsyncIterator[Step]:
         """Text deltas; the last step carries the finish reason. Engine refusals (prompt too long, queue
         full) raise before the first step, so they can still become HTTP errors; a failure after output
-        has begun ends the run with "network_error"."""
+        has begun, or the shutdown deadline, ends the run with "network_error"."""
         try:
             async for event in self._events:
+                if self._cut:  # the abort came before the engine had queued the request, so it missed it
+                    break
                 self._count(event)
                 # what the model wrote, all of it: reply, reasoning and tool-call arguments
                 written = event.text + event.reasoning + "".join(c.arguments for c in event.tool_calls)
@@ -80,10 +107,13 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        if self._deadline_watch is not None:
+            self._deadline_watch.cancel()
         try:
             await self._events.aclose()  # aborts the request in the engine if it is still running
         finally:
-            self._lease.release()
+            if self._lease is not None:
+                self._lease.release()
         reason = self.finish_reason or "abort"
         served = self._platform.models.served
         self._log.update(
