@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from glmstack.api.deps import Platform
 from glmstack.api.errors import PlatformError
 from glmstack.jobs import requests
 from glmstack.knowledge.jsonl_checks import BATCH_URLS, MAX_LINE_BYTES
-from glmstack.store.batches import BatchRecord
+from glmstack.store.batches import CANCELLABLE, BatchRecord
 from glmstack.store.files import NewFile
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,13 @@ class BatchRun:
 
     async def run(self) -> None:
         batch = self.batch
-        if batch.status == "validating":
+        if batch.expires_at is not None and time.time() > batch.expires_at and batch.status in CANCELLABLE:
+            self._stop = StopBatch("expired")  # claimed after its window (the server was down): no more lines
+            if batch.status == "validating":
+                await asyncio.to_thread(self.store.start, batch.id, 0)
+        if batch.status == "validating" and self._stop is None:
             await self._validate()
-        if await asyncio.to_thread(self.store_status) == "in_progress":
+        if self._stop is None and await asyncio.to_thread(self.store_status) == "in_progress":
             await self._run_lines()
         status = await asyncio.to_thread(self.store_status)
         if self._stop is not None and self._stop.final_status is None:

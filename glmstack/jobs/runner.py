@@ -34,6 +34,9 @@ from glmstack.store.leases import owner_tag
 log = logging.getLogger(__name__)
 
 LEASE_S = 30.0
+# How often a running job renews its lease and, for a batch, looks for a cancel made through another server
+# and for the end of its window: one small write a second per job.
+HEARTBEAT_S = 1.0
 POLL_S = 2.0  # how often the database is looked at for work another server created
 MAX_BATCHES = 4  # batches this server runs at once (their lines share the slots)
 SWEEP_EVERY_S = 600.0
@@ -153,7 +156,7 @@ class JobRunner:
     async def _batch_heartbeat(self, run: BatchRun) -> None:
         store = self.platform.store.batches
         while True:
-            await asyncio.sleep(self.lease_s / 3)
+            await asyncio.sleep(HEARTBEAT_S)
             try:
                 status = await asyncio.to_thread(store.renew, run.batch.id, self.me, self.lease_s)
             except StoreUnavailableError:
@@ -200,7 +203,7 @@ class JobRunner:
 
     async def _task_heartbeat(self, task_id: str) -> None:
         while True:
-            await asyncio.sleep(self.lease_s / 3)
+            await asyncio.sleep(HEARTBEAT_S)
             with contextlib.suppress(StoreUnavailableError):
                 await asyncio.to_thread(self.platform.store.async_tasks.renew, task_id, self.me, self.lease_s)
 

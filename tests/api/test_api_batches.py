@@ -245,3 +245,18 @@ def test_a_batch_left_by_a_dead_server_resumes_and_writes_every_line_once(store:
         assert len(second_engine.requests) == 4  # only the lines not written ran again
     finally:
         second.stop()
+
+
+def test_a_batch_past_its_window_expires_and_keeps_what_is_done(store: Store, tmp_path: Path, key: str) -> None:
+    engine = HeldEngine(free=2)
+    server = serve(store, tmp_path, engine, batch_concurrency=2, batch_window_s=2)
+    try:
+        client = sdk(server, key)
+        batch = client.batches.create(input_file_id=upload(client, tmp_path, jsonl(*(line(f"r{i}") for i in range(6)))),
+                                      endpoint="/v4/chat/completions")
+        done = finished(client, batch.id, "expired")
+        assert done.expired_at >= done.expires_at and done.request_counts.completed == 2
+        assert [r["custom_id"] for r in records(client, done.output_file_id)] == ["r0", "r1"]
+        assert engine.held == 0
+    finally:
+        server.stop()
