@@ -65,6 +65,7 @@ function handleError(error) {
 
 function askForKey(message = '') {
   state.ready = false;
+  ui.send.disabled = true;
   ui.keyError.textContent = message;
   ui.keyError.hidden = !message;
   ui.keyInput.value = '';
@@ -319,7 +320,8 @@ function chatBody(history, settings) {
 
 // Streams a reply to `history` into a new message view; when the stream ends (or is stopped) the reply is
 // stored after `saved` (the user's message being stored) - replacing positions >= replaceFrom when given.
-async function generate(history, saved, replaceFrom) {
+// `started` is called once the first chunk is on the page (or the stream is over).
+async function generate(history, saved, replaceFrom, started = () => {}) {
   const settings = readSettings();
   const reply = { role: 'assistant', content: '', reasoning_content: '', tool_calls: [], meta: { model: settings.model } };
   const view = messageView(reply, { streaming: true });
@@ -361,12 +363,14 @@ async function generate(history, saved, replaceFrom) {
         pending = true;
         requestAnimationFrame(paint);
       }
+      started();
     }
   } catch (e) {
     if (e.name === 'AbortError') finishReason = 'abort';
     else if (e instanceof api.ApiError && e.status === 401) { state.controller = null; setStreaming(false); handleError(e); }
     else error = e.message || String(e);
   }
+  started();
   if (state.controller === controller) state.controller = null;
   setStreaming(false);
   reply.meta.finish_reason = finishReason || (error ? 'error' : 'abort');
@@ -403,8 +407,10 @@ async function send(text) {
   const local = { role: 'user', content: text, position: state.messages.length };
   const turns = [...state.messages, local];
   const existing = state.conversation;
-  // Storing the message runs alongside the stream, so it adds nothing to the time to the first character.
-  const saved = (async () => {
+  // The message is stored once the reply has started (or failed): those writes would otherwise compete with
+  // the chat request and delay the first character.
+  let begin;
+  const saved = new Promise((resolve) => { begin = resolve; }).then(async () => {
     let conversation = existing;
     if (!conversation) {
       conversation = await api.createConversation({ title: titleOf(text), model: settings.model,
@@ -419,14 +425,14 @@ async function send(text) {
     local.position = stored.messages[stored.messages.length - 1].position;
     sidebar.refresh();
     return stored;
-  })();
+  });
   saved.catch(abortStream); // generate() reports the error
   state.messages = turns;
   ui.messages.querySelector('.empty-state')?.remove();
   ui.messages.append(messageView(local).article);
   ui.prompt.value = '';
   autosize();
-  await generate(turns, saved, undefined);
+  await generate(turns, saved, undefined, begin);
 }
 
 function regenerate() {
@@ -508,12 +514,13 @@ async function start(models) {
   state.defaults = cards[0]?.generation_defaults || {};
   ui.authStatus.textContent = api.currentKey() ? 'Signed in with an API key' : 'Open mode: no key needed';
   ui.changeKey.hidden = !api.currentKey();
-  state.ready = true;
   await loadKnowledgeBases();
   const id = new URLSearchParams(location.hash.slice(1)).get('c');
   showConversation(null);
   await sidebar.refresh();
   if (id) await openConversation(id);
+  state.ready = true; // sending waits for this: a message sent earlier would land in a chat about to be replaced
+  ui.send.disabled = false;
   ui.prompt.focus();
 }
 
