@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass
@@ -96,6 +96,9 @@ class GenerateRequest:
     # Batch lines and async tasks: scheduled after interactive requests (admitted, prefilled and kept
     # last), so a chat's first token does not wait behind a running batch.
     background: bool = False
+    # A fine-tuned adapter loaded on the served base (`Engine.adapters()`), None for the base model itself.
+    # Requests for different adapters share batches; an unknown name is refused (EngineRequestError).
+    adapter: str | None = None
 
 
 @dataclass
@@ -159,6 +162,23 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+
+@runtime_checkable
+class AdapterHost(Protocol):
+    """The optional verbs of an engine that serves adapters (LoRA, P-Tuning v2) on its base: the platform
+    checks for them (`isinstance(engine, AdapterHost)`) before adding a fine-tuned model while serving."""
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the adapter folder at `path` as `name` from now on (replacing one of that name); raises
+        EngineRequestError for a folder this base cannot serve."""
+        ...
+
+    def unload_adapter(self, name: str) -> bool:
+        """Stop serving `name` to new requests; False if it was not loaded."""
+        ...
+
+    def adapters(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,9 @@ class Settings:
     batch_concurrency: int = 16
     batch_window_s: int = 24 * 3600        # a batch not finished this long after creation expires (spec §2.9.5)
     async_result_ttl_s: int = 24 * 3600    # finished async chat results are kept this long (spec §2.4)
+    finetune_concurrency: int = 1          # fine-tuning jobs trained at once (each a child process)
+    # threads of a fine-tuning process (which also runs at the lowest CPU priority, so serving comes first)
+    finetune_threads: int = max(1, (os.cpu_count() or 2) // 2)
 
     @property
     def models_dir(self) -> Path:
@@ -166,6 +169,8 @@ class Settings:
             batch_concurrency=get_int("BATCH_CONCURRENCY", defaults.batch_concurrency, minimum=1),
             batch_window_s=get_int("BATCH_WINDOW_S", defaults.batch_window_s, minimum=1),
             async_result_ttl_s=get_int("ASYNC_RESULT_TTL_S", defaults.async_result_ttl_s, minimum=1),
+            finetune_concurrency=get_int("FINETUNE_CONCURRENCY", defaults.finetune_concurrency, minimum=1),
+            finetune_threads=get_int("FINETUNE_THREADS", defaults.finetune_threads, minimum=1),
             native=get_bool("NATIVE", defaults.native),
             native_dir=get_path("NATIVE_DIR"),
             vnni=get_bool("VNNI", defaults.vnni),

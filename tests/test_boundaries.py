@@ -79,6 +79,14 @@ def test_scheduler_and_block_allocator_are_plain_python() -> None:
     assert "torch" not in loaded
 
 
+def test_training_stays_out_of_the_server() -> None:
+    # fine-tuning runs as its own process (python -m glmstack.finetune); peft brings transformers (~3 s)
+    server = [*modules_under("glmstack.api"), *modules_under("glmstack.jobs"), *modules_under("glmstack.engine"),
+              "glmstack.cli.serve"]
+    loaded = loaded_after_importing(server)
+    assert loaded.isdisjoint({"peft", "transformers"}), sorted(loaded & {"peft", "transformers"})
+
+
 def test_building_the_cli_parser_loads_no_heavy_stack() -> None:
     loaded = loaded_after_importing(["glmstack.cli.main"], "sys.modules['glmstack.cli.main'].build_parser()")
     heavy = set(TENSORS + HTTP_AND_DATABASE)

@@ -26,6 +26,7 @@ from glmstack.api.routes import (
     conversations,
     embeddings,
     files,
+    fine_tuning,
     health,
     knowledge,
     models,
@@ -35,7 +36,7 @@ from glmstack.api.services.models import ModelCatalog
 from glmstack.api.shutdown import Drain
 from glmstack.jobs.runner import JobRunner
 from glmstack.knowledge.indexer import Indexer
-from glmstack.protocol import Embedder, Engine
+from glmstack.protocol import AdapterHost, Embedder, Engine
 from glmstack.settings import Settings
 from glmstack.store import Store
 from glmstack.store.usage import UsageWriter
@@ -55,7 +56,8 @@ def create_app(settings: Settings, engine: Engine, store: Store, *,
         settings=settings,
         engine=engine,
         store=store,
-        models=ModelCatalog(engine.info().name, created=int(time.time()), aliases=settings.model_aliases),
+        models=ModelCatalog(engine.info().name, created=int(time.time()), aliases=settings.model_aliases,
+                            adapters=engine.adapters if isinstance(engine, AdapterHost) else None),
         safety=SafetyPolicy.from_dir(settings.safety_dir),
         limiter=limiter,
         # Decided from the configured bind address only, never from anything a request says.
@@ -93,7 +95,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, *,
     docs_page.install(app)
     web_page.install(app)  # the chat page at / (glmstack/web)
     for router in (chat.router, models.router, embeddings.router, files.router, knowledge.router,
-                   batches.router):
+                   batches.router, fine_tuning.router):
         app.include_router(router, prefix=PLATFORM_PREFIX)
         app.include_router(router, prefix=OPENAI_PREFIX, include_in_schema=False)
     app.include_router(conversations.router, prefix="/api/glmstack")

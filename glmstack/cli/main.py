@@ -7,6 +7,8 @@
     glmstack inspect MODEL                      architecture, size, context, memory per precision
     glmstack convert SRC DST                    rewrite a pickle (.bin) checkpoint as safetensors
     glmstack quantize MODEL --bits 4|8 -o DIR   write an int4/int8 checkpoint (see glmstack/cli/quantize.py)
+    glmstack finetune --model M --train F -o DIR   train a LoRA / P-Tuning v2 adapter (glmstack/cli/finetune.py)
+    glmstack merge BASE ADAPTER -o OUT             fold a LoRA into a new safetensors checkpoint (cli/merge.py)
     glmstack keys create|list|revoke            API keys (see glmstack/cli/keys.py)
     glmstack conversations list|show|export|rename|delete   saved conversations (glmstack/cli/conversations.py)
     glmstack usage [--key ID]                   requests and tokens per key and model
@@ -26,7 +28,9 @@ import time
 from typing import Any
 
 from glmstack.cli import conversations as conversations_cli
+from glmstack.cli import finetune as finetune_cli
 from glmstack.cli import keys as store_cli
+from glmstack.cli import merge as merge_cli
 from glmstack.cli import models as models_cli
 from glmstack.cli import quantize as quantize_cli
 from glmstack.cli import serve
@@ -61,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=None,
                       help="nucleus sampling mass (default: the model's own recommendation, else 0.9)")
     chat.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    chat.add_argument("--adapter", default=None, help="a LoRA or P-Tuning v2 adapter folder trained on the model")
     chat.add_argument("-p", "--prompt", default=None,
                       help="answer this one prompt and exit (reads the prompt from stdin when piped)")
     conversations_cli.add_chat_options(chat)
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     conversations_cli.add_subcommands(sub)
     models_cli.add_subcommands(sub)
     quantize_cli.add_subcommands(sub)
+    merge_cli.add_subcommands(sub)
+    finetune_cli.add_subcommands(sub)
     serve.add_subcommands(sub)
     return parser
 
@@ -99,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             return models_cli.run(args, serve.settings_from(args))
         if args.command in quantize_cli.COMMANDS:
             return quantize_cli.run(args, serve.settings_from(args))
+        if args.command in finetune_cli.COMMANDS:
+            return finetune_cli.run(args)
+        if args.command in merge_cli.COMMANDS:
+            return merge_cli.run(args, serve.settings_from(args))
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "convert":
@@ -139,7 +150,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     # The conversation is looked up before the model loads, so a bad database fails fast.
     with conversations_cli.chat_log(settings, args.conversation, args.key, args.system) as log:
         model, _ = load(settings.model, device=settings.device, dtype=settings.dtype,
-                        progress=sys.stderr.isatty(), quantize=settings.quantize, settings=settings)
+                        progress=sys.stderr.isatty(), quantize=settings.quantize, settings=settings,
+                        adapter=args.adapter)
         params = _sampling(args, model)
         system = log.system_prompt if log is not None else args.system
         messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []

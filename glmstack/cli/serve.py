@@ -45,6 +45,16 @@ def add_subcommands(subparsers: Any) -> None:
     serve.add_argument("--device", default=None, choices=DEVICE_CHOICES)
     serve.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
     serve.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", type=adapter_arg,
+                       help="also serve this LoRA / P-Tuning v2 adapter of the model as model NAME (repeatable)")
+
+
+def adapter_arg(value: str) -> tuple[str, str]:
+    """`NAME=DIR` -> (NAME, DIR)."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=DIR")
+    return name, path
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -78,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        return _serve(settings, store, active_keys)
+        return _serve(settings, store, active_keys, getattr(args, "adapter", None))
     except StoreError as e:
         print(f"glmstack: error: database: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -86,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _serve(settings: Settings, store: Any, active_keys: int) -> int:
+def _serve(settings: Settings, store: Any, active_keys: int, adapters: list[tuple[str, str]] | None = None) -> int:
     import asyncio
 
     import uvicorn
@@ -105,6 +115,12 @@ def _serve(settings: Settings, store: Any, active_keys: int) -> int:
         progress=sys.stderr.isatty(),
         settings=settings,
     )
+    for name, path in adapters or []:
+        try:
+            model.adapters.load(name, path)
+        except (OSError, ValueError) as e:
+            print(f"glmstack: error: adapter {name}: {e}", file=sys.stderr)
+            return EXIT_USAGE
     _prepare_native_kernels(model)
     try:
         embedders = load_embedders(settings)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from glmstack.engine import native
+from glmstack.engine.adapters.registry import AdapterRegistry
 from glmstack.engine.chat_format import ChatFormat, chat_format_for
 from glmstack.engine.chat_format.chatglm3 import classic_tool_result
 from glmstack.engine.errors import ContextLengthError
@@ -79,6 +80,10 @@ class ChatModel:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self._engine: LocalEngine | None = None  # made on first use
+        # the adapters this base serves (the server picks one per request), and the one the classic calls
+        # (chat, stream_chat, generate) run with: `load(..., adapter=DIR)`; None for the base itself
+        self.adapters = AdapterRegistry(self.module)
+        self.adapter: str | None = None
         self._half_requested = False  # .half() on CPU chose bf16; a following .cuda() makes it fp16
 
     @property
@@ -178,14 +183,18 @@ class ChatModel:
             raise ContextLengthError(len(prompt_ids), self.context_length)
         if getattr(self.module, "supports_paged", True):
             engine = self._local_engine()
-            options: dict[str, Any] = {}
+            options: dict[str, Any] = {"adapter": self.adapter}
             if tools:
                 options["reply_parser"] = self.chat_format.reply_parser(tools=tools)
                 options["grammar"] = engine.core.constraints.matcher_for(tools=tools, tool_choice="auto")
             try:
                 return engine.generate(list(prompt_ids), params, stops, **options)
             except RequestTooLargeError:
+                if self.adapter is not None:
+                    raise
                 log.info("request larger than the KV pool: generating on the reference loop")
+        if self.adapter is not None:  # adapters are applied per row of the serving engine's steps only
+            raise ValueError(f"{type(self.module).__name__} runs on the reference loop, which serves no adapter")
         return generate_stream(self.module, self.tokenizer, prompt_ids, params, context_length=self.context_length,
                                stop_token_ids=stops, device=self.device, dtype=self.dtype)
 
@@ -462,6 +471,7 @@ def load(
     progress: bool = False,
     quantize: str | None = None,
     settings: Settings | None = None,
+    adapter: str | Path | None = None,
 ) -> tuple[ChatModel, Tokenizer]:
     """Load a model by path or name (see `resolve_model_path`); returns `(model, tokenizer)`.
 
@@ -474,6 +484,9 @@ def load(
     dtype "auto" then means bfloat16 rather than float32 for a quantized model: the CPU int8/int4 kernels
     compute in bf16 (their fp32 versions are scalar loops), so fp32 activations would only be cast at every
     quantized linear.
+
+    `adapter`: a LoRA or P-Tuning v2 folder trained on this base; the model's classic calls run with it
+    (`model.adapter`, loaded under the folder's name in `model.adapters`).
     """
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"unknown quantize={quantize!r}; use None or one of {', '.join(QUANTIZE_CHOICES)}")
@@ -501,5 +514,7 @@ def load(
     model = ChatModel(loaded, tokenizer, chat_format, name)
     if bits:
         model.quantize(bits)
+    if adapter is not None:
+        model.adapter = model.adapters.load(Path(adapter).name, adapter).name
     return_freed_memory()
     return model, tokenizer

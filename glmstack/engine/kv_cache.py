@@ -14,7 +14,7 @@ PyTorch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +40,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cac
     if cache is not None:
         return cache.attend(layer, q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=q.shape[1] != k.shape[1],
+                                          scale=scale)
+
+
+class PrefixKV(Protocol):
+    """A P-Tuning v2 prefix (adapters/prefix.py `PrefixAdapter`): extra keys and values per layer that every
+    token of its sequence sees, unmasked and unrotated."""
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k [Hkv, P, D], v [Hkv, P, Dv]) of `layer`."""
+        ...
+
+
+def attend_with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                       prefix_v: torch.Tensor, mask: torch.Tensor | None, *, scale: float | None) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over [prefix; k, v] (k, v [B, Hkv, L, D]); prefix_k/v [Hkv, P, D] are the
+    same for every batch row. `mask` [..., T, L] (True = may see) covers the sequence's own keys, None means all
+    of them; the prefix columns are visible to every query."""
+    b, p = q.shape[0], prefix_k.shape[1]
+    keys = torch.cat([prefix_k.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)
+    values = torch.cat([prefix_v.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
+    if mask is not None:
+        mask = torch.cat([torch.ones(*mask.shape[:-1], p, dtype=torch.bool, device=mask.device), mask], dim=-1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1],
                                           scale=scale)
 
 
@@ -171,8 +194,9 @@ class PagedPrefill:
     block: int  # query block: prompt attention runs per block of positions [k·block, (k+1)·block)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gqa: bool,
-               scale: float | None) -> torch.Tensor:
-        """Causal attention of the chunk's queries q [1, H, n, D] over its context k, v [1, Hkv, L, D], one
+               scale: float | None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Causal attention of the chunk's queries q [1, H, n, D] over its context k, v [1, Hkv, L, D] (and,
+        for a sequence with a P-Tuning prefix, over that prefix's keys and values [Hkv, P, D] first), one
         attention call per query block of positions, each over the keys up to its block's end. A block's
         call is then the same whether its prompt came cold, after a prefix-cache hit, or split into other
         chunks (the scheduler ends partial chunks on block boundaries), so its tokens' values are too: one
@@ -183,8 +207,12 @@ class PagedPrefill:
             stop = min((pos // self.block + 1) * self.block, end)
             rows = slice(pos - self.position, stop - self.position)
             mask = torch.arange(stop, device=q.device)[None, :] <= torch.arange(pos, stop, device=q.device)[:, None]
-            pieces.append(F.scaled_dot_product_attention(q[:, :, rows], k[:, :, :stop], v[:, :, :stop],
-                                                         attn_mask=mask, enable_gqa=gqa, scale=scale))
+            if prefix is None:
+                pieces.append(F.scaled_dot_product_attention(q[:, :, rows], k[:, :, :stop], v[:, :, :stop],
+                                                             attn_mask=mask, enable_gqa=gqa, scale=scale))
+            else:
+                pieces.append(attend_with_prefix(q[:, :, rows], k[:, :, :stop], v[:, :, :stop], *prefix, mask,
+                                                 scale=scale))
             pos = stop
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
@@ -202,19 +230,32 @@ class PagedDecode:
 @dataclass
 class PagedAttentionBatch:
     """One serving step as the model's `cache`: `slots` [N] says where each new token's k/v go; decoding
-    sequences share one padded attention call, each prefill chunk gets its own."""
+    sequences share one padded attention call, each prefill chunk gets its own.
+
+    `prefixes`: a P-Tuning v2 prefix (or None) per sequence of the step, in row order - the decoding sequences,
+    then the prefill chunks - so the runner lists them in its plan's chunk order. A row with one also attends to
+    its prefix; rows without are computed exactly as in a step without prefixes."""
 
     kv: PagedKVCache
     slots: torch.Tensor
     decode: PagedDecode | None = None
     prefills: list[PagedPrefill] = field(default_factory=list)
     cancelled: Callable[[], bool] | None = None
+    prefixes: Sequence[PrefixKV | None] | None = None
     _attention_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def decode_only(self) -> bool:
         """Every row is a sequence decoding one token (what the fused native decode takes)."""
         return self.decode is not None and not self.prefills
+
+    @property
+    def has_prefixes(self) -> bool:
+        """Some row attends to a P-Tuning prefix (which the native kernels know nothing of)."""
+        return self.prefixes is not None and any(p is not None for p in self.prefixes)
+
+    def _prefix(self, row: int) -> PrefixKV | None:
+        return None if self.prefixes is None else self.prefixes[row]
 
     def raise_if_cancelled(self) -> None:
         """StepCancelled once every sequence of the step is abandoned; checked between layers (by `attend`,
@@ -264,6 +305,7 @@ class PagedAttentionBatch:
         value_cache.index_copy_(0, self.slots, v[0].transpose(0, 1).to(value_cache.dtype))
         gqa = q.shape[1] != k.shape[1]
         outs = []
+        b = 0
         if self.decode is not None:
             b = self.decode.lengths.shape[0]
             qd = q[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
@@ -271,10 +313,32 @@ class PagedAttentionBatch:
             vd = value_cache[self.decode.gather].transpose(1, 2)
             out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode.mask, enable_gqa=gqa,
                                                  scale=scale)
-            outs.append(out.squeeze(2).transpose(0, 1))  # [H, B, Dv]
-        for p in self.prefills:
+            out = out.squeeze(2).transpose(0, 1)  # [H, B, Dv]
+            if self.has_prefixes:
+                out = self._decode_prefix_rows(layer, out, qd, key_cache, value_cache, scale)
+            outs.append(out)
+        for i, p in enumerate(self.prefills):
             qp = q[:, :, p.start : p.start + p.length]
             kp = key_cache[p.context_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
             vp = value_cache[p.context_slots].transpose(0, 1).unsqueeze(0)
-            outs.append(p.attend(qp, kp, vp, gqa=gqa, scale=scale)[0])
+            prefix = self._prefix(b + i)
+            outs.append(p.attend(qp, kp, vp, gqa=gqa, scale=scale,
+                                 prefix=None if prefix is None else prefix.kv(layer))[0])
         return torch.cat(outs, dim=1).unsqueeze(0) if len(outs) > 1 else outs[0].unsqueeze(0)
+
+    def _decode_prefix_rows(self, layer: int, out: torch.Tensor, qd: torch.Tensor, key_cache: torch.Tensor,
+                            value_cache: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Recompute the decoding rows that have a prefix, each alone over [its prefix; its own context]; out
+        [H, B, Dv] is the shared padded call's result. Redone rather than padding the prefixes into the shared
+        call: that would change the call, and with it the rounding of the rows without a prefix."""
+        assert self.decode is not None
+        out = out.clone()
+        for i in range(self.decode.lengths.shape[0]):
+            prefix = self._prefix(i)
+            if prefix is None:
+                continue
+            slots = self.decode.gather[i, : int(self.decode.lengths[i])]
+            kr = key_cache[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            vr = value_cache[slots].transpose(0, 1).unsqueeze(0)
+            out[:, i] = attend_with_prefix(qd[i : i + 1], kr, vr, *prefix.kv(layer), None, scale=scale)[0, :, 0]
+        return out

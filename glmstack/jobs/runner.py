@@ -27,6 +27,7 @@ from typing import Any
 from glmstack.api.deps import Platform
 from glmstack.jobs import requests
 from glmstack.jobs.batch_run import BatchRun
+from glmstack.jobs.fine_tune_run import FineTuneRun, adapter_dir_of, serve_adapter
 from glmstack.store.async_tasks import AsyncTask
 from glmstack.store.errors import StoreUnavailableError
 from glmstack.store.leases import owner_tag
@@ -49,6 +50,7 @@ class JobRunner:
         self.lease_s, self.poll_s = lease_s, poll_s
         self.slots = asyncio.Semaphore(platform.settings.batch_concurrency)
         self.batches: dict[str, BatchRun] = {}
+        self.fine_tunes: dict[str, FineTuneRun] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}  # async chat tasks in flight, by id
         self._jobs: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -61,6 +63,7 @@ class JobRunner:
     def start(self) -> None:
         """From the app's lifespan (in the server's event loop)."""
         self._loop_task = asyncio.create_task(self._loop(), name="glmstack-jobs")
+        self._spawn(self._serve_fine_tuned(), None, "serve-fine-tuned")
         self._shutdown_task = asyncio.create_task(self._watch_shutdown(), name="glmstack-jobs-drain")
 
     async def stop(self) -> None:
@@ -75,6 +78,11 @@ class JobRunner:
     def wake(self) -> None:
         """New work was created: look now rather than at the next poll."""
         self._wake.set()
+
+    def cancel_fine_tune(self, job_id: str) -> None:
+        run = self.fine_tunes.get(job_id)
+        if run is not None:
+            run.stop(cancel=True)
 
     def cancel_batch(self, batch_id: str) -> None:
         """A cancel came in through this server: stop its lines now (another server holding the batch sees
@@ -121,6 +129,13 @@ class JobRunner:
             run = BatchRun(self.platform, batch, self.slots)
             self.batches[batch.id] = run
             self._spawn(self._run_batch(run), None, batch.id)
+        while len(self.fine_tunes) < self.platform.settings.finetune_concurrency and not self.platform.drain.draining:
+            job = await asyncio.to_thread(store.fine_tuning.claim, self.me, self.lease_s)
+            if job is None:
+                break
+            fine_tune = FineTuneRun(self.platform, job)
+            self.fine_tunes[job.id] = fine_tune
+            self._spawn(self._run_fine_tune(fine_tune), None, job.id)
 
     def _spawn(self, coroutine: Any, registry: dict[str, asyncio.Task[None]] | None, key: str) -> None:
         job = asyncio.create_task(coroutine)
@@ -170,6 +185,52 @@ class JobRunner:
             elif run.batch.expires_at is not None and time.time() > run.batch.expires_at:
                 run.stop("expired")
 
+    # ---- a fine-tuning job -------------------------------------------------------------------------------
+
+    async def _run_fine_tune(self, run: FineTuneRun) -> None:
+        job_id = run.job.id
+        heartbeat = asyncio.create_task(self._fine_tune_heartbeat(run))
+        try:
+            await run.run()
+        except StoreUnavailableError as e:
+            log.warning("fine-tuning job %s paused: %s", job_id, e)
+        except Exception:
+            log.exception("fine-tuning job %s stopped by an error; it resumes at the next claim", job_id)
+        finally:
+            heartbeat.cancel()
+            self.fine_tunes.pop(job_id, None)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.platform.store.fine_tuning.release, job_id, self.me)
+            self.wake()
+
+    async def _fine_tune_heartbeat(self, run: FineTuneRun) -> None:
+        store = self.platform.store.fine_tuning
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                cancel = await asyncio.to_thread(store.renew, run.job.id, self.me, self.lease_s)
+            except StoreUnavailableError:
+                continue
+            if cancel is None:
+                log.warning("fine-tuning job %s: lease lost to another server; stopping here", run.job.id)
+                run.stop(cancel=False)
+                return
+            if cancel:
+                run.stop(cancel=True)
+
+    async def _serve_fine_tuned(self) -> None:
+        """At start-up: every fine-tuned model that succeeded (and was not deleted) is served again."""
+        try:
+            jobs = await asyncio.to_thread(self.platform.store.fine_tuning.served_models)
+        except StoreUnavailableError as e:
+            log.warning("fine-tuned models not loaded: %s", e)
+            return
+        for job in jobs:
+            try:
+                await serve_adapter(self.platform, job.fine_tuned_model, str(adapter_dir_of(self.platform, job)))
+            except Exception as e:
+                log.warning("fine-tuned model %s could not be served: %s", job.fine_tuned_model, e)
+
     # ---- an async chat task -------------------------------------------------------------------------------
 
     async def _run_task(self, task: AsyncTask) -> None:
@@ -215,11 +276,15 @@ class JobRunner:
         self._wake.set()  # the loop sees `draining` and ends
         for run in list(self.batches.values()):
             run.stop_taking_lines()
+        for fine_tune in list(self.fine_tunes.values()):
+            fine_tune.stop(cancel=False)  # the trainer checkpoints and exits; the next server resumes
         await drain.wait_deadline()
         self._abort_all()
 
     def _abort_all(self) -> None:
         for run in list(self.batches.values()):
             run.stop(None)
+        for fine_tune in list(self.fine_tunes.values()):
+            fine_tune.stop(cancel=False)
         for task in list(self.tasks.values()):
             task.cancel()

@@ -13,6 +13,7 @@ from glmstack.store.blobs import BlobStore
 from glmstack.store.conversations import ConversationStore
 from glmstack.store.db import Database, migrate
 from glmstack.store.files import FileStore
+from glmstack.store.fine_tuning import FineTuningStore
 from glmstack.store.keys import KeyStore
 from glmstack.store.knowledge import KnowledgeStore
 from glmstack.store.master_key import load_master_key
@@ -43,6 +44,7 @@ class Store:
         self.knowledge = KnowledgeStore(self._db)
         self.async_tasks = AsyncTaskStore(self._db)
         self.batches = BatchStore(self._db)
+        self.fine_tuning = FineTuningStore(self._db)
         self.conversations = ConversationStore(self._db)
 
     @property
@@ -66,7 +68,8 @@ class Store:
         by a crash); returns how many. Run at start-up."""
         with self._db.read() as conn:
             named = set(conn.execute(select(documents.c.blob).where(documents.c.blob.is_not(None))).scalars())
-        return self.blobs.sweep(named | self.files.blobs() | self.batches.blobs())
+        return self.blobs.sweep(named | self.files.blobs() | self.batches.blobs()
+                                | self.fine_tuning.blobs())
 
     def close(self) -> None:
         self._db.dispose()

@@ -231,3 +231,50 @@ batch_lines = Table(
     Column("ok", Boolean, nullable=False),           # True: output file; False: error file
     Column("record", Text, nullable=False),          # the JSONL record, as written to its file
 )
+
+
+# --- fine-tuning jobs (issue 19, spec §2.13) -----------------------------------------------------------------
+# Run by the job runner like batches (a lease on the row); the training itself is a child process
+# (`python -m glmstack.finetune`) whose checkpoints live under GLMSTACK_HOME/fine_tuning/<job id>/.
+
+fine_tuning_jobs = Table(
+    "fine_tuning_jobs", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("key_id", String(32), nullable=True),
+    Column("model", String(200), nullable=False),           # the base model as the request named it
+    Column("fine_tuned_model", String(200), nullable=False),  # "ft:<base>:<suffix>:<8 chars>", unique
+    Column("method", String(16), nullable=False),          # lora | ptuning
+    Column("status", String(20), nullable=False),          # created validating_files queued running succeeded ...
+    Column("training_file", String(40), nullable=False),
+    Column("validation_file", String(40), nullable=True),
+    Column("training_blob", String(64), nullable=True),    # the job's own links to the files' bytes
+    Column("validation_blob", String(64), nullable=True),
+    Column("hyperparameters", Text, nullable=False),       # JSON, as resolved ("auto" -> numbers)
+    Column("suffix", String(16), nullable=True),
+    Column("request_id", String(128), nullable=True),
+    Column("error", Text, nullable=True),                  # JSON {code, message, param}
+    Column("trained_tokens", BigInteger, nullable=True),
+    Column("result_files", Text, nullable=True),           # JSON list of file ids
+    Column("model_deleted", Boolean, nullable=False, server_default="0"),
+    Column("cancel_requested", Boolean, nullable=False, server_default="0"),  # seen by the runner holding it
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger, nullable=True),
+)
+Index("ix_fine_tuning_jobs_key_created", fine_tuning_jobs.c.key_id, fine_tuning_jobs.c.id)
+Index("uq_fine_tuning_jobs_fine_tuned_model", fine_tuning_jobs.c.fine_tuned_model, unique=True)
+Index("ix_fine_tuning_jobs_status", fine_tuning_jobs.c.status)
+
+fine_tuning_events = Table(
+    "fine_tuning_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("type", String(16), nullable=False),            # message | metrics
+    Column("level", String(16), nullable=True),
+    Column("message", Text, nullable=True),
+    Column("data", Text, nullable=True),                   # JSON (metrics)
+)
+Index("ix_fine_tuning_events_job", fine_tuning_events.c.job_id, fine_tuning_events.c.id)

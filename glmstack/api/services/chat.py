@@ -153,7 +153,8 @@ def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str,
     response_format = body.response_format.engine_form() if body.response_format is not None else None
     return GenerateRequest(completion_id, params, messages=messages, tools=tools, tool_choice=tool_choice,
                            parallel_tool_calls=body.parallel_tool_calls is not False,
-                           response_format=response_format, thinking=thinking)
+                           response_format=response_format, thinking=thinking,
+                           adapter=platform.models.adapter_for(body.model))
 
 
 def _usage(generation: Generation) -> dict[str, int]:

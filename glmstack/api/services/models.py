@@ -5,6 +5,9 @@ platform's chat model codes - the GLM-4 codes of the documentation (spec §2.1) 
 send today (`glm-4.5` ... `glm-4.7` in the Z.ai SDK's own examples, `glm-z1-*`, the `-0414`/`-250414` releases)
 -, to the persona codes charglm-3 and emohaa (personas.py), and to the aliases in Settings
 (GLMSTACK_MODEL_ALIASES), so code written for the hosted platform runs unchanged against a local server.
+It also answers to the name of every adapter the engine serves on its base (`glmstack serve --adapter NAME=DIR`,
+fine-tuned `ft:` models), as that adapter; those names are asked of the engine each time, since they come
+and go while the server runs.
 Names match case-insensitively (the doc writes both "GLM-4-Flash" and "glm-4-flash"). Anything else is
 business error 1211; a code of a capability this server lacks (vision, embeddings, images, video, voice) says
 so rather than being answered by the chat model.
@@ -13,7 +16,7 @@ so rather than being answered by the chat model.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from glmstack.api.errors import PlatformError
 from glmstack.api.services.personas import PERSONA_MODELS
@@ -40,8 +43,10 @@ OTHER_CAPABILITIES = (
 
 
 class ModelCatalog:
-    def __init__(self, served: str, created: int, aliases: Mapping[str, str] | None = None) -> None:
-        """`aliases`: extra name -> target, where the target is a name the server answers to already."""
+    def __init__(self, served: str, created: int, aliases: Mapping[str, str] | None = None,
+                 adapters: Callable[[], Sequence[str]] | None = None) -> None:
+        """`aliases`: extra name -> target, where the target is a name the server answers to already.
+        `adapters`: the engine's `adapters()` (protocol.AdapterHost), when it serves any."""
         self.served = served  # the loaded model's name (ModelInfo.name)
         self.created = created  # when it was loaded, Unix seconds
         builtin = (served, *ALIASES, *CHAT_MODEL_CODES, *PERSONA_MODELS)
@@ -53,12 +58,24 @@ class ModelCatalog:
         names: dict[str, str] = {}  # lower-cased -> as first written; the served name first
         for name in (*builtin, *(aliases or {})):
             names.setdefault(name.lower(), name)
-        self.names = tuple(names.values())
+        self._builtin_names = tuple(names.values())
         self._known = set(names)
+        self._adapters = adapters
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name GET /models lists: the built-in ones, then the adapters served now."""
+        return self._builtin_names + tuple(self._adapters() if self._adapters is not None else ())
+
+    def adapter_for(self, name: str) -> str | None:
+        """The adapter a requested model name runs (exact name), None for the base model."""
+        if self._adapters is None or name.lower() in self._known:
+            return None
+        return name if name in self._adapters() else None
 
     def resolve(self, name: str) -> str:
         """The served model for a requested name, or 1211."""
-        if name.lower() in self._known:
+        if name.lower() in self._known or self.adapter_for(name) is not None:
             return self.served
         for pattern, capability in OTHER_CAPABILITIES:
             if pattern.match(name.lower()):

@@ -42,6 +42,14 @@ if TYPE_CHECKING:
 
 Norm = tuple[torch.Tensor, float]  # an RMSNorm's (weight, eps), as the kernels take them
 
+# Set in a model's __dict__ for a serving step with a LoRA row (engine/adapters/lora.py `lora_step`): projection
+# module -> [(token rows, its LoRA share)]. The module path adds those deltas by hooks around the modules' calls;
+# the kernel calls here bypass the hooks, so this path adds them itself, to the rows that have them only - a
+# base row computes exactly as in a step without adapters. (A step with a P-Tuning row takes the module path:
+# `has_prefixes`.)
+ADAPTER_STEP = "_glmstack_adapter_step"
+LoRAShares = dict[Any, list[tuple[torch.Tensor, Any]]]
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -58,6 +66,7 @@ class LayerPlan:
     attn_out_norm: Norm | None
     mlp_out_norm: Norm | None
     int4: bool  # some projection is int4 (its fp32-activation kernel takes fewer rows)
+    modules: tuple[Any, ...] = ()  # the projection modules [qkv, o, gate_up, down]: what LoRA shares are keyed by
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,7 @@ def _layer_plan(norms: list[Any], projections: list[Any]) -> LayerPlan | None:
     return LayerPlan((attn_norm.weight, attn_norm.eps), qkv, o, (mlp_norm.weight, mlp_norm.eps), gate_up, down,
                      None if attn_out_norm is None else (attn_out_norm.weight, attn_out_norm.eps),
                      None if mlp_out_norm is None else (mlp_out_norm.weight, mlp_out_norm.eps),
-                     any(isinstance(m, Int4Linear) for m in projections))
+                     any(isinstance(m, Int4Linear) for m in projections), tuple(projections))
 
 
 def _every_layer(layers: list[LayerPlan | None]) -> list[LayerPlan] | None:
@@ -155,7 +164,7 @@ def fused_glm_layers(model: ChatGLMForCausalLM, x: torch.Tensor, cos: torch.Tens
 
 def _fused_layers(model: nn.Module, build: Callable[[Any], DecoderPlan | None], x: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache | None) -> torch.Tensor | None:
-    if not isinstance(cache, PagedAttentionBatch):
+    if not isinstance(cache, PagedAttentionBatch) or cache.has_prefixes:
         return None
     if x.dim() != 3 or x.shape[0] != 1 or x.dtype not in NATIVE_DTYPES or not x.is_cpu:
         return None
@@ -174,20 +183,59 @@ def _fused_layers(model: nn.Module, build: Callable[[Any], DecoderPlan | None], 
     heads, kv_heads, scale = plan.heads, plan.kv_heads, 1.0 / math.sqrt(plan.head_dim)
     c, s = cos.reshape(n, -1).to(x.dtype).contiguous(), sin.reshape(n, -1).to(x.dtype).contiguous()
     gather, row_seq, lengths = cache.attention_rows()
+    lora: LoRAShares | None = model.__dict__.get(ADAPTER_STEP)
     h = x[0].contiguous()
     for i, layer in enumerate(plan.layers):
         cache.raise_if_cancelled()
         (qkv, *qkv_w), (o, *o_w), (gate_up, *gu_w), (down, *down_w) = layer.qkv, layer.o, layer.gate_up, layer.down
+        m_qkv, m_o, m_gate_up, m_down = layer.modules
         projected = qkv(h, *qkv_w, *layer.attn_norm, False, None)
+        if lora is not None:
+            _add_lora(lora, m_qkv, projected, _rms_rows, h, layer.attn_norm)
         a = nk.paged_attention(projected, c, s, kv.keys[i], kv.values[i], cache.slots, gather, lengths, heads,
                                 kv_heads, scale, row_seq, plan.interleaved_rotary_dim)
+        # o and down: a LoRA delta is added after the kernel's residual epilogue (or before a sandwich norm), so
+        # every row's kernel calls stay those of a step without adapters
         if layer.attn_out_norm is None:
             h = o(a, *o_w, None, 0.0, False, h)  # + residual, in the kernel's epilogue
+            if lora is not None:
+                _add_lora(lora, m_o, h, _rows, a)
         else:
-            h = nk.rms_norm_add(o(a, *o_w, None, 0.0, False, None), *layer.attn_out_norm, h)
+            out = o(a, *o_w, None, 0.0, False, None)
+            if lora is not None:
+                _add_lora(lora, m_o, out, _rows, a)
+            h = nk.rms_norm_add(out, *layer.attn_out_norm, h)
         up = gate_up(h, *gu_w, *layer.mlp_norm, False, None)
+        if lora is not None:
+            _add_lora(lora, m_gate_up, up, _rms_rows, h, layer.mlp_norm)
         if layer.mlp_out_norm is None:
             h = down(up, *down_w, None, 0.0, True, h)
+            if lora is not None:
+                _add_lora(lora, m_down, h, _silu_mul_rows, up)
         else:
-            h = nk.rms_norm_add(down(up, *down_w, None, 0.0, True, None), *layer.mlp_out_norm, h)
+            out = down(up, *down_w, None, 0.0, True, None)
+            if lora is not None:
+                _add_lora(lora, m_down, out, _silu_mul_rows, up)
+            h = nk.rms_norm_add(out, *layer.mlp_out_norm, h)
     return h[None]
+
+
+def _add_lora(lora: LoRAShares, module: Any, out: torch.Tensor, inputs: Callable[..., torch.Tensor],
+              *args: Any) -> None:
+    """out[rows] += each adapter's delta for `module`, from `inputs(rows, *args)`: the module's input on those
+    rows, which the kernels compute inside their calls (normed, or silu(gate)·up) and so is recomputed here."""
+    for rows, share in lora.get(module, ()):
+        out.index_add_(0, rows, share.delta(inputs(rows, *args)))
+
+
+def _rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, rows)
+
+
+def _rms_rows(rows: torch.Tensor, h: torch.Tensor, norm: Norm) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(h.index_select(0, rows), (h.shape[-1],), norm[0], norm[1])
+
+
+def _silu_mul_rows(rows: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate, value = up.index_select(0, rows).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * value

@@ -27,6 +27,7 @@ from glmstack.engine.classic import DEFAULT_REPLY_RESERVE, ChatModel
 from glmstack.engine.serving.core import EngineCore, RequestTooLargeError
 from glmstack.protocol import (
     EngineOverloadedError,
+    EngineRequestError,
     GenerateRequest,
     GenerationEvent,
     ModelInfo,
@@ -95,6 +96,9 @@ class AsyncEngine:
         A `response_format` or tool grammar is compiled here, before anything is queued, so a schema the
         compiler refuses raises InvalidConstraintError at once (and a slow compile runs on a thread, not
         on the event loop). The one-request-at-a-time path (ChatGLM-6B) decodes without constraints."""
+        if request.adapter is not None and (self.core is None or self.model.adapters.get(request.adapter) is None):
+            raise EngineRequestError(f"no adapter named {request.adapter!r} is loaded" if self.core is not None
+                                     else f"{self.model.name} runs one request at a time, without adapters")
         job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
         if self.core is not None and _constrained(request):
             job.grammar = await asyncio.to_thread(
@@ -119,6 +123,20 @@ class AsyncEngine:
             job.aborted.set()  # no-op after a normal finish; frees the slot after a disconnect
             with self._lock:
                 self._jobs.pop(request.request_id, None)
+
+    # ---- adapters (protocol.AdapterHost): loaded on the caller's thread, served from the next admission ----
+
+    def load_adapter(self, name: str, path: str) -> None:
+        try:
+            self.model.adapters.load(name, path)
+        except (ValueError, OSError) as exc:
+            raise EngineRequestError(f"adapter {name!r}: {exc}") from exc
+
+    def unload_adapter(self, name: str) -> bool:
+        return self.model.adapters.unload(name)
+
+    def adapters(self) -> list[str]:
+        return self.model.adapters.names() if self.core is not None else []
 
     async def abort(self, request_id: str) -> None:
         with self._lock:
@@ -194,7 +212,8 @@ class AsyncEngine:
             else:
                 raise ValueError("request has neither messages nor prompt_ids")
             self.core.add_request(req.request_id, prompt_ids, req.params, grammar=job.grammar,
-                                  reply_parser=self._reply_parser(req), background=req.background)
+                                  reply_parser=self._reply_parser(req), background=req.background,
+                                  adapter=req.adapter)
         except RequestTooLargeError as exc:
             self._send(job, PromptTooLongError(str(exc)))
             self._send(job, _DONE)

@@ -85,12 +85,19 @@ class BlockAllocator:
     def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
         return hash((parent, tuple(tokens)))
 
-    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """Reference the longest run of cached full blocks that starts `token_ids`; returns their indices.
+    @staticmethod
+    def root_hash(adapter_key: int | None) -> int | None:
+        """The parent of a sequence's first block: None for the base model; for an adapter, a value of its
+        own, so the same tokens under different adapters (whose K/V differ) never share a block."""
+        return None if adapter_key is None else hash(("adapter", adapter_key))
+
+    def match_prefix(self, token_ids: Sequence[int], root: int | None = None) -> list[int]:
+        """Reference the longest run of cached full blocks that starts `token_ids` (under `root`, see
+        `root_hash`); returns their indices.
 
         Never covers the whole prompt: the last prompt token must be computed to get logits from it."""
         matched: list[int] = []
-        parent: int | None = None
+        parent = root
         usable = (len(token_ids) - 1) // self.block_size
         for b in range(usable):
             h = self.chain_hash(parent, token_ids[b * self.block_size : (b + 1) * self.block_size])

@@ -27,7 +27,7 @@ from glmstack.engine.serving.runner import ModelRunner
 from glmstack.engine.serving.scheduler import RequestTooLargeError, ScheduledChunk, Scheduler, Sequence
 from glmstack.engine.serving.step_budget import DEFAULT_TARGET_SECONDS, StepBudget
 from glmstack.engine.tokenization.base import StreamDecoder
-from glmstack.protocol import GenerationEvent, SamplingParams, Usage
+from glmstack.protocol import EngineRequestError, GenerationEvent, SamplingParams, Usage
 from glmstack.settings import Settings
 
 if TYPE_CHECKING:
@@ -114,19 +114,28 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     stop_token_ids: set[int] | None = None, *, grammar: llguidance.LLMatcher | None = None,
-                    reply_parser: ReplyParser | None = None, background: bool = False) -> None:
+                    reply_parser: ReplyParser | None = None, background: bool = False,
+                    adapter: str | None = None) -> None:
         """Queue a request. Raises RequestTooLargeError if it can never fit the context or KV budget.
 
         `grammar`: a fresh matcher (`self.constraints.matcher_for(...)`) the reply must follow; it ends the
         reply ("stop") once complete. `reply_parser`: splits the text into content, reasoning and tool calls
         (`ChatFormat.reply_parser`); all content without one. `background`: batch work, scheduled after
-        interactive requests (scheduler.py)."""
+        interactive requests (scheduler.py). `adapter`: the name of a loaded adapter (`model.adapters`) to
+        run with; EngineRequestError if none is loaded by that name."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
+        loaded = None
+        if adapter is not None:
+            loaded = self.model.adapters.get(adapter)
+            if loaded is None:
+                raise EngineRequestError(f"no adapter named {adapter!r} is loaded")
         stops = set(self.model.chat_format.stop_token_ids if stop_token_ids is None else stop_token_ids)
         stops |= set(params.stop_token_ids)
         budget = params.max_tokens or (self.model.context_length - len(prompt_ids))
         seq = Sequence(request_id, list(prompt_ids), max(budget, 1), frozenset(stops), background=background)
+        if loaded is not None:
+            seq.adapter, seq.adapter_key = loaded.adapter, loaded.key
         self.scheduler.add(seq)
         decoder = self.model.tokenizer.stream_decoder(skip_special_tokens=True, keep=self._reply_token_ids)
         self.requests[request_id] = _Request(

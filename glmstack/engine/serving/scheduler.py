@@ -6,7 +6,8 @@ No torch here: the scheduler decides, the runner (runner.py) turns decisions int
 2. the remaining budget goes to prompts in chunks (chunked prefill), shortest remaining first; with a
    `StepBudget` each chunk is sized by time, not tokens alone, so a long prompt never stalls the streams
    already running nor the short requests that arrive behind it;
-3. KV blocks are allocated as needed; a new prompt first takes whatever prefix the cache already holds.
+3. KV blocks are allocated as needed; a new prompt first takes whatever prefix the cache already holds
+   (computed with the same adapter, or none).
    When blocks run out, the most recently admitted sequence is preempted: its blocks are freed and it is
    recomputed later (its cached full blocks usually survive, so recomputation is mostly prefix hits).
 
@@ -57,6 +58,14 @@ class Sequence:
     prefix_hit_tokens: int = 0
     yielded: bool = False  # the last step left this prompt out for newer ones (never two steps running)
     background: bool = False  # batch work: after interactive requests (see the module docstring)
+    # The LoRA / P-Tuning adapter the sequence runs with (runner.py applies it; opaque here), None for the base,
+    # and its load's key, which roots the sequence's prefix hash chain (BlockAllocator.root_hash).
+    adapter: object | None = None
+    adapter_key: int | None = None
+
+    @property
+    def root_hash(self) -> int | None:
+        return BlockAllocator.root_hash(self.adapter_key)
 
     @property
     def token_ids(self) -> list[int]:
@@ -222,7 +231,8 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
             if self.enable_prefix_caching and len(seq.prompt_ids) > self.block_size and any(
-                    s.prompt_ids[: self.block_size] == seq.prompt_ids[: self.block_size] for s in computing):
+                    s.prompt_ids[: self.block_size] == seq.prompt_ids[: self.block_size]
+                    and s.adapter_key == seq.adapter_key for s in computing):
                 deferred.append(self.waiting.popleft())
                 continue
             if not self._admit(seq):
@@ -237,10 +247,10 @@ class Scheduler:
         if self.allocator.num_free == 0:
             return False
         if self.enable_prefix_caching:
-            seq.block_table = self.allocator.match_prefix(seq.token_ids)
+            seq.block_table = self.allocator.match_prefix(seq.token_ids, seq.root_hash)
             seq.num_computed = len(seq.block_table) * self.block_size
             seq.prefix_hit_tokens = seq.num_computed
-            parent = None
+            parent = seq.root_hash
             for b in range(len(seq.block_table)):
                 parent = self.allocator.chain_hash(parent, seq.token_ids[b * self.block_size:(b + 1) * self.block_size])
                 seq.block_hashes.append(parent)
@@ -332,7 +342,7 @@ class Scheduler:
         ids = seq.token_ids
         while len(seq.block_hashes) < full:
             b = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
             tokens = ids[b * self.block_size : (b + 1) * self.block_size]
             seq.block_hashes.append(self.allocator.register_full(seq.block_table[b], parent, tokens))
 

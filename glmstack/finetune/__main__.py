@@ -1,0 +1,5 @@
+import sys
+
+from glmstack.cli.finetune import main
+
+sys.exit(main())
