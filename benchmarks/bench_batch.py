@@ -9,6 +9,8 @@ One server (a throwaway GLMSTACK_HOME, no keys, as the README starts it), one pr
   3. 16 clients: all --lines requests through POST /chat/completions, --clients at a time, completion tok/s
   4. batch: the same --lines requests as one batch (upload, create, poll every 0.2 s until completed);
      tok/s = completion tokens in the output file / (completed - created, as the client saw them)
+  then 16 clients again: the batch is compared with the mean of the two client runs, around it (a shared
+  machine's speed drifts over minutes)
   5. TTFT during a batch: while a second batch of the same lines runs, --probes streamed chats (median)
 Greedy decoding everywhere, distinct prompts. Printed: each figure, batch vs sync and vs 16 clients, and TTFT
 during the batch / idle (the issue's targets: batch >= 16 clients, TTFT <= 2x idle).
@@ -145,6 +147,7 @@ def main() -> None:
             batch_s = time.perf_counter() - started
             assert batch["status"] == "completed", batch
             tokens = batch_tokens(client, batch)
+            after_tokens, after_s = asyncio.run(concurrent_clients(url, bodies, args.clients))
             second_id, _ = start_batch(client, bodies)
             while client.get(f"{BASE}/batches/{second_id}").json()["request_counts"]["completed"] < args.clients:
                 time.sleep(0.2)  # the batch is in full flow
@@ -154,11 +157,13 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    sync_rate, many_rate, batch_rate = sync_tokens / sync_s, many_tokens / many_s, tokens / batch_s
+    before_rate, after_rate = many_tokens / many_s, after_tokens / after_s
+    sync_rate, many_rate, batch_rate = sync_tokens / sync_s, (before_rate + after_rate) / 2, tokens / batch_s
     print(f"{args.lines} requests x {args.max_tokens} max tokens, bundled model, {os.cpu_count()} CPUs")
     print(f"sync, one at a time ({args.sync_sample} requests): {sync_tokens} tokens in {sync_s:.1f} s = "
           f"{sync_rate:.1f} tok/s")
-    print(f"sync, {args.clients} clients: {many_tokens} tokens in {many_s:.1f} s = {many_rate:.1f} tok/s")
+    print(f"sync, {args.clients} clients: {many_tokens} tokens in {many_s:.1f} s = {before_rate:.1f} tok/s before "
+          f"the batch, {after_tokens} in {after_s:.1f} s = {after_rate:.1f} tok/s after; mean {many_rate:.1f}")
     print(f"batch: {tokens} tokens in {batch_s:.1f} s = {batch_rate:.1f} tok/s "
           f"({batch['request_counts']})")
     print(f"batch vs one at a time: {batch_rate / sync_rate:.2f}x; batch vs {args.clients} clients: "

@@ -64,6 +64,9 @@ class Settings:
     # Batch lines and async tasks running in the engine at once (jobs/runner.py): background work, scheduled
     # after interactive requests; below the engine's own limit of running sequences so a chat always gets in
     batch_concurrency: int = 16
+    # Batch lines queued in the engine beyond batch_concurrency: the engine runs at most batch_concurrency of
+    # them (max_background_running) and puts a queued one in a finished one's place in the same step
+    batch_prefetch: int = 4
     batch_window_s: int = 24 * 3600        # a batch not finished this long after creation expires (spec §2.9.5)
     async_result_ttl_s: int = 24 * 3600    # finished async chat results are kept this long (spec §2.4)
     finetune_concurrency: int = 1          # fine-tuning jobs trained at once (each a child process)
@@ -167,6 +170,7 @@ class Settings:
             embedding_models=get_map("EMBEDDING_MODELS"),
             kv_cache_mb=get_int("KV_CACHE_MB", defaults.kv_cache_mb, minimum=1),
             batch_concurrency=get_int("BATCH_CONCURRENCY", defaults.batch_concurrency, minimum=1),
+            batch_prefetch=get_int("BATCH_PREFETCH", defaults.batch_prefetch, minimum=0),
             batch_window_s=get_int("BATCH_WINDOW_S", defaults.batch_window_s, minimum=1),
             async_result_ttl_s=get_int("ASYNC_RESULT_TTL_S", defaults.async_result_ttl_s, minimum=1),
             finetune_concurrency=get_int("FINETUNE_CONCURRENCY", defaults.finetune_concurrency, minimum=1),

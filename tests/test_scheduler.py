@@ -160,3 +160,29 @@ def test_background_sequences_are_preempted_before_interactive_ones() -> None:
     while s.has_work():
         fake_step(s)
     assert chat.output_ids == [7] * 10 and batch.output_ids == [7] * 10  # the batch line recomputes and ends
+
+
+def test_a_step_with_an_interactive_prompt_leaves_the_background_rows_out() -> None:
+    s = make(budget=64, num_blocks=64)
+    batch = [Sequence(f"b{i}", list(range(10 * i, 10 * i + 6)), max_tokens=20, background=True) for i in range(3)]
+    for seq in batch:
+        s.add(seq)
+    fake_step(s)
+    assert set(fake_step(s)) == {"b0", "b1", "b2"}  # decoding
+    s.add(Sequence("chat", list(range(500, 520)), max_tokens=3))
+    assert fake_step(s) == {"chat": (0, 20)}  # alone: a step as short as on an idle server
+    assert all(len(b.output_ids) == 2 for b in batch)  # the batch rows sat that step out...
+    assert set(fake_step(s)) == {"chat", "b0", "b1", "b2"}  # ...and everyone decodes together again
+    assert all(len(b.output_ids) == 3 for b in batch)
+
+
+def test_background_rows_are_capped_and_a_queued_one_takes_a_finished_ones_place_in_the_next_step() -> None:
+    s = make(budget=64, num_blocks=64, max_background_running=2)
+    batch = [Sequence(f"b{i}", list(range(10 * i, 10 * i + 6)), max_tokens=2, background=True) for i in range(3)]
+    for seq in batch:
+        s.add(seq)
+    assert set(fake_step(s)) == {"b0", "b1"}  # two of three run; b2 waits in the engine
+    s.add(Sequence("chat", list(range(500, 506)), max_tokens=2))
+    assert set(fake_step(s)) == {"chat"}  # interactive ones are not capped (and prefill alone)
+    fake_step(s)  # b0 and b1 finish
+    assert batch[0].status is Status.FINISHED and "b2" in fake_step(s)  # at once, no round trip

@@ -167,3 +167,30 @@ def test_abandoned_step_stops_within_a_layer_and_leaves_no_trace(bundled) -> Non
                      SamplingParams(do_sample=False, max_tokens=4))
     events = core.step(lambda request_id: request_id == "dead")
     assert {request_id for request_id, _ in events} == {"live", "dead"}
+
+
+def test_a_batch_step_gives_way_to_an_interactive_request_and_loses_nothing(bundled) -> None:
+    """A step of background rows stops within a layer once an interactive request is waiting, records nothing,
+    and the batch rows still end with exactly the tokens they get alone."""
+    model, _ = bundled
+    core = EngineCore(model, kv_cache_bytes=64 << 20, step_target_seconds=None)
+    params = SamplingParams(do_sample=False, max_tokens=6)
+    ids = {name: prompt_ids(model, PROMPTS[i]) for i, name in enumerate(("b0", "b1"))}
+    for name, prompt in ids.items():
+        core.add_request(name, prompt, params, background=True)
+    polls: list[int] = []
+
+    def interactive_after_two_layers() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    assert core.step(None, interactive_after_two_layers) == []  # stopped for the newcomer
+    assert len(polls) == 3 < model.module.config.num_layers
+    chat = prompt_ids(model, PROMPTS[2], system="You are terse.")  # (its own first block: not deferred)
+    core.add_request("chat", chat, params)
+    first = core.step(None, lambda: True)  # a step with an interactive row never gives way
+    assert [request_id for request_id, _ in first] == ["chat"]  # the chat's prompt alone
+    results = run_all(core)
+    for name, prompt in ids.items():
+        assert results[name] == reference(model, prompt, 6)
+    assert first[0][1].token_ids + results["chat"][1] == reference(model, chat, 6)[1]

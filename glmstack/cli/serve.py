@@ -128,6 +128,7 @@ def _serve(settings: Settings, store: Any, active_keys: int, adapters: list[tupl
         print(f"glmstack: error: embedding model: {e}", file=sys.stderr)
         return EXIT_USAGE
     engine = AsyncEngine(model, max_waiting=settings.max_queue or 2**31,
+                         max_background_running=settings.batch_concurrency,
                          kv_cache_bytes=settings.kv_cache_mb * 1024 * 1024)
     # The event loop and the engine's thread share the GIL. At Python's default 5 ms switch interval, a
     # request arriving while the engine runs Python (scheduling, sampling) waits up to 5 ms for the loop to

@@ -186,6 +186,7 @@ class BatchRun:
         return custom_id, body
 
     async def _run_line(self, number: int, custom_id: str, body: dict[str, Any]) -> None:
+        held = True
         try:
             if endpoint_name(self.batch.endpoint) == "embeddings":
                 status, response = await requests.run_embeddings(self.platform, self.caller, body)
@@ -193,6 +194,10 @@ class BatchRun:
                 request_id = f"{self.batch.id}-{custom_id}"[:128]
                 status, response = await requests.run_chat(self.platform, self.caller, body,
                                                            request_id=request_id)
+            # The engine is done with this line: the next one starts while this one is written, so that it
+            # reaches the engine's next step rather than the one after the database write.
+            self.slots.release()
+            held = False
             await asyncio.to_thread(self._write, number, custom_id, status, response)
         except asyncio.CancelledError:
             pass  # stopped: not written, so a resumed run does this line again
@@ -200,7 +205,8 @@ class BatchRun:
             log.exception("batch %s line %d failed; it runs again when the batch resumes", self.batch.id, number)
             self.stop(None)
         finally:
-            self.slots.release()
+            if held:
+                self.slots.release()
 
     def _write(self, number: int, custom_id: str | None, status: int, body: dict[str, Any]) -> None:
         record = {"response": {"status_code": status, "body": body}, "custom_id": custom_id, "id": self.batch.id}

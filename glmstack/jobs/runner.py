@@ -48,7 +48,10 @@ class JobRunner:
         self.platform = platform
         self.me = owner_tag()
         self.lease_s, self.poll_s = lease_s, poll_s
-        self.slots = asyncio.Semaphore(platform.settings.batch_concurrency)
+        settings = platform.settings
+        # batch_concurrency run in the engine at once (`glmstack serve` caps its background rows at that), and
+        # batch_prefetch more wait there to take a finished line's place within a step
+        self.slots = asyncio.Semaphore(settings.batch_concurrency + settings.batch_prefetch)
         self.batches: dict[str, BatchRun] = {}
         self.fine_tunes: dict[str, FineTuneRun] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}  # async chat tasks in flight, by id

@@ -189,7 +189,7 @@ def test_listing_is_paged_newest_first_and_keys_do_not_see_each_other(live: Live
 
 def test_cancel_stops_the_lines_in_flight_and_keeps_what_is_done(store: Store, tmp_path: Path, key: str) -> None:
     engine = HeldEngine(free=2)
-    server = serve(store, tmp_path, engine, batch_concurrency=3)
+    server = serve(store, tmp_path, engine, batch_concurrency=3, batch_prefetch=0)
     try:
         client = sdk(server, key)
         file_id = upload(client, tmp_path, jsonl(*(line(f"r{i}") for i in range(8))))
@@ -212,7 +212,7 @@ def test_a_batch_left_by_a_dead_server_resumes_and_writes_every_line_once(store:
     """What kill -9 leaves: a batch in progress, some lines written, leased to a process that is gone. The
     next server takes it over at once and runs only the lines not written."""
     engine = HeldEngine(free=0)
-    first = serve(store, tmp_path, engine, batch_concurrency=2)
+    first = serve(store, tmp_path, engine, batch_concurrency=2, batch_prefetch=0)
     client = sdk(first, key)
     file_id = upload(client, tmp_path, jsonl(*(line(f"r{i}") for i in range(6))))
     batch = client.batches.create(input_file_id=file_id, endpoint="/v4/chat/completions")
@@ -249,7 +249,7 @@ def test_a_batch_left_by_a_dead_server_resumes_and_writes_every_line_once(store:
 
 def test_a_batch_past_its_window_expires_and_keeps_what_is_done(store: Store, tmp_path: Path, key: str) -> None:
     engine = HeldEngine(free=2)
-    server = serve(store, tmp_path, engine, batch_concurrency=2, batch_window_s=2)
+    server = serve(store, tmp_path, engine, batch_concurrency=2, batch_prefetch=0, batch_window_s=2)
     try:
         client = sdk(server, key)
         batch = client.batches.create(input_file_id=upload(client, tmp_path, jsonl(*(line(f"r{i}") for i in range(6)))),

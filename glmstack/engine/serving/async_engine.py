@@ -53,6 +53,8 @@ class AsyncEngine:
         self.model = model
         self.max_waiting = max_waiting
         self._inbox: queue.Queue[_Job | None] = queue.Queue()
+        # set when an interactive request is queued: a step of background (batch) rows stops early for it
+        self._interactive_arrived = threading.Event()
         self._jobs: dict[str, _Job] = {}
         # Guards _jobs and _running only, for moments. The core is the worker thread's alone, and is never
         # locked: a lock held across a step (hundreds of milliseconds of prefill) would stall the event loop
@@ -111,6 +113,8 @@ class AsyncEngine:
                 request.request_id = f"{request.request_id}-{next(self._ids)}"
             self._jobs[request.request_id] = job
         self._inbox.put(job)
+        if not request.background:
+            self._interactive_arrived.set()  # a step of batch rows in progress gives way (core.step)
         try:
             while True:
                 item = await job.events.get()
@@ -154,7 +158,9 @@ class AsyncEngine:
         assert self.core is not None
         active: dict[str, _Job] = {}
         while True:
-            # Block only when idle; otherwise take whatever arrived and keep stepping.
+            # Block only when idle; otherwise take whatever arrived and keep stepping. The flag is cleared
+            # before the inbox is read: a request put after this read sets it again.
+            self._interactive_arrived.clear()
             try:
                 job = self._inbox.get(block=not self.core.has_work())
                 while True:
@@ -174,7 +180,8 @@ class AsyncEngine:
             if not self.core.has_work():
                 continue
             try:
-                events = self.core.step(lambda rid: rid in active and active[rid].aborted.is_set())
+                events = self.core.step(lambda rid: rid in active and active[rid].aborted.is_set(),
+                                        self._interactive_arrived.is_set)
             except Exception as exc:  # a bug must not kill the worker: fail every request in flight
                 log.exception("engine step failed")
                 for request_id, job in list(active.items()):

@@ -81,11 +81,14 @@ class EngineCore:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_batch_tokens: int = 512,
         max_running: int = 64,
+        max_background_running: int | None = None,
         enable_prefix_caching: bool = True,
         step_target_seconds: float | None = DEFAULT_TARGET_SECONDS,
     ) -> None:
         """`step_target_seconds`: how long a step may take while a prompt prefills beside other work (the gap
-        decoding streams see; step_budget.py); None sizes prompt chunks by `max_batch_tokens` alone."""
+        decoding streams see; step_budget.py); None sizes prompt chunks by `max_batch_tokens` alone.
+        `max_background_running`: background sequences running at once (more wait, and take a finished one's
+        place in the same step); None: only `max_running` bounds them."""
         self.model = model
         cfg = model.module.config
         if kv_cache_bytes is None:
@@ -99,6 +102,7 @@ class EngineCore:
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.scheduler = Scheduler(self.allocator, context_length=model.context_length,
                                    max_batch_tokens=max_batch_tokens, max_running=max_running,
+                                   max_background_running=max_background_running,
                                    enable_prefix_caching=enable_prefix_caching)
         self.runner = ModelRunner(model.module, self.kv, model.device)
         self.step_budget = None if step_target_seconds is None else StepBudget(step_target_seconds)
@@ -187,19 +191,26 @@ class EngineCore:
 
     # ---- one step -------------------------------------------------------------------------------------
 
-    def step(self, abandoned: Callable[[str], bool] | None = None) -> list[tuple[str, GenerationEvent]]:
+    def step(self, abandoned: Callable[[str], bool] | None = None,
+             interactive_waiting: Callable[[], bool] | None = None) -> list[tuple[str, GenerationEvent]]:
         """One batched forward pass and its sampled tokens. `abandoned(request_id)`, when given, is polled
         during the pass: once every request in the step is abandoned, the pass stops early and the step
-        records nothing (the caller then aborts those requests, which frees their blocks)."""
+        records nothing (the caller then aborts those requests, which frees their blocks).
+        `interactive_waiting()`, polled the same way in a step of background rows only: once an interactive
+        request has arrived, the pass stops and records nothing, so the chat's prompt runs next instead of
+        after the rest of a batch step (those rows run their step again later; a few layers are lost)."""
         plan = self.scheduler.schedule(self.step_budget)
         if not plan.chunks:
             return []
         cancelled = None
-        if abandoned is not None:
+        if abandoned is not None or interactive_waiting is not None:
             ids = [chunk.seq.seq_id for chunk in plan.chunks]
+            yields = interactive_waiting if all(c.seq.background for c in plan.chunks) else None
 
             def cancelled() -> bool:
-                return all(abandoned(i) for i in ids)
+                if yields is not None and yields():
+                    return True
+                return abandoned is not None and all(abandoned(i) for i in ids)
         started = time.perf_counter()
         try:
             logits = self.runner.execute(plan, cancelled)

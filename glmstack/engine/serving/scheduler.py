@@ -12,9 +12,11 @@ No torch here: the scheduler decides, the runner (runner.py) turns decisions int
    recomputed later (its cached full blocks usually survive, so recomputation is mostly prefix hits).
 
 Background sequences (batch lines, async tasks) come after interactive ones everywhere a choice is made: an
-interactive request waits in front of them, its prompt is chunked first, and when blocks run out a background
-sequence is preempted before any interactive one. They still decode every step once running, so a batch runs
-at full speed whenever nothing interactive needs the room.
+interactive request waits in front of them, its prompt is chunked first, a step that computes an interactive
+prompt leaves the background rows out (so a chat's time to first token is that of an idle server's step), and
+when blocks run out a background sequence is preempted before any interactive one. Otherwise they decode every
+step, so a batch runs at full speed whenever nothing interactive needs the room. (The serving loop also
+abandons a step of background rows only when an interactive request arrives during it: core.step.)
 
 Sequences leave between steps: finished (stop id, max_tokens, context full) or aborted, freeing every
 block they held.
@@ -111,12 +113,16 @@ class Scheduler:
         context_length: int,
         max_batch_tokens: int = 512,
         max_running: int = 64,
+        max_background_running: int | None = None,
         enable_prefix_caching: bool = True,
     ) -> None:
         self.allocator = allocator
         self.context_length = context_length
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
+        # The job runner keeps a few more batch lines queued here than may run, so that one ending is replaced
+        # in the same step instead of after a round trip through the platform (a step or two per line).
+        self.max_background_running = max_background_running
         self.enable_prefix_caching = enable_prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -219,6 +225,10 @@ class Scheduler:
                 chunks.append(chunk)
                 budget -= chunk.num_tokens
                 newer_scheduled = newer_scheduled or seq is not prompts[0]
+        if any(not c.seq.background and not c.seq.is_decoding for c in chunks):
+            # An interactive prompt is in this step: it runs without the background rows, so its first token
+            # comes after a step as short as on an idle server. Their blocks stay allocated; they run next step.
+            chunks = [c for c in chunks if not c.seq.background]
         return StepPlan(chunks)
 
     def _admit_waiting(self, prompts: list[Sequence]) -> None:
@@ -228,8 +238,13 @@ class Scheduler:
         cache: sixteen such chats compute their shared prefix once, not sixteen times."""
         computing = [s for s in prompts if s.num_computed < self.block_size]
         deferred: list[Sequence] = []
+        background = sum(s.background for s in self.running)
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
+            if seq.background and self.max_background_running is not None:
+                if background >= self.max_background_running:
+                    break  # only background ones wait behind it (interactive requests are queued first)
+                background += 1
             if self.enable_prefix_caching and len(seq.prompt_ids) > self.block_size and any(
                     s.prompt_ids[: self.block_size] == seq.prompt_ids[: self.block_size]
                     and s.adapter_key == seq.adapter_key for s in computing):
