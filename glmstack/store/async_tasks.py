@@ -59,7 +59,7 @@ class AsyncTaskStore:
     def create(self, owner: str | None, *, request_id: str | None, model: str, body: dict[str, Any]) -> AsyncTask:
         task_id = new_task_id()
         values = dict(id=task_id, key_id=owner, request_id=request_id or task_id, model=model,
-                      body=json.dumps(body, ensure_ascii=False), status="PROCESSING",
+                      body=json.dumps(body), status="PROCESSING",
                       created_at=datetime.now(UTC))
         with self._db.write() as conn:
             conn.execute(async_tasks.insert().values(**values))

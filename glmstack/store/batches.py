@@ -96,7 +96,7 @@ class BatchStore:
         now = int(time.time())
         values = dict(id=new_batch_id(), key_id=owner, endpoint=endpoint, input_file_id=input_file_id,
                       input_blob=input_blob, completion_window=completion_window,
-                      metadata=json.dumps(metadata, ensure_ascii=False) if metadata is not None else None,
+                      metadata=json.dumps(metadata) if metadata is not None else None,
                       auto_delete_input_file=auto_delete_input_file, status="validating", created_at=now,
                       expires_at=now + window_s)
         with self._db.write() as conn:
@@ -184,8 +184,12 @@ class BatchStore:
 
     def record_line(self, batch_id: str, line: int, ok: bool, record: dict[str, Any]) -> bool:
         """Writes a finished line and counts it; False (and nothing counted) when it was already written."""
-        insert = _INSERT[self._db.dialect](batch_lines).values(
-            batch_id=batch_id, line=line, ok=ok, record=json.dumps(record, ensure_ascii=False))
+        text = json.dumps(record, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate the input spelled ("\ud800" in a custom_id): escaped
+            text = json.dumps(record)
+        insert = _INSERT[self._db.dialect](batch_lines).values(batch_id=batch_id, line=line, ok=ok, record=text)
         with self._db.write() as conn:
             # RETURNING says whether the row went in (rowcount is not reliable for ON CONFLICT on psycopg)
             written = conn.execute(insert.on_conflict_do_nothing()  # type: ignore[attr-defined]

@@ -140,6 +140,8 @@ class FineTuningStore:
         """Newest first; `after`: the page after that job id."""
         query = select(fine_tuning_jobs).where(_owned_by(owner))
         if after is not None:
+            if not _plausible(after):
+                return [], False
             query = query.where(fine_tuning_jobs.c.id < after)
         with self._db.read() as conn:
             rows = conn.execute(query.order_by(fine_tuning_jobs.c.id.desc()).limit(limit + 1)).all()

@@ -82,10 +82,13 @@ def test_cli_writes_adapter_loss_curve_and_events(base: Path, data: tuple[Path, 
     records = events(out / "events.jsonl")
     steps = [e for e in records if e["type"] == "step"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
-    assert set(steps[0]) == {"type", "step", "epoch", "loss", "learning_rate", "tokens_per_s", "elapsed_s", "eta_s"}
+    assert set(steps[0]) == {"type", "step", "total_steps", "trained_tokens", "epoch", "loss", "learning_rate",
+                             "tokens_per_s", "elapsed_s", "eta_s"}
+    assert steps[-1]["total_steps"] == 4 and steps[-1]["trained_tokens"] > steps[0]["trained_tokens"] > 0
     assert [e["step"] for e in records if e["type"] == "validation"] == [2, 4]
     assert records[-1] == {"type": "done", "adapter_dir": str(out), "steps": 4,
-                           "train_loss": pytest.approx(sum(e["loss"] for e in steps) / 4)}
+                           "train_loss": pytest.approx(sum(e["loss"] for e in steps) / 4),
+                           "trained_tokens": steps[-1]["trained_tokens"]}
 
 
 def test_bad_data_is_an_error_event_and_status_2(base: Path, tmp_path: Path) -> None:

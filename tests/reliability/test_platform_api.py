@@ -23,6 +23,7 @@ from platform_server import API_MAX_TOKENS, CHAT, Server
 from glmstack.api import create_app
 from glmstack.api.auth import PUBLIC_PATHS
 from glmstack.api.docs_page import ASSET_FILES, ASSET_PREFIX
+from glmstack.api.web_page import ASSET_PREFIX as WEB_PREFIX
 from glmstack.protocol import ModelInfo
 from glmstack.settings import Settings
 from glmstack.store import Store
@@ -278,8 +279,17 @@ def app_routes() -> list[tuple[str, str]]:
     return found
 
 
+# The chat page (api/web_page.py): open like /docs - it holds no data, and the API calls it makes carry the key.
+# By method: `POST /` is ChatGLM's classic endpoint, keyed like the API.
+OPEN_PAGES = {("GET", "/"): "/", ("GET", f"{WEB_PREFIX}/{{path:path}}"): f"{WEB_PREFIX}/app.js"}
+
+
 def test_every_route_outside_the_allow_list_needs_credentials(api_server: Server) -> None:
     for method, path in app_routes():
+        if (method, path) in OPEN_PAGES:
+            page = httpx.request(method, api_server.url + OPEN_PAGES[method, path], timeout=30)
+            assert page.status_code == 200 and page.content, (method, path)
+            continue
         url = api_server.url + re.sub(r"\{[^}]+\}", "glm-4", path)
         anonymous = httpx.request(method, url, json={}, timeout=30)
         if path in ALLOWED:

@@ -126,6 +126,8 @@ def open_page(browser: Any, tmp_path: Path) -> Iterator[Callable[..., Any]]:
             context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True,
                                           reduced_motion="reduce")
             contexts.append(context)
+            # Playwright's 30 s default is for a quiet machine: CI runs these beside servers and model loads
+            context.set_default_timeout(120_000)
             if settings is not None:
                 context.add_init_script(
                     f"localStorage.setItem('glmstack.settings', {json.dumps(json.dumps(settings))})")

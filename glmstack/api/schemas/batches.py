@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from glmstack.api.schemas.conversations import StoredText
 from glmstack.knowledge.jsonl_checks import BATCH_URLS
 
 MAX_METADATA_PAIRS = 16
@@ -16,10 +17,11 @@ MAX_METADATA_VALUE = 512
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input_file_id: str = Field(min_length=1, max_length=64, description="A file uploaded with purpose batch")
+    input_file_id: StoredText = Field(min_length=1, max_length=64, description="A file uploaded with purpose batch")
     endpoint: str = Field(description="/v4/chat/completions or /v4/embeddings (the SDK's /v1/... too)")
     completion_window: str | None = Field(None, description='Deprecated by the platform; "24h" when null')
-    metadata: dict[str, str] | None = Field(None, description="Up to 16 pairs; keys <= 64, values <= 512 chars")
+    metadata: dict[StoredText, StoredText] | None = Field(
+        None, description="Up to 16 pairs; keys <= 64, values <= 512 chars")
     auto_delete_input_file: bool | None = Field(None, description="Default true: the input file is deleted "
                                                                   "once the batch completes")
 

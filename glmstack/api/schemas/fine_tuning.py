@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from glmstack.api.schemas.conversations import StoredText
+
 MAX_SUFFIX = 8
 AUTO = "auto"
 
@@ -42,7 +44,7 @@ class Hyperparameters(BaseModel):
 class FineTuningJobCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=200, description="The base model: the served model's names")
+    model: StoredText = Field(min_length=1, max_length=200, description="The base model: the served model's names")
     training_file: str = Field(min_length=1, max_length=64, description="A file with purpose fine-tune")
     validation_file: str | None = Field(None, max_length=64)
     hyperparameters: Hyperparameters | None = None
@@ -52,7 +54,7 @@ class FineTuningJobCreate(BaseModel):
         None, description="glmstack: max_steps, save_every, eval_every, max_length, lora_rank, lora_alpha, "
                           "pre_seq_len, seed")
     suffix: str | None = Field(None, max_length=MAX_SUFFIX)
-    request_id: str | None = Field(None, max_length=128)
+    request_id: StoredText | None = Field(None, max_length=128)
 
     @field_validator("suffix")
     @classmethod

@@ -113,6 +113,8 @@ async def submit_chat(platform: Platform, caller: Caller, body: ChatCompletionRe
     if body.stream:
         raise PlatformError(1214, "an async call cannot stream: poll GET /async-result/{id}", field="stream")
     chat.prepare(platform, body, "check")  # model, parameters, input safety: refused now, as sync would
+    if body.request_id is not None and "\x00" in body.request_id:  # a database text column cannot hold it
+        raise PlatformError(1214, "request_id contains a NUL character", field="request_id")
     sent: dict[str, Any] = body.model_dump(mode="json", exclude_unset=True)
     task = await run_in_threadpool(lambda: platform.store.async_tasks.create(
         caller.key_id, request_id=body.request_id, model=body.model, body=sent))
