@@ -48,7 +48,7 @@ async def list_files(
     platform: PlatformDep,
     purpose: str | None = None,
     knowledge_id: str | None = None,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=10_000_000)] = 1,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 10,
     after: str | None = None,
     order: Literal["desc", "asc"] = "desc",

@@ -20,6 +20,7 @@ from glmstack.api.schemas.knowledge import (
 from glmstack.knowledge.indexer import MAX_BYTES, MAX_WORDS, embedding_model_for
 from glmstack.store.knowledge import KnowledgeBase, VectorsUnavailableError
 
+MAX_PAGE = 10_000_000
 MAX_PAGE_SIZE = 100
 
 
@@ -92,8 +93,10 @@ async def modify(platform: Platform, caller: Caller, knowledge_id: str, body: Kn
 
 
 async def query(platform: Platform, caller: Caller, page: int, size: int) -> KnowledgePage:
-    if page < 1 or not 1 <= size <= MAX_PAGE_SIZE:
-        raise PlatformError(1214, f"page >= 1 and size 1-{MAX_PAGE_SIZE}", field="size" if page >= 1 else "page")
+    # a page past MAX_PAGE: its offset would overflow the database's 64-bit integers (and nothing is there)
+    if not 1 <= page <= MAX_PAGE or not 1 <= size <= MAX_PAGE_SIZE:
+        raise PlatformError(1214, f"page 1-{MAX_PAGE} and size 1-{MAX_PAGE_SIZE}",
+                            field="size" if 1 <= page <= MAX_PAGE else "page")
     bases, total = await run_in_threadpool(
         lambda: platform.store.knowledge.list_bases(caller.key_id, page=page, size=size))
     return KnowledgePage(list=[knowledge_object(b) for b in bases], total=total)
