@@ -515,10 +515,14 @@ async function start(models) {
   ui.authStatus.textContent = api.currentKey() ? 'Signed in with an API key' : 'Open mode: no key needed';
   ui.changeKey.hidden = !api.currentKey();
   await loadKnowledgeBases();
-  const id = new URLSearchParams(location.hash.slice(1)).get('c');
-  showConversation(null);
+  // The hash is read again after each wait: a link followed while the page was loading (hashchange) may have
+  // opened a conversation already, and an empty chat shown now would replace it.
+  const hashId = () => new URLSearchParams(location.hash.slice(1)).get('c');
+  if (!hashId() && !state.conversation) showConversation(null);
   await sidebar.refresh();
-  if (id) await openConversation(id);
+  const id = hashId();
+  if (id) await openConversation(id); // again if already open: its model is in the picker only now
+  else if (!state.conversation) showConversation(null);
   state.ready = true; // sending waits for this: a message sent earlier would land in a chat about to be replaced
   ui.send.disabled = false;
   ui.prompt.focus();

@@ -121,6 +121,37 @@ def test_switching_between_conversations(server, open_page) -> None:
     assert page.inner_html("article.assistant .content").count("<strong>red</strong>") == 1
 
 
+# Counts the times the message list is emptied to the "new chat" state after a conversation was shown.
+WATCH_CLEARED = """() => {
+  window.cleared = 0;
+  new MutationObserver(() => {
+    if (!document.querySelector('#messages article')) window.cleared += 1;
+  }).observe(document.getElementById('messages'), {childList: true});
+}"""
+
+
+def test_a_link_followed_while_the_page_loads_keeps_its_conversation(server, browser, open_page) -> None:
+    conversation_id = server.seed("Figs", [{"role": "user", "content": "About figs"},
+                                           {"role": "assistant", "content": "Figs are *sweet*."}])
+    context = browser.new_context()
+    context.set_default_timeout(120_000)
+    held: list = []  # the page's start waits on the knowledge-base list: held here until the link is followed
+    context.route("**/api/paas/v4/knowledge?*", lambda route: held.append(route))
+    page = open_page(server, context=context)
+    while not held:
+        page.wait_for_timeout(20)
+    page.goto(f"{server.url}/#c={conversation_id}")
+    page.wait_for_selector("article.assistant .content em")
+    page.evaluate(WATCH_CLEARED)
+    for route in held:
+        route.continue_()
+    page.wait_for_function("() => !document.getElementById('send').disabled")
+    assert page.evaluate("window.cleared") == 0
+    assert page.inner_text("article.assistant .content") == "Figs are sweet."
+    assert page.evaluate("location.hash") == f"#c={conversation_id}"
+    context.close()
+
+
 def test_rename_delete_and_search(server, open_page) -> None:
     tag = uuid.uuid4().hex[:8]
     keep = server.seed(f"Keep {tag}", [{"role": "user", "content": f"needle{tag} inside a message"}])
