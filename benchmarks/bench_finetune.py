@@ -196,6 +196,9 @@ def peer_worker(args: argparse.Namespace) -> None:
     gguf = bundled_model_path()
     assert gguf is not None, "the bundled model is not installed"
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers dequantizes a GGUF's tensors to float32 as it loads; the "quantized with GGUF" mark it leaves
+    # on the model only makes Trainer refuse to train it
+    model.hf_quantizer, model.is_quantized = None, False
     settings = HYPERPARAMETERS[args.peer]
     if args.peer == "lora":
         config: Any = LoraConfig(r=settings["lora_rank"], lora_alpha=settings["lora_alpha"],

@@ -101,8 +101,9 @@ class Method:
         self.model = model
         return params
 
-    def forward(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = model(input_ids, positions)
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        logits: torch.Tensor = model(input_ids, positions, logit_rows=logit_rows)
         return logits
 
     def state_dict(self) -> dict[str, torch.Tensor]:

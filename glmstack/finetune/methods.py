@@ -57,9 +57,11 @@ class TrainingMethod(Protocol):
         Returns every parameter the optimizer updates, each once."""
         ...
 
-    def forward(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for input_ids, positions [B, T] (right-padded rows; padding is masked in the
-        loss, and causal attention keeps it from touching the real tokens)."""
+        loss, and causal attention keeps it from touching the real tokens); [B, len(logit_rows), V] for just
+        those positions (the model's head runs on nothing else)."""
         ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -76,9 +76,10 @@ class Method:
         cfg = self._config
         return PrefixAdapter.from_flat(flat.to(dtype), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
 
-    def forward(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         # positions as given: THUDM's real tokens count from 0 whatever the prefix length
-        logits: torch.Tensor = model(input_ids, positions, PrefixCache(self.prefix(model)))
+        logits: torch.Tensor = model(input_ids, positions, PrefixCache(self.prefix(model)), logit_rows=logit_rows)
         return logits
 
     def state_dict(self) -> dict[str, torch.Tensor]:

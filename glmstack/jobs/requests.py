@@ -67,9 +67,9 @@ async def complete(platform: Platform, caller: Caller, request: ChatCompletionRe
                    request_id: str | None) -> ChatCompletion:
     """chat.complete without a client connection: the same preparation, as background work."""
     completion_id = new_completion_id()
-    platform.models.resolve(request.model)
+    platform.models.resolve(request.model, caller.key_id)
     grounding = await retrieval.ground(platform, caller, request)
-    generate = chat.prepare(platform, request, completion_id, grounding)
+    generate = chat.prepare(platform, caller, request, completion_id, grounding)
     generate.background = True
     generation = Generation(platform, caller, generate, {})
     try:

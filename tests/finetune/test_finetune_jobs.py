@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import zhipuai
 from finetune_models import facts, glm4_checkpoint, write_jsonl
@@ -57,7 +58,10 @@ class Platform:
         self.key = self.store.keys.create("tests")[1]
         settings = Settings(home=home, database_url="unused", model=str(checkpoint), finetune_threads=1)
         self.server = LiveServer(create_app(settings, engine, self.store))
-        self.client = zhipuai.ZhipuAI(api_key=self.key, base_url=f"{self.server.url}{BASE}", max_retries=0)
+        self.client = self.client_for(self.key)
+
+    def client_for(self, key: str) -> zhipuai.ZhipuAI:
+        return zhipuai.ZhipuAI(api_key=key, base_url=f"{self.server.url}{BASE}", max_retries=0)
 
     def restart(self, checkpoint: Path, engine: AsyncEngine) -> None:
         self.server.stop()
@@ -119,6 +123,18 @@ def test_a_job_trains_and_its_model_answers_chat(platform: Platform, tmp_path: P
     assert reply.choices[0].finish_reason in ("stop", "length")
     page = client.fine_tuning.jobs.list(limit=10)
     assert [j.id for j in page.data] == [job.id]
+    # the model is the job's key's, as on the hosted platform: another key neither lists nor calls it
+    other_key = platform.store.keys.create("another team")[1]
+    other = platform.client_for(other_key)
+    assert other.fine_tuning.jobs.list(limit=10).data == []
+    with pytest.raises(zhipuai.APIStatusError) as hidden:
+        other.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
+    assert hidden.value.status_code == 400 and "1211" in str(hidden.value)
+    def listed(key: str) -> list[str]:
+        page = httpx.get(f"{platform.server.url}{BASE}/models", headers={"Authorization": f"Bearer {key}"})
+        return [card["id"] for card in page.raise_for_status().json()["data"]]
+
+    assert done.fine_tuned_model in listed(platform.key) and done.fine_tuned_model not in listed(other_key)
     deleted = client.fine_tuning.models.delete(fine_tuned_model=done.fine_tuned_model)
     assert deleted.delete_status == "deleted" and deleted.model_name == done.fine_tuned_model
     with pytest.raises(zhipuai.APIStatusError) as gone:

@@ -16,6 +16,7 @@ import pytest
 from finetune_models import facts, glm4_checkpoint, write_jsonl
 
 from glmstack.cli.main import main as glmstack_main
+from glmstack.finetune.checkpoint import latest_checkpoint
 from glmstack.finetune.methods import MethodOptions
 from glmstack.finetune.trainer import TrainConfig, train
 
@@ -109,22 +110,34 @@ def run_cli(args: list[str], *, nproc: int = 0) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_143_and_resumes(base: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["sigterm", "kill-9"])
+def test_a_stopped_run_resumes_to_the_uninterrupted_losses(base: Path, data: tuple[Path, Path], tmp_path: Path,
+                                                          stop: str) -> None:
+    """SIGTERM: a checkpoint of the last finished step, exit 143. kill -9: nothing more is written; the resumed
+    run starts from the last periodic checkpoint and redoes the steps after it, to the same losses."""
     common = ["--model", str(base), "--train", str(data[0]), "--max-steps", "8", "--batch-size", "2",
               "--learning-rate", "2e-2", "--threads", "1", "--lora-dropout", "0.1"]
+    if stop == "kill-9":
+        common += ["--save-every", "2"]
     whole = run_cli([*common, "--output", str(tmp_path / "whole")])
     assert whole.wait(timeout=300) == 0, whole.stdout.read() if whole.stdout else ""
 
     out = tmp_path / "cut"
     process = run_cli([*common, "--output", str(out)])
     deadline = time.monotonic() + 300
-    while not (out / "events.jsonl").exists() or '"step": 2' not in (out / "events.jsonl").read_text():
+    while not (out / "events.jsonl").exists() or '"step": 3' not in (out / "events.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 143
-    [checkpoint] = [e for e in events(out / "events.jsonl") if e["type"] == "checkpoint"]
-    assert checkpoint["step"] >= 2 and Path(checkpoint["path"]).is_dir()
+    if stop == "sigterm":
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143
+        [checkpoint] = [e for e in events(out / "events.jsonl") if e["type"] == "checkpoint"]
+        assert checkpoint["step"] >= 3 and Path(checkpoint["path"]).is_dir()
+    else:
+        process.kill()
+        assert process.wait(timeout=120) == -signal.SIGKILL
+        assert not (out / "adapter_model.safetensors").exists()
+        assert latest_checkpoint(out) is not None  # a periodic one (step 2 or later)
     resumed = run_cli([*common, "--output", str(out), "--resume"])
     assert resumed.wait(timeout=300) == 0
     expected, got = step_losses(tmp_path / "whole" / "events.jsonl"), step_losses(out / "events.jsonl")

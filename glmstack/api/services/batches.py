@@ -112,7 +112,7 @@ async def cancel(platform: Platform, caller: Caller, batch_id: str) -> Batch:
 async def submit_chat(platform: Platform, caller: Caller, body: ChatCompletionRequest) -> AsyncTaskStatus:
     if body.stream:
         raise PlatformError(1214, "an async call cannot stream: poll GET /async-result/{id}", field="stream")
-    chat.prepare(platform, body, "check")  # model, parameters, input safety: refused now, as sync would
+    chat.prepare(platform, caller, body, "check")  # model, parameters, input safety: refused now, as sync would
     if body.request_id is not None and "\x00" in body.request_id:  # a database text column cannot hold it
         raise PlatformError(1214, "request_id contains a NUL character", field="request_id")
     sent: dict[str, Any] = body.model_dump(mode="json", exclude_unset=True)

@@ -132,11 +132,11 @@ def engine_tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | No
     return tools or None, choice or "auto"
 
 
-def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str,
+def prepare(platform: Platform, caller: Caller, body: ChatCompletionRequest, completion_id: str,
             grounding: Grounding | None = None) -> GenerateRequest:
     """Everything that can be refused before the engine is involved: model (1211), parameters (1213/1214),
     input content (1301). `grounding`: what the retrieval tool found, put into the messages."""
-    platform.models.resolve(body.model)
+    platform.models.resolve(body.model, caller.key_id)
     if len(body.messages) > platform.settings.max_messages:
         raise PlatformError(1214, f"at most {platform.settings.max_messages} messages", field="messages")
     messages = engine_messages(body.messages)
@@ -154,7 +154,7 @@ def prepare(platform: Platform, body: ChatCompletionRequest, completion_id: str,
     return GenerateRequest(completion_id, params, messages=messages, tools=tools, tool_choice=tool_choice,
                            parallel_tool_calls=body.parallel_tool_calls is not False,
                            response_format=response_format, thinking=thinking,
-                           adapter=platform.models.adapter_for(body.model))
+                           adapter=platform.models.adapter_for(body.model, caller.key_id))
 
 
 def _usage(generation: Generation) -> dict[str, int]:
@@ -214,9 +214,9 @@ async def complete(
     receive: Receive,
     log_fields: dict[str, Any],
 ) -> ChatCompletion:
-    platform.models.resolve(body.model)  # an unknown model is refused before any retrieval work
+    platform.models.resolve(body.model, caller.key_id)  # an unknown model is refused before any retrieval work
     grounding = await retrieval.ground(platform, caller, body)
-    request = prepare(platform, body, completion_id, grounding)
+    request = prepare(platform, caller, body, completion_id, grounding)
     generation = Generation(platform, caller, request, log_fields)
     try:
         reply = await unless_disconnected(receive, collect(generation))
@@ -247,9 +247,9 @@ async def stream(
 ) -> EventStreamResponse:
     """The SSE response. The first step is awaited before the response starts, so that refusals the
     engine makes at admission (prompt too long, overloaded) are still ordinary HTTP errors."""
-    platform.models.resolve(body.model)
+    platform.models.resolve(body.model, caller.key_id)
     grounding = await retrieval.ground(platform, caller, body)
-    request = prepare(platform, body, completion_id, grounding)
+    request = prepare(platform, caller, body, completion_id, grounding)
     generation = Generation(platform, caller, request, log_fields)
     steps = generation.steps()
     try:

@@ -51,7 +51,7 @@ async def _file_blob(platform: Platform, caller: Caller, file_id: str, field: st
 
 
 async def create(platform: Platform, caller: Caller, body: FineTuningJobCreate) -> FineTuningJobObject:
-    platform.models.resolve(body.model)  # 1211: only the served model can be the base
+    platform.models.resolve(body.model, caller.key_id)  # 1211: only the served model can be the base
     if body.model.startswith("ft:"):
         raise PlatformError(1214, "a fine-tuned model cannot be the base of another job", field="model")
     sent = body.hyperparameters.model_dump(exclude_none=True) if body.hyperparameters else {}

@@ -7,7 +7,9 @@ send today (`glm-4.5` ... `glm-4.7` in the Z.ai SDK's own examples, `glm-z1-*`, 
 (GLMSTACK_MODEL_ALIASES), so code written for the hosted platform runs unchanged against a local server.
 It also answers to the name of every adapter the engine serves on its base (`glmstack serve --adapter NAME=DIR`,
 fine-tuned `ft:` models), as that adapter; those names are asked of the engine each time, since they come
-and go while the server runs.
+and go while the server runs. A fine-tuned `ft:` model belongs to the key whose job made it, as on the hosted
+platform: other keys neither see it in GET /models nor can call it (1211); adapters the operator serves with
+`--adapter` are for every key.
 Names match case-insensitively (the doc writes both "GLM-4-Flash" and "glm-4-flash"). Anything else is
 business error 1211; a code of a capability this server lacks (vision, embeddings, images, video, voice) says
 so rather than being answered by the chat model.
@@ -44,9 +46,11 @@ OTHER_CAPABILITIES = (
 
 class ModelCatalog:
     def __init__(self, served: str, created: int, aliases: Mapping[str, str] | None = None,
-                 adapters: Callable[[], Sequence[str]] | None = None) -> None:
+                 adapters: Callable[[], Sequence[str]] | None = None,
+                 owns: Callable[[str | None, str], bool] | None = None) -> None:
         """`aliases`: extra name -> target, where the target is a name the server answers to already.
-        `adapters`: the engine's `adapters()` (protocol.AdapterHost), when it serves any."""
+        `adapters`: the engine's `adapters()` (protocol.AdapterHost), when it serves any.
+        `owns(key_id, name)`: whether that key's job made the fine-tuned model `name` (`ft:` names only)."""
         self.served = served  # the loaded model's name (ModelInfo.name)
         self.created = created  # when it was loaded, Unix seconds
         builtin = (served, *ALIASES, *CHAT_MODEL_CODES, *PERSONA_MODELS)
@@ -61,21 +65,30 @@ class ModelCatalog:
         self._builtin_names = tuple(names.values())
         self._known = set(names)
         self._adapters = adapters
+        self._owns = owns
+
+    def _visible(self, key_id: str | None, adapter: str) -> bool:
+        return not adapter.startswith("ft:") or self._owns is None or self._owns(key_id, adapter)
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Every name GET /models lists: the built-in ones, then the adapters served now."""
+        """Every name the server answers to: the built-in ones, then the adapters served now."""
         return self._builtin_names + tuple(self._adapters() if self._adapters is not None else ())
 
-    def adapter_for(self, name: str) -> str | None:
-        """The adapter a requested model name runs (exact name), None for the base model."""
+    def names_for(self, key_id: str | None) -> tuple[str, ...]:
+        """What GET /models lists to this key: `names` less the fine-tuned models of other keys."""
+        served = self._adapters() if self._adapters is not None else ()
+        return self._builtin_names + tuple(name for name in served if self._visible(key_id, name))
+
+    def adapter_for(self, name: str, key_id: str | None) -> str | None:
+        """The adapter a requested model name runs for this key (exact name), None for the base model."""
         if self._adapters is None or name.lower() in self._known:
             return None
-        return name if name in self._adapters() else None
+        return name if name in self._adapters() and self._visible(key_id, name) else None
 
-    def resolve(self, name: str) -> str:
-        """The served model for a requested name, or 1211."""
-        if name.lower() in self._known or self.adapter_for(name) is not None:
+    def resolve(self, name: str, key_id: str | None) -> str:
+        """The served model for a requested name and the key asking, or 1211."""
+        if name.lower() in self._known or self.adapter_for(name, key_id) is not None:
             return self.served
         for pattern, capability in OTHER_CAPABILITIES:
             if pattern.match(name.lower()):

@@ -242,9 +242,11 @@ class ChatGLMv1ForCausalLM(nn.Module):
         positions: torch.Tensor,
         cache: DenseKVCache | None = None,
         last_only: bool = False,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [B, T], positions being plain token indices. The first forward on a sequence
-        must hold the whole prompt (through `<sop>`); its layout is remembered on the cache for decoding."""
+        must hold the whole prompt (through `<sop>`); its layout is remembered on the cache for decoding.
+        Logits [B, T, V]; only the last position with `last_only`, only `logit_rows` when given."""
         seqlen = input_ids.shape[1]
         if cache is None or cache.length == 0:
             prefix, mask_position = prompt_layout(input_ids, self.config)
@@ -262,6 +264,8 @@ class ChatGLMv1ForCausalLM(nn.Module):
             cache.advance(seqlen)
         if last_only:
             x = x[:, -1:]
+        elif logit_rows is not None:
+            x = x[:, logit_rows]
         return self.lm_head(self.transformer.final_layernorm(x))
 
     def _rotary(self, streams: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
