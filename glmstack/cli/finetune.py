@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HF module names, comma-separated (default: q_proj,v_proj; ChatGLM: query_key_value)")
     parser.add_argument("--pre-seq-len", type=int, default=128, help="P-Tuning v2 prefix length")
     parser.add_argument("--prefix-projection", action="store_true", help="P-Tuning v2 with the MLP reparametrization")
+    parser.add_argument("--prefix-init", choices=("random", "data"), default="random",
+                        help="P-Tuning v2's starting prefix: random (THUDM's), or the base model's own keys and "
+                             "values of the training data's first --pre-seq-len tokens (learns faster)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only on SIGTERM)")
     parser.add_argument("--eval-every", type=int, default=0, help="validation loss every M steps (and at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()),
         pre_seq_len=args.pre_seq_len, prefix_projection=args.prefix_projection,
+        prefix_init=args.prefix_init,
     )
     config = TrainConfig(
         model=args.model, train=args.train, output=args.output, method=args.method, validation=args.validation,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,9 @@ class Method:
                 param.requires_grad_(False)
         self.model = model
         return params
+
+    def warm_start(self, model: nn.Module, examples: Sequence[Sequence[int]]) -> None:
+        """Nothing: LoRA's B starts at zero, so the adapted model starts as the base."""
 
     def forward(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:

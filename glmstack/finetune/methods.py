@@ -24,6 +24,7 @@ registers those with DDP itself), so it never needs to know about distribution.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +48,9 @@ class MethodOptions:
     # P-Tuning v2 (THUDM's names)
     pre_seq_len: int = 128
     prefix_projection: bool = False
+    # "random": THUDM's N(0, 1) embedding; "data": the frozen model's own keys/values of the training data's
+    # first pre_seq_len tokens (prefix tuning's init from real activations, Li & Liang 2021 section 7.2)
+    prefix_init: str = "random"
 
 
 class TrainingMethod(Protocol):
@@ -55,6 +59,11 @@ class TrainingMethod(Protocol):
     def attach(self, model: nn.Module) -> list[nn.Parameter]:
         """Make `model` train this way: freeze its own weights, add (or create) the trainable ones.
         Returns every parameter the optimizer updates, each once."""
+        ...
+
+    def warm_start(self, model: nn.Module, examples: Sequence[Sequence[int]]) -> None:
+        """A data-dependent start for the new weights (token ids of the training examples), after attach();
+        a resumed run then loads its checkpoint over it."""
         ...
 
     def forward(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -16,6 +16,7 @@ checkpoints back for serving.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from glmstack.engine.adapters.prefix import (
     PrefixEncoder,
     load_prefix_adapter,
 )
+from glmstack.engine.kv_cache import DenseKVCache
 from glmstack.finetune.methods import MethodOptions
 
 __all__ = ["Method", "load_prefix_adapter"]
@@ -45,6 +47,11 @@ class Method:
         if options.pre_seq_len <= 0:
             raise ValueError(f"pre_seq_len must be positive, not {options.pre_seq_len}")
         self.pre_seq_len, self.prefix_projection = options.pre_seq_len, options.prefix_projection
+        if options.prefix_init not in ("random", "data"):
+            raise ValueError(f"prefix_init is 'random' or 'data', not {options.prefix_init!r}")
+        if options.prefix_init == "data" and options.prefix_projection:
+            raise ValueError("prefix_init 'data' sets the prefix itself: it needs prefix_projection off")
+        self.prefix_init = options.prefix_init
         self.dropout = dropout
         self._encoder: PrefixEncoder | None = None
         self._config: Any = None
@@ -68,6 +75,31 @@ class Method:
         self._encoder = PrefixEncoder.for_model(model, self.pre_seq_len,
                                                 prefix_projection=self.prefix_projection).to(device)
         return list(self._encoder.parameters())
+
+    @torch.no_grad()
+    def warm_start(self, model: nn.Module, examples: Sequence[Sequence[int]]) -> None:
+        """With prefix_init "data": the prefix becomes the keys and values the frozen model computes for the
+        first pre_seq_len tokens of the training examples (in file order, joined). Measured on the bundled
+        model (BENCHMARKS.md): THUDM's N(0, 1) start sits far from what the attention layers expect and the
+        loss falls slowly; from real activations it starts where the model's own context lives."""
+        if self.prefix_init != "data":
+            return
+        tokens = [token for example in examples for token in example][: self.pre_seq_len]
+        if not tokens:
+            raise ValueError("prefix_init 'data' needs training examples")
+        tokens = (tokens * (self.pre_seq_len // len(tokens) + 1))[: self.pre_seq_len]
+        cfg, weight = self._config, self.encoder.embedding.weight
+        param = next(model.parameters())
+        cache = DenseKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=param.dtype, device=param.device,
+                             capacity=self.pre_seq_len)
+        ids = torch.tensor([tokens], device=param.device)
+        was_training = model.training
+        model.eval()
+        model(ids, torch.arange(len(tokens), device=param.device)[None], cache)
+        model.train(was_training)
+        per_layer = [kv[0, :, : self.pre_seq_len] for i in range(cfg.num_layers)
+                     for kv in (cache.keys[i], cache.values[i])]  # 2L x [Hkv, P, D]: from_flat's order
+        weight.copy_(torch.stack(per_layer).permute(2, 0, 1, 3).reshape(weight.shape).to(weight.dtype))
 
     def prefix(self, model: nn.Module) -> PrefixAdapter:
         """This step's prefix from the live encoder (differentiable), in the model's dtype."""

@@ -232,6 +232,7 @@ def _train(config: TrainConfig, ddp: _Dist, events: EventLog | None) -> Path:
     torch.manual_seed(config.seed)  # the method's initial weights: the same in every process and run
     method = method_for(config.method, config.options)
     params = method.attach(model)
+    method.warm_start(model, [example.input_ids for example in train_set])
     trainable = _Trainable(model, method, params)
     wrapped: nn.Module = trainable
     if ddp.enabled:

@@ -100,6 +100,23 @@ def test_generation_on_dense_cache_equals_the_full_forward() -> None:
 # ---- training -----------------------------------------------------------------------------------------------
 
 
+def test_a_prefix_started_from_data_is_the_models_own_context() -> None:
+    """prefix_init "data": with the prefix made from tokens T, the model reading X at positions after T gives
+    what it gives reading T then X - the prefix holds exactly T's keys and values, layer by layer."""
+    model = tiny_glm()
+    method = Method(MethodOptions(pre_seq_len=P, prefix_init="data"))
+    method.attach(model)
+    context, ids = ids_of(P, seed=5), ids_of(6, seed=6)
+    method.warm_start(model, [context[0, :2].tolist(), context[0, 2:].tolist()])  # joined across examples
+    model.eval()
+    with torch.no_grad():
+        prefixed = method.forward(model, ids, torch.arange(P, P + 6)[None])
+        whole = model(torch.cat([context, ids], dim=1), torch.arange(P + 6)[None])[:, P:]
+    assert torch.allclose(prefixed, whole, atol=TOL)
+    with pytest.raises(ValueError, match="prefix_projection"):
+        Method(MethodOptions(pre_seq_len=P, prefix_init="data", prefix_projection=True))
+
+
 @pytest.mark.parametrize("projection", [False, True])
 def test_only_the_prefix_encoder_trains_and_the_loss_falls(projection: bool) -> None:
     model = tiny_glm()
