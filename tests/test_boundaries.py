@@ -67,7 +67,7 @@ def test_engine_never_loads_the_http_or_database_stack() -> None:
 
 @pytest.mark.parametrize("package", ["glmstack.api", "glmstack.store", "glmstack.knowledge", "glmstack.jobs"])
 def test_platform_never_loads_torch_or_numpy(package: str) -> None:
-    modules = [*modules_under(package), "glmstack.protocol", "glmstack.settings"]
+    modules = [*modules_under(package), "glmstack.protocol", "glmstack.settings", "glmstack.durable"]
     loaded = loaded_after_importing(modules)
     assert ("fastapi" if package == "glmstack.api" else "sqlalchemy") in loaded  # the imports really happened
     assert loaded.isdisjoint(TENSORS), sorted(loaded & set(TENSORS))

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from glmstack.engine.adapters.peft_format import fsync_file, replace_directory
+from glmstack.durable import fsync_file, replace_directory
 
 STATE_NAME = "state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from PIL import Image, ImageDraw
 
-from glmstack.engine.adapters.peft_format import fsync_file
+from glmstack.durable import fsync_file
 
 
 class EventLog:

@@ -25,6 +25,7 @@ from typing import Any
 
 from glmstack.api.deps import Platform
 from glmstack.api.errors import PlatformError
+from glmstack.durable import fsync_directory
 from glmstack.jobs import requests
 from glmstack.knowledge.jsonl_checks import BATCH_URLS, MAX_LINE_BYTES
 from glmstack.store.batches import CANCELLABLE, BatchRecord
@@ -245,7 +246,7 @@ class BatchRun:
             f.flush()
             os.fsync(f.fileno())
         blob = store.blobs.adopt(staged)  # one rename
-        _fsync_dir(store.blobs.root)
+        fsync_directory(store.blobs.root)
         store.files.create(batch.key_id, NewFile(purpose="batch", filename=f"{batch.id}_{kind}.jsonl", bytes=size,
                                                  blob=blob, file_type="application/jsonl", generated=True),
                            file_id=file_id)
@@ -258,17 +259,3 @@ def _custom_id(raw: bytes) -> str | None:
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename in `path` durable (POSIX: the directory entry is data of the directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

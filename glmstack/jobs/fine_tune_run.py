@@ -151,7 +151,7 @@ class FineTuneRun:
             command += ["--validation", str(blobs.path(job.validation_blob))]
         extra = hp.get("extra") or {}
         for flag in ("max_steps", "save_every", "eval_every", "max_length", "lora_rank", "lora_alpha",
-                     "pre_seq_len", "seed"):
+                     "pre_seq_len", "seed", "prefix_init"):
             if flag in extra:
                 command += ["--" + flag.replace("_", "-"), str(extra[flag])]
         return command

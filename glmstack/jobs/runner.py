@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from glmstack.api.deps import Platform
@@ -156,70 +157,64 @@ class JobRunner:
     # ---- a batch ------------------------------------------------------------------------------------------
 
     async def _run_batch(self, run: BatchRun) -> None:
-        batch_id = run.batch.id
-        heartbeat = asyncio.create_task(self._batch_heartbeat(run))
-        try:
-            await run.run()
-        except StoreUnavailableError as e:
-            log.warning("batch %s paused: %s", batch_id, e)
-        except Exception:
-            log.exception("batch %s stopped by an error; it resumes at the next claim", batch_id)
-        finally:
-            heartbeat.cancel()
-            self.batches.pop(batch_id, None)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.platform.store.batches.release, batch_id, self.me)
-            self.wake()  # a place is free: another batch may be waiting
-
-    async def _batch_heartbeat(self, run: BatchRun) -> None:
-        store = self.platform.store.batches
-        while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            try:
-                status = await asyncio.to_thread(store.renew, run.batch.id, self.me, self.lease_s)
-            except StoreUnavailableError:
-                continue  # the lease holds a while longer; try again
+        def renewed(status: str | None) -> bool:
             if status is None:
-                log.warning("batch %s: lease lost to another server; stopping here", run.batch.id)
                 run.stop(None)
-                return
+                return False
             if status == "cancelling":
                 run.stop("cancelled")
             elif run.batch.expires_at is not None and time.time() > run.batch.expires_at:
                 run.stop("expired")
+            return True
+
+        await self._run_leased("batch", run.batch.id, run.run(), self.batches, self.platform.store.batches, renewed)
 
     # ---- a fine-tuning job -------------------------------------------------------------------------------
 
     async def _run_fine_tune(self, run: FineTuneRun) -> None:
-        job_id = run.job.id
-        heartbeat = asyncio.create_task(self._fine_tune_heartbeat(run))
+        def renewed(cancel: bool | None) -> bool:
+            if cancel is None:
+                run.stop(cancel=False)
+                return False
+            if cancel:
+                run.stop(cancel=True)
+            return True
+
+        await self._run_leased("fine-tuning job", run.job.id, run.run(), self.fine_tunes,
+                               self.platform.store.fine_tuning, renewed)
+
+    # ---- what batches and fine-tuning jobs share ------------------------------------------------------------
+
+    async def _run_leased(self, what: str, row_id: str, work: Coroutine[Any, Any, None], registry: dict[str, Any],
+                          store: Any, renewed: Callable[[Any], bool]) -> None:
+        """Runs `work` while renewing the lease on its row every HEARTBEAT_S; `renewed` gets what the store's
+        renew answered (None: the lease is lost to another server) and returns whether to keep renewing.
+        A store outage or an error leaves the row to the next claim, here or on another server."""
+        heartbeat = asyncio.create_task(self._heartbeat(what, row_id, store, renewed))
         try:
-            await run.run()
+            await work
         except StoreUnavailableError as e:
-            log.warning("fine-tuning job %s paused: %s", job_id, e)
+            log.warning("%s %s paused: %s", what, row_id, e)
         except Exception:
-            log.exception("fine-tuning job %s stopped by an error; it resumes at the next claim", job_id)
+            log.exception("%s %s stopped by an error; it resumes at the next claim", what, row_id)
         finally:
             heartbeat.cancel()
-            self.fine_tunes.pop(job_id, None)
+            registry.pop(row_id, None)
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.platform.store.fine_tuning.release, job_id, self.me)
-            self.wake()
+                await asyncio.to_thread(store.release, row_id, self.me)
+            self.wake()  # a place is free: another job may be waiting
 
-    async def _fine_tune_heartbeat(self, run: FineTuneRun) -> None:
-        store = self.platform.store.fine_tuning
+    async def _heartbeat(self, what: str, row_id: str, store: Any, renewed: Callable[[Any], bool]) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                cancel = await asyncio.to_thread(store.renew, run.job.id, self.me, self.lease_s)
+                answer = await asyncio.to_thread(store.renew, row_id, self.me, self.lease_s)
             except StoreUnavailableError:
-                continue
-            if cancel is None:
-                log.warning("fine-tuning job %s: lease lost to another server; stopping here", run.job.id)
-                run.stop(cancel=False)
+                continue  # the lease holds a while longer; try again
+            if answer is None:
+                log.warning("%s %s: lease lost to another server; stopping here", what, row_id)
+            if not renewed(answer):
                 return
-            if cancel:
-                run.stop(cancel=True)
 
     async def _serve_fine_tuned(self) -> None:
         """At start-up: every fine-tuned model that succeeded (and was not deleted) is served again."""

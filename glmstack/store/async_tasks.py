@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import Connection, Row, delete, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from glmstack.store import leases
@@ -75,28 +75,20 @@ class AsyncTaskStore:
     def claim(self, me: str, lease_s: float) -> AsyncTask | None:
         """The oldest PROCESSING task nobody holds, leased to `me`, its attempts counted. One that has been
         started MAX_ATTEMPTS times already is failed here instead (a request that kills its server)."""
-        now = datetime.now(UTC)
-        with self._db.read() as conn:
-            candidates = conn.execute(
-                select(async_tasks.c.id, async_tasks.c.lease_owner, async_tasks.c.lease_until,
-                       async_tasks.c.attempts)
-                .where(async_tasks.c.status == "PROCESSING")
-                .order_by(async_tasks.c.created_at, async_tasks.c.id)).all()
-        for row_id, owner, until, attempts in candidates:
-            if not leases.claimable(owner, until, me, now):
-                continue
-            with self._db.write() as conn:
-                if not leases.try_claim(conn, async_tasks, row_id, owner, until, me, lease_s):
-                    continue
-                if attempts >= MAX_ATTEMPTS:
-                    error = {"code": "1234", "message": f"the task was started {attempts} times and never "
-                                                        "finished (the server stopped while running it)"}
-                    self._finish(conn, row_id, "FAIL", {"error": error})
-                    continue
-                conn.execute(update(async_tasks).where(async_tasks.c.id == row_id)
-                             .values(attempts=async_tasks.c.attempts + 1))
-                return _task(conn.execute(select(async_tasks).where(async_tasks.c.id == row_id)).one())
-        return None
+        def count_attempt(conn: Connection, row_id: str) -> bool:
+            attempts = conn.execute(select(async_tasks.c.attempts).where(async_tasks.c.id == row_id)).scalar_one()
+            if attempts >= MAX_ATTEMPTS:
+                error = {"code": "1234", "message": f"the task was started {attempts} times and never "
+                                                    "finished (the server stopped while running it)"}
+                self._finish(conn, row_id, "FAIL", {"error": error})
+                return False
+            conn.execute(update(async_tasks).where(async_tasks.c.id == row_id)
+                         .values(attempts=async_tasks.c.attempts + 1))
+            return True
+
+        row = leases.claim_first(self._db, async_tasks, async_tasks.c.status == "PROCESSING",
+                                 [async_tasks.c.created_at, async_tasks.c.id], me, lease_s, count_attempt)
+        return _task(row) if row is not None else None
 
     def renew(self, task_id: str, me: str, lease_s: float) -> bool:
         with self._db.write() as conn:

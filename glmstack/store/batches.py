@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, func, select, update
@@ -137,18 +137,8 @@ class BatchStore:
 
     def claim(self, me: str, lease_s: float) -> BatchRecord | None:
         """The oldest active batch nobody holds (or whose holder is gone), now leased to `me`."""
-        now = datetime.now(UTC)
-        with self._db.read() as conn:
-            candidates = conn.execute(
-                select(batches.c.id, batches.c.lease_owner, batches.c.lease_until)
-                .where(batches.c.status.in_(ACTIVE)).order_by(batches.c.id)).all()
-        for row_id, owner, until in candidates:
-            if not leases.claimable(owner, until, me, now):
-                continue
-            with self._db.write() as conn:
-                if leases.try_claim(conn, batches, row_id, owner, until, me, lease_s):
-                    return _record(conn.execute(select(batches).where(batches.c.id == row_id)).one())
-        return None
+        row = leases.claim_first(self._db, batches, batches.c.status.in_(ACTIVE), [batches.c.id], me, lease_s)
+        return _record(row) if row is not None else None
 
     def renew(self, batch_id: str, me: str, lease_s: float) -> str | None:
         """Extends the lease and returns the batch's status (a cancel is seen this way); None when the lease

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, insert, select, update
+from sqlalchemy import Connection, Row, delete, insert, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from glmstack.store import leases
@@ -200,21 +200,14 @@ class FineTuningStore:
     # ---- the runner's side ------------------------------------------------------------------------------
 
     def claim(self, me: str, lease_s: float) -> FineTuningJob | None:
-        now = datetime.now(UTC)
-        with self._db.read() as conn:
-            candidates = conn.execute(
-                select(fine_tuning_jobs.c.id, fine_tuning_jobs.c.lease_owner, fine_tuning_jobs.c.lease_until)
-                .where(fine_tuning_jobs.c.status.in_(ACTIVE)).order_by(fine_tuning_jobs.c.id)).all()
-        for row_id, owner, until in candidates:
-            if not leases.claimable(owner, until, me, now):
-                continue
-            with self._db.write() as conn:
-                if leases.try_claim(conn, fine_tuning_jobs, row_id, owner, until, me, lease_s):
-                    conn.execute(update(fine_tuning_jobs).where(fine_tuning_jobs.c.id == row_id)
-                                 .values(attempts=fine_tuning_jobs.c.attempts + 1))
-                    return _job(conn.execute(select(fine_tuning_jobs)
-                                             .where(fine_tuning_jobs.c.id == row_id)).one())
-        return None
+        def count_attempt(conn: Connection, row_id: str) -> bool:
+            conn.execute(update(fine_tuning_jobs).where(fine_tuning_jobs.c.id == row_id)
+                         .values(attempts=fine_tuning_jobs.c.attempts + 1))
+            return True
+
+        row = leases.claim_first(self._db, fine_tuning_jobs, fine_tuning_jobs.c.status.in_(ACTIVE),
+                                 [fine_tuning_jobs.c.id], me, lease_s, count_attempt)
+        return _job(row) if row is not None else None
 
     def renew(self, job_id: str, me: str, lease_s: float) -> bool | None:
         """Extends the lease; returns whether a cancel was asked for, None when the lease is not ours."""

@@ -1,4 +1,4 @@
-"""Leases on job rows (async tasks, batches): which server process runs a job now.
+"""Leases on job rows (async tasks, batches, fine-tuning jobs): which server process runs a job now.
 
 A runner claims a row by compare-and-set on (lease_owner, lease_until) and renews the lease while it works;
 a row whose lease ran out, or whose owner is a process of this machine that no longer exists (a server
@@ -11,9 +11,14 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, Table, and_, update
+from sqlalchemy import Connection, Row, Table, and_, select, update
+from sqlalchemy.sql.elements import ColumnElement
+
+from glmstack.store.db import Database
 
 
 def owner_tag() -> str:
@@ -70,3 +75,24 @@ def renew(conn: Connection, table: Table, row_id: str, me: str, lease_s: float) 
 def release(conn: Connection, table: Table, row_id: str, me: str) -> None:
     conn.execute(update(table).where(table.c.id == row_id, table.c.lease_owner == me)
                  .values(lease_owner=None, lease_until=None))
+
+
+def claim_first(db: Database, table: Table, active: ColumnElement[bool], order_by: Sequence[Any], me: str,
+                lease_s: float, on_claim: Callable[[Connection, str], bool] | None = None) -> Row[Any] | None:
+    """Leases to `me` the first row matching `active` (in `order_by` order) that nobody holds or whose holder
+    is gone, and returns it as it is after `on_claim(conn, row_id)`, which runs in the claiming transaction
+    (count an attempt, say) and may return False to pass the row over (it finished the row instead)."""
+    now = datetime.now(UTC)
+    with db.read() as conn:
+        candidates = conn.execute(select(table.c.id, table.c.lease_owner, table.c.lease_until)
+                                  .where(active).order_by(*order_by)).all()
+    for row_id, owner, until in candidates:
+        if not claimable(owner, until, me, now):
+            continue
+        with db.write() as conn:
+            if not try_claim(conn, table, row_id, owner, until, me, lease_s):
+                continue
+            if on_claim is not None and not on_claim(conn, row_id):
+                continue
+            return conn.execute(select(table).where(table.c.id == row_id)).one()
+    return None

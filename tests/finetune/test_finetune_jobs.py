@@ -185,6 +185,10 @@ def test_bad_requests(platform: Platform, tmp_path: Path) -> None:
     with pytest.raises(zhipuai.APIStatusError) as too_many:
         client.fine_tuning.jobs.create(model="glm-4", training_file=train, hyperparameters={"n_epochs": 11})
     assert "1214" in str(too_many.value) and "n_epochs" in str(too_many.value)
+    with pytest.raises(zhipuai.APIStatusError) as bad_init:
+        client.fine_tuning.jobs.create(model="glm-4", training_file=train, extra_body={
+            "fine_tuning_method": "ptuning", "extra_hyperparameters": {"prefix_init": "zeros"}})
+    assert "1214" in str(bad_init.value) and "prefix_init" in str(bad_init.value)
     with pytest.raises(zhipuai.APIStatusError) as missing:
         client.fine_tuning.jobs.retrieve("ftjob-20240101000000000-nope0")
     assert missing.value.status_code == 404

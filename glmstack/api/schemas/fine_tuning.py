@@ -52,7 +52,8 @@ class FineTuningJobCreate(BaseModel):
         None, description='"lora" (default) or "ptuning" (P-Tuning v2; glmstack\'s); "full" is not offered')
     extra_hyperparameters: dict[str, Any] | None = Field(
         None, description="glmstack: max_steps, save_every, eval_every, max_length, lora_rank, lora_alpha, "
-                          "pre_seq_len, seed")
+                          "pre_seq_len, seed (positive integers); prefix_init \"random\" or \"data\" "
+                          "(P-Tuning's start)")
     suffix: str | None = Field(None, max_length=MAX_SUFFIX)
     request_id: StoredText | None = Field(None, max_length=128)
 

@@ -23,7 +23,8 @@ from glmstack.store.fine_tuning import FineTuningJob
 
 DEFAULTS = {"learning_rate_multiplier": 1.0, "batch_size": 8, "n_epochs": 3}  # "auto" (spec §5.4)
 EXTRA_KEYS = frozenset({"max_steps", "save_every", "eval_every", "max_length", "lora_rank", "lora_alpha",
-                        "pre_seq_len", "seed"})
+                        "pre_seq_len", "seed", "prefix_init"})
+PREFIX_INITS = ("random", "data")  # P-Tuning's starting prefix (glmstack finetune --prefix-init)
 EVENT_PREFIX = "ftevent-"
 
 
@@ -61,8 +62,12 @@ async def create(platform: Platform, caller: Caller, body: FineTuningJobCreate) 
     if unknown:
         raise PlatformError(1214, f"unknown keys {sorted(unknown)}; known: {sorted(EXTRA_KEYS)}",
                             field="extra_hyperparameters")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in extra.values()):
-        raise PlatformError(1214, "values must be positive integers", field="extra_hyperparameters")
+    if "prefix_init" in extra and extra["prefix_init"] not in PREFIX_INITS:
+        raise PlatformError(1214, f"prefix_init is one of {list(PREFIX_INITS)}", field="extra_hyperparameters")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+               for k, v in extra.items() if k != "prefix_init"):
+        raise PlatformError(1214, "values must be positive integers (prefix_init: \"random\" or \"data\")",
+                            field="extra_hyperparameters")
     if extra:
         hp["extra"] = extra
     training = await _file_blob(platform, caller, body.training_file, "training_file")

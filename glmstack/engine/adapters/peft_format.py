@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from glmstack.durable import fsync_directory, fsync_file
 from glmstack.engine.loading.checkpoint import load_bin
 
 CONFIG_NAME = "adapter_config.json"
@@ -112,34 +113,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, set | frozenset | tuple):  # PEFT keeps target_modules as a set
         return sorted(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename in `path` durable (a no-op where directories cannot be opened, as on Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_directory(staging: Path, target: Path) -> None:
-    """Rename a complete `staging` folder to `target`. A folder cannot be renamed over a non-empty one, so an
-    existing target is first renamed aside (and removed once the new one is in place)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(staging, target)
-    fsync_directory(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
