@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,16 @@ import uvicorn
 from glmstack.api.h11_envelope import EnvelopeH11Protocol
 
 STARTUP_TIMEOUT_S = 240  # loading the bundled model on a busy 2-core machine
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 300, every: float = 0.05) -> Any:
+    """Polls `check` every `every` seconds until it returns something truthy, which is returned; failing the
+    test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+    return value
 
 
 def launch_serve(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:

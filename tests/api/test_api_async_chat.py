@@ -6,8 +6,7 @@ On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import zhipuai
 from scripted import ScriptedEngine
-from servers import LiveServer
+from servers import LiveServer, wait_for
 from sqlalchemy import update
 
 from glmstack.api import create_app
@@ -27,14 +26,6 @@ from glmstack.store.tables import async_tasks
 
 BASE = "/api/paas/v4"
 MESSAGES = [{"role": "user", "content": "讲一个故事"}]
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return value
 
 
 def serve(store: Store, tmp_path: Path, engine: ScriptedEngine) -> LiveServer:

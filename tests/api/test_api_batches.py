@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import openai
 import pytest
 import zhipuai
 from scripted import ScriptedEngine
-from servers import LiveServer
+from servers import LiveServer, wait_for
 
 from glmstack.api import create_app
 from glmstack.protocol import Embedder, GenerateRequest, GenerationEvent
@@ -34,16 +33,6 @@ def line(custom_id: str, content: str = "hi", url: str = "/v4/chat/completions",
 
 def jsonl(*records: Any) -> bytes:
     return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 class HeldEngine(ScriptedEngine):

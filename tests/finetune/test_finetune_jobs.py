@@ -7,8 +7,7 @@ errors."""
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import zhipuai
 from finetune_models import facts, glm4_checkpoint, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/servers.py
-from servers import LiveServer
+from servers import LiveServer, wait_for
 
 from glmstack import load
 from glmstack.api import create_app
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.slow
 BASE = "/api/paas/v4"
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 300) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-    return value
 
 
 @pytest.fixture(scope="module")

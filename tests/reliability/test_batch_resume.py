@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zhipuai
 from platform_server import Server, start_server, stop_server
+from servers import wait_for
 
 from glmstack.store import Store
 
@@ -25,12 +24,6 @@ MAX_TOKENS = 48
 ENV = {"GLMSTACK_BATCH_CONCURRENCY": "2", "GLMSTACK_SHUTDOWN_GRACE_S": "2"}
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 300) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-    return value
 
 
 def body(i: int) -> dict[str, Any]:

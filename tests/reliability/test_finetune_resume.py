@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 import zhipuai
 from platform_server import start_server, stop_server
+from servers import wait_for
 
 from glmstack.store import Store
 
@@ -25,12 +23,6 @@ STEPS = 10
 ENV = {"GLMSTACK_FINETUNE_THREADS": "1", "GLMSTACK_SHUTDOWN_GRACE_S": "2"}
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 300) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-    return value
 
 
 def training_file(path: Path) -> Path:
