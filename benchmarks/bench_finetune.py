@@ -49,9 +49,10 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     # LoRA on every linear of the decoder: the codebook is facts, which the MLPs hold better than q/v alone
     "lora": {"learning_rate": 2e-3, "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05,
              "target_modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"},
-    # the prefix starts from the base's own keys/values of the data (random N(0, 1), THUDM's start, stayed at
-    # 0% exact match after 241 steps: BENCHMARKS.md)
-    "ptuning": {"learning_rate": 5e-2, "pre_seq_len": 32, "prefix_init": "data"},
+    # the prefix starts as the base's own keys/values of the first 512 training tokens, a dozen worked examples
+    # placed before every conversation (random N(0, 1), THUDM's start, stayed at 0% exact match after 241
+    # steps; 32 data tokens plateaued at 10%: BENCHMARKS.md)
+    "ptuning": {"learning_rate": 2e-2, "pre_seq_len": 512, "prefix_init": "data"},
 }
 BATCH_SIZE = 4
 WARMUP_STEPS = 5

@@ -100,12 +100,16 @@ def measure(model, target: float | None, args: argparse.Namespace) -> dict[str, 
         due = len(short_started)
         if due < len(arrivals) and now - long_started >= arrivals[due] and long_time is None:
             core.add_request(f"short{due}", short_ids, GREEDY)
-            # timed from when it was due, not from when the loop noticed: a server's request waits out the
-            # step in flight the same way
+            # timed from when it was due, not from when the loop noticed: a server's request waits for the
+            # step in flight the same way (which gives way to it, as the server's does, when it can)
             short_started[f"short{due}"] = long_started + arrivals[due]
         elif due < len(arrivals) and long_time is not None:
             arrivals = arrivals[:due]  # the prompt finished first: later arrivals would not overlap it
-        for rid, _ in core.step():
+        def arrived(due: int = len(short_started), due_at: tuple[float, ...] = tuple(arrivals),
+                    prefilling: bool = long_time is None) -> bool:  # what a server's inbox flag says mid-step
+            return prefilling and due < len(due_at) and time.perf_counter() - long_started >= due_at[due]
+
+        for rid, _ in core.step(interactive_waiting=arrived):
             now = time.perf_counter()
             if rid in last_token:
                 if long_time is None:

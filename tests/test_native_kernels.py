@@ -242,7 +242,8 @@ def test_the_build_is_shared_by_every_checkout(nk) -> None:
     checkout's path and a second checkout (or a wheel install) finds the build ready instead of redoing it."""
     directory = native.build_dir()
     assert native.is_built()
-    assert (directory / "kernels.cpp").read_bytes() == (Path(native.__file__).parent / "kernels.cpp").read_bytes()
+    for name in ("kernels.cpp", "int4_lanes.h"):  # the source and the header it includes
+        assert (directory / name).read_bytes() == (Path(native.__file__).parent / name).read_bytes()
     rules = (directory / "build.ninja").read_text()
     assert f"compile {directory / 'kernels.cpp'}" in rules
     assert str(Path(native.__file__).parent) not in rules

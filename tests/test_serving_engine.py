@@ -194,3 +194,42 @@ def test_a_batch_step_gives_way_to_an_interactive_request_and_loses_nothing(bund
     for name, prompt in ids.items():
         assert results[name] == reference(model, prompt, 6)
     assert first[0][1].token_ids + results["chat"][1] == reference(model, chat, 6)[1]
+
+
+def test_a_long_prompt_step_gives_way_to_a_newcomer_and_loses_nothing(bundled) -> None:
+    """A step carrying a chunk from the middle of a long prompt stops within a layer once an interactive
+    request arrives; the next step is the newcomer's (the decoding stream's token with it, the long prompt
+    sitting out), and that step does not give way in turn. Everyone ends with the tokens they get alone."""
+    model, _ = bundled
+    core = EngineCore(model, kv_cache_bytes=64 << 20, max_batch_tokens=256)  # the default StepBudget
+    params = SamplingParams(do_sample=False, max_tokens=6)
+    stream = prompt_ids(model, PROMPTS[0])
+    core.add_request("stream", stream, params)
+    tokens: dict[str, list[int]] = {"stream": [], "long": [], "chat": []}
+
+    def record(events) -> list[str]:  # type: ignore[no-untyped-def]
+        for rid, event in events:
+            tokens[rid] += event.token_ids
+        return sorted(rid for rid, _ in events)
+
+    assert record(core.step()) == ["stream"]  # it decodes from now on
+    long = prompt_ids(model, " ".join(PROMPTS[1:4] * 30), system="You are thorough.")
+    assert len(long) > 2 * 256
+    core.add_request("long", long, SamplingParams(do_sample=False, max_tokens=2))
+    polls: list[int] = []
+
+    def newcomer_after_two_layers() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    assert core.step(None, newcomer_after_two_layers) == []  # stream + a chunk of long: stopped
+    assert len(polls) == 3 < model.module.config.num_layers
+    chat = prompt_ids(model, PROMPTS[5], system="You are terse.")
+    core.add_request("chat", chat, params)
+    # the newcomer's step, which nothing can interrupt (no chunk in it is the middle of a long prompt)
+    assert record(core.step(None, lambda: True)) == ["chat", "stream"]
+    assert core.requests["long"].seq.num_computed == 0  # it sat this step out
+    for name, (_, rest, _) in run_all(core).items():
+        tokens[name] += rest
+    for name, prompt, count in (("stream", stream, 6), ("long", long, 2), ("chat", chat, 6)):
+        assert tokens[name] == reference(model, prompt, count)[1], name

@@ -101,8 +101,9 @@ def test_generation_on_dense_cache_equals_the_full_forward() -> None:
 
 
 def test_a_prefix_started_from_data_is_the_models_own_context() -> None:
-    """prefix_init "data": with the prefix made from tokens T, the model reading X at positions after T gives
-    what it gives reading T then X - the prefix holds exactly T's keys and values, layer by layer."""
+    """prefix_init "data": with the prefix made from tokens T, the model reading X at its own positions 0.. (as
+    training and serving run it) gives what it gives reading T then X - the prefix holds exactly T's keys and
+    values, rotated as keys P positions before X's, layer by layer."""
     model = tiny_glm()
     method = Method(MethodOptions(pre_seq_len=P, prefix_init="data"))
     method.attach(model)
@@ -110,7 +111,7 @@ def test_a_prefix_started_from_data_is_the_models_own_context() -> None:
     method.warm_start(model, [context[0, :2].tolist(), context[0, 2:].tolist()])  # joined across examples
     model.eval()
     with torch.no_grad():
-        prefixed = method.forward(model, ids, torch.arange(P, P + 6)[None])
+        prefixed = method.forward(model, ids, torch.arange(6)[None])
         whole = model(torch.cat([context, ids], dim=1), torch.arange(P + 6)[None])[:, P:]
     assert torch.allclose(prefixed, whole, atol=TOL)
     with pytest.raises(ValueError, match="prefix_projection"):

@@ -37,7 +37,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("kernels.cpp")
+_SOURCE = Path(__file__).with_name("kernels.cpp")  # compiled; it includes the headers beside it
+_HEADERS = ("int4_lanes.h",)
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fno-math-errno",
           # at::parallel_for is inline: without -fopenmp its `#pragma omp parallel` compiles to nothing. The
           # module then links libgomp.so.1, which resolves to the copy torch has already loaded (one pool).
@@ -79,7 +80,8 @@ def unavailable_reason() -> str | None:
 
 def _key() -> str:
     # One build per source + flags + torch version: a stale build is never loaded.
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode())
+    sources = b"".join(path.read_bytes() for path in _sources())
+    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + torch.__version__.encode())
     return key.hexdigest()[:12]
 
 
@@ -92,17 +94,22 @@ def build_dir() -> Path:
     return base / "glmstack_native" / _key()
 
 
+def _sources() -> list[Path]:
+    return [_SOURCE] + [_SOURCE.with_name(name) for name in _HEADERS]
+
+
 def _source_copy(directory: Path) -> Path:
-    """kernels.cpp inside the build folder, compiled from there: the build rules name the source's path, so
-    compiling the checkout's own file would make every checkout (or install) rebuild the others' build. The
-    folder is keyed by the source's content, so its copy is always the same file."""
-    source = directory / _SOURCE.name
-    content = _SOURCE.read_bytes()
-    if not source.is_file() or source.read_bytes() != content:
-        partial = source.with_name(f"{source.name}.{os.getpid()}.tmp")
-        partial.write_bytes(content)
-        os.replace(partial, source)  # atomic: a concurrent build sees the old file or the whole new one
-    return source
+    """kernels.cpp and its headers inside the build folder, compiled from there: the build rules name the
+    source's path, so compiling the checkout's own file would make every checkout (or install) rebuild the
+    others' build. The folder is keyed by the sources' content, so its copies are always the same files."""
+    for original in _sources():
+        copy = directory / original.name
+        content = original.read_bytes()
+        if not copy.is_file() or copy.read_bytes() != content:
+            partial = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
+            partial.write_bytes(content)
+            os.replace(partial, copy)  # atomic: a concurrent build sees the old file or the whole new one
+    return directory / _SOURCE.name
 
 
 def is_built() -> bool:

@@ -636,6 +636,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out;
 }
 
+#include "int4_lanes.h"
+
 // Same arguments as int8_linear; the group size is K / scales_and_zeros.size(-1).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros,
                        const std::optional<at::Tensor>& bias,
@@ -658,8 +660,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const void* szp = sz.data_ptr();
   const bool szb = sz.scalar_type() == at::kBFloat16;
   if (use_vnni.load(std::memory_order_relaxed)) {
-    const QuantizedX qx = quantize_activations(xf.data_ptr<float>(), M, K, G);
-    vnni_linear<true>(qx, VnniWeights{wp, szp, szb, K, G, int4_prefetch_distance(K / 2)}, M, N, ep);
+    int4_lanes_linear(xf.data_ptr<float>(), M, wp, szp, szb, N, K, G, ep);
     return out;
   }
   const float* xp = xf.data_ptr<float>();

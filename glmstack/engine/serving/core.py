@@ -196,16 +196,22 @@ class EngineCore:
         """One batched forward pass and its sampled tokens. `abandoned(request_id)`, when given, is polled
         during the pass: once every request in the step is abandoned, the pass stops early and the step
         records nothing (the caller then aborts those requests, which frees their blocks).
-        `interactive_waiting()`, polled the same way in a step of background rows only: once an interactive
-        request has arrived, the pass stops and records nothing, so the chat's prompt runs next instead of
-        after the rest of a batch step (those rows run their step again later; a few layers are lost)."""
+        `interactive_waiting()`, polled the same way in a step that can wait: once an interactive request has
+        arrived, the pass stops and records nothing, so the newcomer's prompt runs next instead of after the
+        rest of the step (the step's rows run it again later; the layers done so far are lost). Steps that can
+        wait: those of background rows only (a batch step), and those carrying a chunk from the middle of a
+        long prompt - which the scheduler then sits out for one step, so a short request's first token comes
+        about an idle TTFT after it arrives, not after the step in flight (issue 14). Decoding rows lose
+        nothing: they are in the newcomer's step too."""
         plan = self.scheduler.schedule(self.step_budget)
         if not plan.chunks:
             return []
         cancelled = None
         if abandoned is not None or interactive_waiting is not None:
             ids = [chunk.seq.seq_id for chunk in plan.chunks]
-            yields = interactive_waiting if all(c.seq.background for c in plan.chunks) else None
+            can_wait = all(c.seq.background for c in plan.chunks) or self.step_budget is not None and any(
+                not c.seq.is_decoding and not c.samples for c in plan.chunks)
+            yields = interactive_waiting if can_wait else None
 
             def cancelled() -> bool:
                 if yields is not None and yields():
