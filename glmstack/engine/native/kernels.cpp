@@ -5,8 +5,9 @@
 // - int4_linear: the same for group-wise asymmetric int4, w = (q - 8) * s + z per group of G inputs, codes
 //   packed 16 bytes per 32 inputs: byte j holds input j (low nibble) and input j + 16 (high nibble).
 // Where the CPU has AVX512-VNNI (checked at run time) both quantize x to int8 per block of 32 inputs, once per
-// call, and sum weights x activations in int32 with VPDPBUSD (llama.cpp's Q4 x Q8 and Q8 x Q8 dots); that
-// reads the weights at memory speed in decode and runs a prompt's rows at GEMM speed. A row's result is
+// call, and sum weights x activations in int32 with VPDPBUSD (llama.cpp's Q4 x Q8 and Q8 x Q8 dots; int4's
+// kernel, one output per lane, is int4_lanes.h); that reads the weights at memory speed in decode and runs a
+// prompt's rows at GEMM speed. A row's result is
 // bit-identical whatever else the call holds (1 row or 500), so a token's logits do not depend on how a
 // serving step was composed. Elsewhere, or after set_vnni(false), they multiply fp32 activations.
 // Both take an optional input transform, fused so decode makes one call instead of three:
@@ -17,7 +18,8 @@
 //   ones before it) alike, with the same arithmetic per row: a token attends the same bits either way.
 //   Rotary is Llama's rotate-half over the whole head, or GLM's adjacent pairs over the head's first dims.
 // - rms_norm_add: residual + rms_norm(x) * weight, for GLM-4-0414's norms on a sublayer's output.
-// Accumulation is fp32 (int32 within a 128-input chunk on VNNI). Threads come from ATen's pool.
+// Accumulation is fp32 (int32 within a 128-input chunk, or a 32-input block for int4, on VNNI). Threads come
+// from ATen's pool.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -301,32 +303,25 @@ inline void int4_tile_fp32(const float* x, const float* xsum, int64_t K, int64_t
     for (int r = 0; r < NT; ++r) ep.store(m0 + m, n0 + r, _mm512_reduce_add_ps(acc[m][r]) + zacc[m][r]);
 }
 
-// ---- int8 activations x int4 / int8 weights (AVX512-VNNI) ---------------------------------------------------
+// ---- int8 activations x int8 weights (AVX512-VNNI) ---------------------------------------------------------
 //
-// Converting every nibble to fp32 keeps int4_tile_fp32 compute-bound: on 2 cores it moves packed weights at
-// 6-11 GB/s where int8 moves 12-17 (benchmarks/bench_native_stream.py), so int4 decode was no faster than
-// int8 for half the bytes. As llama.cpp's Q4 x Q8 dot does, x is instead quantized to int8 once per call,
-// in blocks of 32 inputs (dx_b = max|x| / 127), and VPDPBUSD multiplies unsigned nibbles by signed int8
-// activations, summing each 4 products into an int32 lane: 128 weights of a row cost a load, three logic
-// ops, a scale load and permute, and per activation row two VPDPBUSD, a convert, a multiply and an FMA:
-// under half the fp32 loop's instructions per weight, and the weights stream at memory bandwidth.
+// fp32 activations keep an int8 GEMV compute-bound (a conversion and an FMA per weight). As llama.cpp's Q8 x Q8
+// dot does, x is instead quantized to int8 once per call, in blocks of 32 inputs (dx_b = max|x| / 127), and
+// VPDPBUSD sums each 4 products into an int32 lane. (int4 weights take the same activations in int4_lanes.h,
+// one output per lane.)
 //
 // Activation layout, per row of x: 128 bytes per 128 inputs (4 blocks): bytes 0..63 hold inputs 0..15 of
-// blocks 0..3, bytes 64..127 inputs 16..31 of blocks 0..3. One 64-byte weight load covers the same 128
-// inputs (16 bytes per block); its low nibbles pair with the first 64 bytes and its high nibbles with the
-// second, so int32 lane l sums inputs of block l / 4 only, and a per-lane fp32 scale s_group * dx_block
-// finishes it. A last chunk of 32, 64 or 96 inputs (K = 576 is 4.5 chunks) is a masked weight load
-// against zero-padded activations.
+// blocks 0..3, bytes 64..127 inputs 16..31 of blocks 0..3. A chunk's two 64-byte weight loads are regrouped by
+// 128-bit quarters into the same lo / hi halves, flipped to unsigned (w + 128), and the int32 dot starts from
+// -128 x the lane's code sum to remove the offset, so int32 lane l sums inputs of block l / 4 only; each lane
+// is scaled by its block's dx and the row's scale comes last: 2 VPDPBUSD per 128 weights where fp32
+// activations took 8 FMAs and 8 conversions. A last chunk of 32, 64 or 96 inputs (K = 576 is 4.5 chunks) is a
+// masked load against zero-padded activations.
 //
 // The error this adds is that of rounding each x to within dx_b / 2, as llama.cpp's Q8 activations: the
-// result is w . x^ with x^ = dx_b * xq (see QuantizedX::xsum for why the zero term uses x^ as well).
+// result is w . x^ with x^ = dx_b * xq.
 //
-// int8 weights use the same activations: a chunk's two 64-byte loads are regrouped by 128-bit quarters into
-// the same lo / hi halves, flipped to unsigned (w + 128), and the int32 dot starts from -128 x the lane's code
-// sum to remove the offset; each lane is scaled by its block's dx and the row's scale comes last. That makes
-// int8 a Q8 x Q8 dot, 2 VPDPBUSD per 128 weights where fp32 activations took 8 FMAs and 8 conversions.
-//
-// A prompt (more than MR rows) unpacks each group of NR weight rows once into a per-thread buffer for all
+// A prompt (more than MR rows) regroups each group of NR weight rows once into a per-thread buffer for all
 // its row tiles; the arithmetic per output is the decode path's, op for op (vnni_tile).
 
 constexpr int64_t QBLOCK = 32;   // inputs per activation scale
@@ -346,31 +341,18 @@ std::atomic<bool> use_vnni{kCpuHasVnni};  // set_vnni(false) forces the fp32 pat
 struct QuantizedX {
   const int8_t* q;   // [M, chunks * 128] in the layout above, zero past K
   const float* dx;   // [M, chunks * 16]: lane l of chunk c holds dx of block 4c + l / 4 (0 past K)
-  // [M, chunks * 16]: -8 x the sum of the 8 codes lane l of chunk c multiplies. The int32 dot starts from
-  // it, so it yields (q - 8) . xq exactly, and the zero term needs no scales: only z_g xsum_g is left.
+  // [M, chunks * 16]: -8 x the sum of the 8 codes lane l of chunk c multiplies; x 16 it is the -128 x code
+  // sum that takes the weights' +128 offset back out of the int32 dot.
   const int32_t* minus8;
-  // [M, K / G]: the group's sum of x^ = dx_b * xq, not of x (as llama.cpp's Q8_1 blocks). The kernel then
-  // computes w . x^ exactly (to fp32 rounding): error sum_k w_k (x^_k - x_k), a plain dot that tests can
-  // check. With the sum of x it would be sum_k (w_k - z_g)(x^_k - x_k), and z_g = min + 8 s_g is not the
-  // centre of a near-zero-mean group: 7% more error on SmolLM2's projections with its own activations
-  // (less only for groups far from zero mean).
-  const float* xsum;
-  // Which weight scales a chunk's lanes take (the same for every row): lane l covers block 4c + l / 4, in
-  // group (128c + 32 (l / 4)) / G. A chunk touches at most 4 groups (G >= 32): one masked load of them
-  // from group first[c], spread over the lanes with VPERMPS by idx (relative to first[c]).
-  const int32_t* idx;    // [chunks * 16]
-  const int64_t* first;  // [chunks]
-  const uint8_t* mask;   // [chunks]: the groups the chunk touches, as a load mask
 };
 
 // Blocks with max|x| below 1e-30 (all-zero ones among them) get dx = 0 and codes 0: 127 / max|x| stays
 // finite, nothing divides 0 by 0, and what is dropped is below 32e-30 |w| per block.
-void quantize_row_q8(const float* x, int64_t K, int64_t G, int8_t* q, float* dx, int32_t* minus8, float* xsum) {
+void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* dx, int32_t* minus8) {
   const int64_t chunks = q_chunks(K);
   std::memset(q, 0, chunks * QCHUNK);
   std::fill(dx, dx + chunks * 16, 0.f);
   std::fill(minus8, minus8 + chunks * 16, 0);
-  std::fill(xsum, xsum + K / G, 0.f);
   for (int64_t b = 0; b < K / QBLOCK; ++b) {
     const __m512 lo = _mm512_loadu_ps(x + b * QBLOCK), hi = _mm512_loadu_ps(x + b * QBLOCK + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -385,59 +367,31 @@ void quantize_row_q8(const float* x, int64_t K, int64_t G, int8_t* q, float* dx,
     // Lane 4 (b % 4) + i of chunk b / 4 multiplies inputs 4i..4i+3 and 16+4i..16+4i+3 of the block.
     alignas(64) int32_t pairs[16];
     _mm512_store_si512(pairs, _mm512_add_epi32(ql, qh));
-    int32_t total = 0;
     for (int i = 0; i < 4; ++i) {
       const int32_t lane = pairs[4 * i] + pairs[4 * i + 1] + pairs[4 * i + 2] + pairs[4 * i + 3];
       dx[b * 4 + i] = d;
       minus8[b * 4 + i] = -8 * lane;
-      total += lane;
     }
-    xsum[b * QBLOCK / G] += d * static_cast<float>(total);
   }
 }
 
 // Quantizes the M rows of x (fp32 [M, K]) into a per-thread buffer that later calls reuse: three tensors
 // and three vectors a call cost about 1 us, a tenth of a small decode GEMV. Valid until the next call on
 // this thread.
-QuantizedX quantize_activations(const float* x, int64_t M, int64_t K, int64_t G) {
+QuantizedX quantize_activations(const float* x, int64_t M, int64_t K) {
   thread_local std::vector<uint64_t> buffer;
-  const int64_t chunks = q_chunks(K), groups = K / G;
-  auto padded = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
-  const int64_t q_bytes = M * chunks * QCHUNK, lanes_bytes = M * chunks * 16 * 4,
-                xsum_bytes = padded(M * groups * 4), idx_bytes = chunks * 16 * 4, first_bytes = chunks * 8,
-                mask_bytes = chunks;
-  buffer.resize((q_bytes + 2 * lanes_bytes + xsum_bytes + idx_bytes + first_bytes + mask_bytes + 64) / 8 + 1);
+  const int64_t chunks = q_chunks(K);
+  const int64_t q_bytes = M * chunks * QCHUNK, lanes_bytes = M * chunks * 16 * 4;
+  buffer.resize((q_bytes + 2 * lanes_bytes + 64) / 8 + 1);
   char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) / 64 * 64);
   int8_t* q = reinterpret_cast<int8_t*>(p);
   float* dx = reinterpret_cast<float*>(p += q_bytes);
-  int32_t* minus8 = reinterpret_cast<int32_t*>(p += lanes_bytes);
-  float* xsum = reinterpret_cast<float*>(p += lanes_bytes);
-  int32_t* idx = reinterpret_cast<int32_t*>(p += xsum_bytes);
-  int64_t* first = reinterpret_cast<int64_t*>(p += idx_bytes);
-  uint8_t* mask = reinterpret_cast<uint8_t*>(p + first_bytes);
+  int32_t* minus8 = reinterpret_cast<int32_t*>(p + lanes_bytes);
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
-      quantize_row_q8(x + m * K, K, G, q + m * chunks * QCHUNK, dx + m * chunks * 16, minus8 + m * chunks * 16,
-                      xsum + m * groups);
+      quantize_row_q8(x + m * K, K, q + m * chunks * QCHUNK, dx + m * chunks * 16, minus8 + m * chunks * 16);
   });
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t g0 = c * QCHUNK / G, g1 = (std::min(K, (c + 1) * QCHUNK) - 1) / G;
-    first[c] = g0;
-    mask[c] = static_cast<uint8_t>((1u << (g1 - g0 + 1)) - 1u);
-    for (int l = 0; l < 16; ++l) idx[c * 16 + l] = static_cast<int32_t>((c * QCHUNK + (l / 4) * QBLOCK) / G - g0);
-  }
-  return {q, dx, minus8, xsum, idx, first, mask};
-}
-
-// Up to 4 consecutive scales from p[i], spread over 16 lanes: fp32 by VPERMPS with idx, bf16 by VPERMW with
-// idx16 (= idx << 16: each lane's high word takes the bf16, its low word is zeroed) - one op, not three.
-inline __m512 load_lane_scales(const void* p, int64_t i, bool bf16, __mmask8 mask, __m512i idx, __m512i idx16) {
-  if (bf16) {
-    const __m128i h = _mm_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
-    return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, idx16, _mm512_castsi128_si512(h)));
-  }
-  const __m128 v = _mm_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
-  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+  return {q, dx, minus8};
 }
 
 inline __m512 load16(const void* p, int64_t i, bool bf16, __mmask16 mask) {
@@ -457,103 +411,51 @@ inline __m512 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 // One 128-input chunk of one weight row as VPDPBUSD takes it: unsigned bytes laid out as the activations
-// (lo: inputs 0..15 of the chunk's 4 blocks, hi: inputs 16..31) and, for int4, each lane's group scale.
+// (lo: inputs 0..15 of the chunk's 4 blocks, hi: inputs 16..31).
 struct alignas(64) WChunk {
   __m512i lo, hi;
-  __m512 sv;
 };
-
-// The weights of a VNNI linear: int4 codes packed 16 bytes per 32 inputs with [N, 2, K/G] scales and zeros,
-// or int8 [N, K] (per-row scales applied by the epilogue).
-struct VnniWeights {
-  const uint8_t* w;
-  const void* sz;  // int4 only
-  bool sz_bf16;
-  int64_t K, G;
-  int64_t prefetch = PREFETCH_BYTES;  // how far ahead of a row's loads its bytes are prefetched (int4)
-};
-
-// A tile reads NR weight rows in lockstep. For int4 rows of 0.5-4 KiB (K = 1024-8192) a prefetch 2 KiB ahead
-// lands in rows the same tile is reading at that moment; the next tile's rows (NR rows on, at the same
-// offset) are fetched instead: GLM-4's 2048- and 3456-input int4 GEMVs stream 10-17% faster, batch-1 decode
-// of a 1.5B GLM-4 5-9% (int8 rows, already fast enough for the hardware prefetchers, keep 2 KiB).
-inline int64_t int4_prefetch_distance(int64_t row_bytes) {
-  const int64_t next_tile = NR * row_bytes;
-  return next_tile <= 16384 ? std::max(PREFETCH_BYTES, next_tile) : PREFETCH_BYTES;
-}
 
 // int8 weights are signed: XOR 0x80 makes them w + 128 (unsigned), and the int32 dot starts from
 // -128 * (sum of the lane's activation codes) = 16 * minus8 to take the 128 back out, exactly.
-template <bool INT4>
-__attribute__((target("avx512vnni"))) inline WChunk load_chunk(const VnniWeights& W, const QuantizedX& qx,
-                                                                int64_t n, int64_t c) {
-  const int64_t K = W.K;
-  WChunk out;
-  if constexpr (INT4) {
-    const int64_t full = K / QCHUNK, groups = K / W.G;
-    const __mmask64 wmask = c < full ? ~__mmask64{0} : (uint64_t{1} << ((K % QCHUNK) / 2)) - 1;
-    const uint8_t* p = W.w + n * (K / 2) + c * (QCHUNK / 2);
-    _mm_prefetch(reinterpret_cast<const char*>(p + W.prefetch), _MM_HINT_T0);
-    const __m512i b = _mm512_maskz_loadu_epi8(wmask, p), nibble = _mm512_set1_epi8(0x0F);
-    out.lo = _mm512_and_si512(b, nibble);
-    out.hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
-    const __m512i lanes = _mm512_loadu_si512(qx.idx + c * 16);
-    out.sv = load_lane_scales(W.sz, n * 2 * groups + qx.first[c], W.sz_bf16, qx.mask[c], lanes,
-                              _mm512_slli_epi32(lanes, 16));
-  } else {
-    const int64_t rest = std::min<int64_t>(QCHUNK, K - c * QCHUNK);  // 32, 64, 96 or 128 inputs
-    const __mmask64 ma = rest >= 64 ? ~__mmask64{0} : (uint64_t{1} << rest) - 1;
-    const __mmask64 mb = rest >= 128 ? ~__mmask64{0} : rest > 64 ? (uint64_t{1} << (rest - 64)) - 1 : 0;
-    const uint8_t* p = W.w + n * K + c * QCHUNK;
-    _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(p + 64 + PREFETCH_BYTES), _MM_HINT_T0);
-    const __m512i a = _mm512_maskz_loadu_epi8(ma, p), b = _mm512_maskz_loadu_epi8(mb, p + 64);
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-    // 128-bit quarters: lo = [a0, a2, b0, b2] (inputs 0..15 of each block), hi = [a1, a3, b1, b3]
-    out.lo = _mm512_xor_si512(_mm512_shuffle_i64x2(a, b, 0x88), flip);
-    out.hi = _mm512_xor_si512(_mm512_shuffle_i64x2(a, b, 0xDD), flip);
-    out.sv = _mm512_setzero_ps();
-  }
-  return out;
+__attribute__((target("avx512vnni"))) inline WChunk load_chunk(const uint8_t* w, int64_t K, int64_t n, int64_t c) {
+  const int64_t rest = std::min<int64_t>(QCHUNK, K - c * QCHUNK);  // 32, 64, 96 or 128 inputs
+  const __mmask64 ma = rest >= 64 ? ~__mmask64{0} : (uint64_t{1} << rest) - 1;
+  const __mmask64 mb = rest >= 128 ? ~__mmask64{0} : rest > 64 ? (uint64_t{1} << (rest - 64)) - 1 : 0;
+  const uint8_t* p = w + n * K + c * QCHUNK;
+  _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 64 + PREFETCH_BYTES), _MM_HINT_T0);
+  const __m512i a = _mm512_maskz_loadu_epi8(ma, p), b = _mm512_maskz_loadu_epi8(mb, p + 64);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  // 128-bit quarters: lo = [a0, a2, b0, b2] (inputs 0..15 of each block), hi = [a1, a3, b1, b3]
+  return {_mm512_xor_si512(_mm512_shuffle_i64x2(a, b, 0x88), flip),
+          _mm512_xor_si512(_mm512_shuffle_i64x2(a, b, 0xDD), flip)};
 }
 
 // acc[m][r] over every chunk, for MT activation rows and NT weight rows. The weights come from `prepared`
 // ([chunks][NT], filled by load_chunk) when a tile of rows reuses them, or straight from memory. Both give
 // bit-identical results: every (m, r) sees the same operations in the same order, whatever M is and
 // whichever rows share its tile - so a row's output never depends on the other rows of the call.
-template <int MT, int NT, bool INT4, bool PREPARED>
-__attribute__((target("avx512vnni"))) void vnni_tile(const QuantizedX& qx, const VnniWeights& W,
+template <int MT, int NT, bool PREPARED>
+__attribute__((target("avx512vnni"))) void vnni_tile(const QuantizedX& qx, const uint8_t* w, int64_t K,
                                                      const WChunk* prepared, int64_t m0, int64_t n0,
                                                      const Epilogue& ep) {
-  const int64_t K = W.K, chunks = q_chunks(K);
+  const int64_t chunks = q_chunks(K);
   __m512 acc[MT][NT];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
     WChunk wc[NT];
-    for (int r = 0; r < NT; ++r) wc[r] = PREPARED ? prepared[c * NT + r] : load_chunk<INT4>(W, qx, n0 + r, c);
+    for (int r = 0; r < NT; ++r) wc[r] = PREPARED ? prepared[c * NT + r] : load_chunk(w, K, n0 + r, c);
     for (int m = 0; m < MT; ++m) {
       const int64_t row = (m0 + m) * chunks + c;
       const int8_t* xr = qx.q + row * QCHUNK;
       const __m512i xl = _mm512_loadu_si512(xr), xh = _mm512_loadu_si512(xr + 64);
       const __m512 dv = _mm512_loadu_ps(qx.dx + row * 16);
-      __m512i d0 = _mm512_loadu_si512(qx.minus8 + row * 16);
-      if constexpr (!INT4) d0 = _mm512_slli_epi32(d0, 4);
+      const __m512i d0 = _mm512_slli_epi32(_mm512_loadu_si512(qx.minus8 + row * 16), 4);
       for (int r = 0; r < NT; ++r) {
         const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d0, wc[r].lo, xl), wc[r].hi, xh);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), INT4 ? _mm512_mul_ps(wc[r].sv, dv) : dv, acc[m][r]);
-      }
-    }
-  }
-  if constexpr (INT4) {  // the zero term sum_g z_g xsum_g, 16 groups at a time, into the same accumulators
-    const int64_t groups = K / W.G;
-    for (int r = 0; r < NT; ++r) {
-      const int64_t zeros = (n0 + r) * 2 * groups + groups;
-      for (int64_t g = 0; g < groups; g += 16) {
-        const __mmask16 mask = groups - g >= 16 ? __mmask16{0xFFFF} : tail_mask(groups - g);
-        const __m512 z = load16(W.sz, zeros + g, W.sz_bf16, mask);
-        for (int m = 0; m < MT; ++m)
-          acc[m][r] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(mask, qx.xsum + (m0 + m) * groups + g), acc[m][r]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), dv, acc[m][r]);
       }
     }
   }
@@ -570,25 +472,24 @@ __attribute__((target("avx512vnni"))) void vnni_tile(const QuantizedX& qx, const
 
 // Every tile of an [M, N] output on the VNNI path, weight rows split across ATen's threads. Up to MR
 // activation rows (decode) the weights go straight from memory into the dot; with more, each group of NR
-// weight rows is unpacked once into a per-thread buffer and every tile of activation rows reuses it.
-template <bool INT4>
-void vnni_linear(const QuantizedX& qx, const VnniWeights& W, int64_t M, int64_t N, const Epilogue& ep) {
-  const int64_t chunks = q_chunks(W.K), bytes_per_row = INT4 ? W.K / 2 : W.K;
-  at::parallel_for(0, N, grain_rows(N, bytes_per_row), [&](int64_t begin, int64_t end) {
+// weight rows is regrouped once into a per-thread buffer and every tile of activation rows reuses it.
+void vnni_linear(const QuantizedX& qx, const uint8_t* w, int64_t K, int64_t M, int64_t N, const Epilogue& ep) {
+  const int64_t chunks = q_chunks(K);
+  at::parallel_for(0, N, grain_rows(N, K), [&](int64_t begin, int64_t end) {
     thread_local std::vector<WChunk> buffer;
     if (M > MR) buffer.resize(chunks * NR);
     auto rows = [&](auto nt, int64_t n0) {
       constexpr int NT = decltype(nt)::value;
       if (M <= MR) {
         for_m_tiles<NT>(M, [&](auto mt, int64_t m0) {
-          vnni_tile<decltype(mt)::value, NT, INT4, false>(qx, W, nullptr, m0, n0, ep);
+          vnni_tile<decltype(mt)::value, NT, false>(qx, w, K, nullptr, m0, n0, ep);
         });
         return;
       }
       for (int64_t c = 0; c < chunks; ++c)
-        for (int r = 0; r < NT; ++r) buffer[c * NT + r] = load_chunk<INT4>(W, qx, n0 + r, c);
+        for (int r = 0; r < NT; ++r) buffer[c * NT + r] = load_chunk(w, K, n0 + r, c);
       for_m_tiles<NT>(M, [&](auto mt, int64_t m0) {
-        vnni_tile<decltype(mt)::value, NT, INT4, true>(qx, W, buffer.data(), m0, n0, ep);
+        vnni_tile<decltype(mt)::value, NT, true>(qx, w, K, buffer.data(), m0, n0, ep);
       });
     };
     int64_t n = begin;
@@ -622,8 +523,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* xp = xf.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   if (use_vnni.load(std::memory_order_relaxed) && K % QBLOCK == 0) {
-    const QuantizedX qx = quantize_activations(xp, M, K, K);
-    vnni_linear<false>(qx, VnniWeights{reinterpret_cast<const uint8_t*>(wp), nullptr, false, K, K}, M, N, ep);
+    vnni_linear(quantize_activations(xp, M, K), reinterpret_cast<const uint8_t*>(wp), K, M, N, ep);
     return out;
   }
   at::parallel_for(0, N, grain_rows(N, K), [&](int64_t begin, int64_t end) {
