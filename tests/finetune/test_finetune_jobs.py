@@ -182,6 +182,11 @@ def test_bad_requests(platform: Platform, tmp_path: Path) -> None:
         client.fine_tuning.jobs.create(model="glm-4", training_file=train, extra_body={
             "fine_tuning_method": "ptuning", "extra_hyperparameters": {"prefix_init": "zeros"}})
     assert "1214" in str(bad_init.value) and "prefix_init" in str(bad_init.value)
+    with pytest.raises(zhipuai.APIStatusError) as misplaced:  # a LoRA job would ignore it
+        client.fine_tuning.jobs.create(model="glm-4", training_file=train, extra_body={
+            "extra_hyperparameters": {"pre_seq_len": 64}})
+    assert "1214" in str(misplaced.value) and "pre_seq_len apply to fine_tuning_method 'ptuning'" in str(
+        misplaced.value)
     with pytest.raises(zhipuai.APIStatusError) as missing:
         client.fine_tuning.jobs.retrieve("ftjob-20240101000000000-nope0")
     assert missing.value.status_code == 404

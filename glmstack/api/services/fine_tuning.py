@@ -25,6 +25,7 @@ DEFAULTS = {"learning_rate_multiplier": 1.0, "batch_size": 8, "n_epochs": 3}  # 
 EXTRA_KEYS = frozenset({"max_steps", "save_every", "eval_every", "max_length", "lora_rank", "lora_alpha",
                         "pre_seq_len", "seed", "prefix_init"})
 PREFIX_INITS = ("random", "data")  # P-Tuning's starting prefix (glmstack finetune --prefix-init)
+METHOD_KEYS = {"lora": frozenset({"lora_rank", "lora_alpha"}), "ptuning": frozenset({"pre_seq_len", "prefix_init"})}
 EVENT_PREFIX = "ftevent-"
 
 
@@ -62,6 +63,12 @@ async def create(platform: Platform, caller: Caller, body: FineTuningJobCreate) 
     if unknown:
         raise PlatformError(1214, f"unknown keys {sorted(unknown)}; known: {sorted(EXTRA_KEYS)}",
                             field="extra_hyperparameters")
+    method = body.fine_tuning_method or "lora"
+    for other, keys in METHOD_KEYS.items():  # a setting the job's method would silently ignore
+        misplaced = sorted(keys & set(extra)) if other != method else []
+        if misplaced:
+            raise PlatformError(1214, f"{', '.join(misplaced)} apply to fine_tuning_method {other!r}, not {method!r}",
+                                field="extra_hyperparameters")
     if "prefix_init" in extra and extra["prefix_init"] not in PREFIX_INITS:
         raise PlatformError(1214, f"prefix_init is one of {list(PREFIX_INITS)}", field="extra_hyperparameters")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -76,7 +83,7 @@ async def create(platform: Platform, caller: Caller, body: FineTuningJobCreate) 
         if body.validation_file:
             validation = await _file_blob(platform, caller, body.validation_file, "validation_file")
         job = await run_in_threadpool(lambda: platform.store.fine_tuning.create(
-            caller.key_id, model=body.model, method=body.fine_tuning_method or "lora",
+            caller.key_id, model=body.model, method=method,
             training_file=body.training_file, training_blob=training, validation_file=body.validation_file or None,
             validation_blob=validation, hyperparameters=hp, suffix=body.suffix, request_id=body.request_id))
     except BaseException:
