@@ -6,7 +6,7 @@ One process, the bundled model, EngineCore driven step by step. For each schedul
 sized by tokens alone (`step_target_seconds=None`, the old engine) and by time (the default StepBudget) - it
 measures:
 
-- the long prompt alone: seconds to its first token;
+- the long prompt alone: seconds to its first token (the mean of a run before and a run after the shared one);
 - a short request alone: its first token (idle TTFT);
 - together: `--streams` greedy streams decoding, then the long prompt arrives, then `--shorts` short requests
   from `--short-after` seconds later, `--short-every` apart, while it prefills. Printed: the streams'
@@ -121,6 +121,11 @@ def measure(model, target: float | None, args: argparse.Namespace) -> dict[str, 
                 short_ttfts[rid] = now - short_started[rid]
     for i in range(args.streams):
         core.abort(f"stream{i}")
+    drain(core)
+    # alone again: this machine's speed drifts by 10-20% within minutes, so "alone" is the mean of a run
+    # before and a run after the shared one
+    core.add_request("long-alone-after", long_ids, GREEDY)
+    long_alone = (long_alone + run_until_done(core, "long-alone-after")) / 2
     drain(core)
     gaps.sort()
     if core.step_budget is not None and core.step_budget.costs is not None:

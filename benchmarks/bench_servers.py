@@ -99,7 +99,9 @@ def main() -> None:
         port = free_port()
         command = [args.llama_server, "-m", str(model), "-np", str(args.clients), "-t", str(args.threads),
                    "-c", str(args.clients * (args.max_tokens + 256)), "--port", str(port), "--host", "127.0.0.1"]
-        return run_server(command, dict(os.environ), f"http://127.0.0.1:{port}", args)
+        # as a user starts it: without the OpenMP wait settings importing glmstack.engine put in this process
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        return run_server(command, env, f"http://127.0.0.1:{port}", args)
 
     def glmstack(quantize: str) -> dict[str, float]:
         port = free_port()
