@@ -22,6 +22,7 @@ from typing import Any
 
 import llguidance
 
+from glmstack.engine import openmp
 from glmstack.engine.chat_format.base import ReplyParser
 from glmstack.engine.classic import DEFAULT_REPLY_RESERVE, ChatModel
 from glmstack.engine.serving.core import EngineCore, RequestTooLargeError
@@ -68,6 +69,7 @@ class AsyncEngine:
         self._core_stats = self.core.stats() if self.core is not None else {}  # as of the last step
         target = self._work_batched if self.core is not None else self._work
         self._thread = threading.Thread(target=target, name="glmstack-engine", daemon=True)
+        openmp.release_thread_pool()  # the engine thread's OpenMP team becomes the only one (see openmp.py)
         self._thread.start()
 
     # ---- what the platform calls -----------------------------------------------------------------------
