@@ -6,7 +6,8 @@ two-layer MLP) is the only thing that trains. Each forward runs the encoder, spl
 keys and values, and hands them to the model through a `PrefixCache`, which puts them in front of every layer's
 keys: unrotated, visible to every token, with the real tokens at positions 0, 1, ... - THUDM's
 `get_prompt` / `past_key_values` semantics (spec 7.3). THUDM's scripts keep the encoder in fp32 whatever the
-base's dtype, and apply Dropout(0.1) to the prefix in training; so does this.
+base's dtype, and apply Dropout(0.1) to the prefix in training; so does this, for their random start (a prefix
+started from data trains without it: see `warm_start`).
 
 Saved in the PEFT format (adapter_config.json, peft_type PREFIX_TUNING; adapter_model.safetensors with
 `prompt_embeddings`, the encoder's output for every virtual token - what peft saves, so peft and LLaMA-Factory
