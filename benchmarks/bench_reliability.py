@@ -9,11 +9,11 @@ pg_ctlcluster (root; it is started again whatever happens). The tests assert the
 what they measured:
 
   load         streams, requests, errors, time to first token p50/p95, tokens/s, RSS start/max/growth
-  disconnect   release time p50/p95/max per phase (queued, prefill, decode)
+  disconnect   release time p50/p95/max per phase (prefill, decode)
   schemathesis cases and failures per database
   ...          overload, drops, writers, outage
 
-The disconnect limits are the issue's: p95 within 1 s while queued or in prefill, 100 ms while decoding (the
+The disconnect limits are the issue's: p95 within 1 s in prefill, 100 ms while decoding (the
 engine gives up a step at the next layer once every request in it is abandoned).
 
 Needs GLMSTACK_TEST_POSTGRES_URL for the PostgreSQL halves (`bash scripts/postgres.sh` prints one), and root
@@ -86,7 +86,7 @@ def report(figures: dict) -> str:
             ),
             "",
         ]
-    phases = [p for p in ("queued", "prefill", "decode") if f"disconnect_{p}" in figures]
+    phases = [p for p in ("prefill", "decode") if f"disconnect_{p}" in figures]
     if phases:
         rows = [("phase", "trials", "release p50", "release p95", "release max", "limit (p95)")]
         for phase in phases:

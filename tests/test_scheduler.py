@@ -101,6 +101,20 @@ def test_abort_frees_blocks_at_once() -> None:
     assert s.allocator.num_in_use == 0 and not s.has_work() and seq.finish_reason == "abort"
 
 
+def test_abort_of_a_request_still_waiting_for_room() -> None:
+    """A request queued because the pool is full (what a hung-up client leaves when the engine is full) leaves
+    the queue at once, takes nothing, and the running one is untouched."""
+    s = make(num_blocks=4, block_size=4)
+    s.add(Sequence("a", list(range(13)), max_tokens=3))
+    assert fake_step(s) == {"a": (0, 13)}  # all four blocks
+    waiting = Sequence("b", list(range(50, 54)), max_tokens=1)
+    s.add(waiting)
+    assert "b" not in fake_step(s) and waiting in s.waiting
+    s.abort("b")
+    assert waiting not in s.waiting and waiting.finish_reason == "abort" and waiting.block_table == []
+    assert s.allocator.num_in_use == 4 and fake_step(s) == {"a": (14, 1)}  # a's last token
+
+
 def test_too_large_requests_are_refused_up_front() -> None:
     s = make(num_blocks=4, block_size=4)
     with pytest.raises(RequestTooLargeError, match="KV cache"):

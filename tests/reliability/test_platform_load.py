@@ -3,8 +3,10 @@
 - load: streaming clients for a while: no errors, every stream ends with [DONE], RSS flat between the early
   and the final window, open files back to where they were;
 - overload: three times the queue bound at once: the excess gets 429 (1302/1305) within a second, no 5xx;
-- disconnects while queued, in prefill and while decoding, streamed and not: the slot and the KV blocks are
-  free again quickly, nothing leaks, the next request succeeds, and many drops cost no memory.
+- disconnects in prefill and while decoding, streamed and not: the slot and the KV blocks are free again
+  quickly, nothing leaks, the next request succeeds, and many drops cost no memory. (A request no longer
+  queues behind a long prefill - the step in flight gives way to it - so "while queued" is left to
+  tests/test_scheduler.py::test_abort_of_a_request_still_waiting_for_room: queued for a full pool.)
 
 How hard each pushes is the profile's (platform_server.py): quick here, full from the benchmark.
 """
@@ -272,7 +274,7 @@ def _disconnect_once(server: Server, phase: str, streamed: bool) -> float:
     """Hangs up on one request in `phase`; returns the seconds until its slot, its place in the engine and
     its KV blocks are all free again."""
     body = {"model": "glm-4", "max_tokens": 400, "do_sample": False, "stream": streamed}
-    aborted_before, blocker = _aborted(server), None
+    aborted_before = _aborted(server)
     if phase == "decode":
         sock = open_request(server, {**body, "messages": STORY})
         if streamed:
@@ -280,38 +282,21 @@ def _disconnect_once(server: Server, phase: str, streamed: bool) -> float:
         else:
             server.wait_until(lambda s: s.get("glmstack_engine_running") == 1, 30)
             time.sleep(0.3)  # the prompt is short: a few decoding steps later
-    elif phase == "prefill":
+    else:
         sock = open_request(server, {**body, "messages": long_prompt(PREFILL_SENTENCES)})
         server.wait_until(lambda s: s.get("glmstack_engine_running") == 1, 30)
-    else:  # queued behind a long prefill (about 2,700 tokens), which takes each step's whole token budget
-        blocker = open_request(server, {**body, "stream": False, "messages": long_prompt(150)})
-        server.wait_until(
-            lambda s: s.get("glmstack_engine_running", 0) + s.get("glmstack_engine_waiting", 0), 30
-        )
-        sock = open_request(server, {**body, "messages": STORY})
-        server.wait_until(
-            lambda s: s.get("glmstack_engine_running") == 1 and s.get("glmstack_engine_waiting", 0) >= 1, 30
-        )
     closed = time.perf_counter()
     sock.close()
-    if blocker is None:
-        server.wait_idle(30)
-    else:
-        server.wait_until(
-            lambda s: s.get("glmstack_requests_in_flight") == 1 and not s.get("glmstack_engine_waiting"), 30
-        )
+    server.wait_idle(30)
     released = time.perf_counter() - closed
     # Only a request that had produced a token counts as an aborted completion: this tells whether the hang-up
-    # came in the phase it was meant for (counted before the blocker, which may be decoding by now, goes).
+    # came in the phase it was meant for.
     aborted = _aborted(server) - aborted_before
-    if blocker is not None:
-        blocker.close()
-        server.wait_idle(30)
     assert aborted == (phase == "decode"), f"{phase}: the request was elsewhere when the client hung up"
     return released
 
 
-@pytest.mark.parametrize(("phase", "limit_s"), [("queued", 1.0), ("prefill", 1.0), ("decode", 0.1)])
+@pytest.mark.parametrize(("phase", "limit_s"), [("prefill", 1.0), ("decode", 0.1)])
 def test_disconnect_frees_the_slot(server: Server, phase: str, limit_s: float) -> None:
     """The issue's limits as they stand: the engine gives up a step at the next layer once every request
     in it is abandoned, so a release does not wait for a prefill chunk (over a second on 2 cores)."""
