@@ -129,9 +129,9 @@ class BodySizeLimit:
 class RequestHeadCheck:
     """ASGI middleware, before anything reads the request: a head over MAX_HEAD_BYTES gets 400 (h11 only
     limits a head that arrives in pieces: one sent in a single packet reaches us whole), and so does a Host
-    header that is not `host[:port]` (RFC 9112 §3.2). Nothing in glmstack decides anything from Host, but
-    Starlette builds `request.url` from it, and a Host carrying "/" or "?" would make that URL name another
-    path than the one requested."""
+    header that is not `host[:port]` (RFC 9112 §3.2); a path with a NUL character (%00) gets 404. Nothing in
+    glmstack decides anything from Host, but Starlette builds `request.url` from it, and a Host carrying "/" or
+    "?" would make that URL name another path than the one requested."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -151,6 +151,10 @@ class RequestHeadCheck:
         size += sum(len(name) + len(value) + 4 for name, value in headers)
         if size > MAX_HEAD_BYTES:
             return PlatformError(1210, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+        if "\x00" in scope["path"]:
+            # no id holds one (PostgreSQL text cannot even be compared with it: the query would fail), so no
+            # route's resource can be named by such a path
+            return PlatformError(1214, "the request path contains a NUL character", http_status=404, field="path")
         hosts = [value for name, value in headers if name == b"host"]
         if len(hosts) > 1 or (hosts and hosts[0] and not _HOST.fullmatch(hosts[0])):
             return PlatformError(1214, "expected one Host header of the form host[:port]", field="Host")

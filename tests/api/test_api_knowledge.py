@@ -236,3 +236,12 @@ def test_a_restarted_server_finishes_what_it_had_queued(store: Store, engine: Sc
         detail = restarted.get(f"{BASE}/document/{document}").json()
     assert detail["embedding_stat"] == 1 and detail["word_num"] == len("# Notes\nThe gate code is 4711.")
     assert "failInfo" not in detail
+
+
+def test_an_id_with_a_nul_character_is_not_found(client: TestClient) -> None:
+    """%00 in a path id: 404, on SQLite and on PostgreSQL (whose text cannot hold NUL: the lookup itself used to
+    fail with a 500 - found by tests/reliability/test_platform_schema.py)."""
+    from scripted import error_of
+
+    for path in ("/knowledge/%00%C3%93", "/document/a%00b", "/files/%00", "/batches/x%00"):
+        assert error_of(client.get(BASE + path)) == (404, "1214"), path
