@@ -4,9 +4,9 @@ whose engine steps from a thread of its own (the server's `glmstack-engine`).
 libgomp keeps a team of worker threads per thread that starts parallel regions. Once a server has loaded its
 model on the main thread and then steps the engine on another, two teams exist, and with more of their threads
 than CPUs libgomp throttles every worker's spin-wait to ~1,000 iterations: nearly every parallel region of a
-step then waits for a sleeping worker to wake. Measured on 2 cores with the bundled model (BENCHMARKS.md,
-"glmstack serve against llama-server"): one request decoded 81-84 tok/s on the engine thread against 147-156 on
-the loading thread; with both fixes below, 153-158.
+step then waits for a sleeping worker to wake. `benchmarks/bench_engine_thread.py` on 2 cores with the bundled
+model (BENCHMARKS.md, "glmstack serve against llama-server"): one request decoded 92.6 tok/s on the engine
+thread with libgomp's defaults against 174.6 on the loading thread, and 172.9-175.5 with the settings below.
 """
 
 from __future__ import annotations
