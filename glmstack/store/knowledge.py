@@ -20,6 +20,7 @@ from sqlalchemy import Row, and_, delete, func, insert, select, text, update
 
 from glmstack.store.db import Database
 from glmstack.store.errors import StoreError
+from glmstack.store.files import _plausible_id as plausible_id  # the same check the file store makes
 from glmstack.store.tables import chunks, documents, knowledge_bases
 from glmstack.store.vector_type import pack_float32, vector_literal
 
@@ -165,6 +166,8 @@ class KnowledgeStore:
         return bases
 
     def get_base(self, key_id: str | None, knowledge_id: str) -> KnowledgeBase | None:
+        if not plausible_id(knowledge_id):  # ids also come from request bodies (a retrieval tool's knowledge_id)
+            return None
         with self._db.read() as conn:
             found = self._bases(conn, and_(knowledge_bases.c.id == knowledge_id,
                                            _owner(knowledge_bases.c.key_id, key_id)))
@@ -223,6 +226,8 @@ class KnowledgeStore:
         return document_id
 
     def get_document(self, key_id: str | None, document_id: str) -> Document | None:
+        if not plausible_id(document_id):
+            return None
         with self._db.read() as conn:
             row = conn.execute(select(documents).where(
                 documents.c.id == document_id, _owner(documents.c.key_id, key_id))).first()

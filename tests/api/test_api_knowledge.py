@@ -245,3 +245,11 @@ def test_an_id_with_a_nul_character_is_not_found(client: TestClient) -> None:
 
     for path in ("/knowledge/%00%C3%93", "/document/a%00b", "/files/%00", "/batches/x%00"):
         assert error_of(client.get(BASE + path)) == (404, "1214"), path
+
+
+def test_a_retrieval_tool_naming_a_knowledge_id_with_a_nul_is_a_client_error(client: TestClient) -> None:
+    """The same NUL in a request body's knowledge_id (found by schemathesis on PostgreSQL): no 5xx."""
+    response = client.post(BASE + "/chat/completions", json={
+        "model": "glm-4", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "retrieval", "retrieval": {"knowledge_id": "kb\x00x"}}]})
+    assert response.status_code < 500, response.text
