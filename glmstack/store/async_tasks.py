@@ -17,6 +17,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from glmstack.store import leases
 from glmstack.store.db import Database
+from glmstack.store.ids import plausible_id
 from glmstack.store.tables import async_tasks
 
 MAX_ATTEMPTS = 3
@@ -66,7 +67,7 @@ class AsyncTaskStore:
             return _task(conn.execute(select(async_tasks).where(async_tasks.c.id == task_id)).one())
 
     def get(self, owner: str | None, task_id: str) -> AsyncTask | None:
-        if not (0 < len(task_id) <= 40 and task_id.isascii() and task_id.isprintable()):
+        if not plausible_id(task_id):
             return None
         with self._db.read() as conn:
             row = conn.execute(select(async_tasks).where(async_tasks.c.id == task_id, _owned_by(owner))).first()

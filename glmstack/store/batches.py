@@ -22,6 +22,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from glmstack.store import leases
 from glmstack.store.db import Database
+from glmstack.store.ids import plausible_id
 from glmstack.store.tables import batch_lines, batches
 
 ID_PREFIX = "batch_"
@@ -74,10 +75,6 @@ def _owned_by(key_id: str | None) -> ColumnElement[bool]:
     return batches.c.key_id.is_(None) if key_id is None else batches.c.key_id == key_id
 
 
-def _plausible_id(batch_id: str) -> bool:
-    return 0 < len(batch_id) <= 40 and batch_id.isascii() and batch_id.isprintable()
-
-
 def new_batch_id() -> str:
     """Ids sort in creation order (nanoseconds in hex, then random digits), so a listing ordered by id is
     newest first even for batches created within the same second."""
@@ -105,7 +102,7 @@ class BatchStore:
         return _record(row)
 
     def get(self, owner: str | None, batch_id: str) -> BatchRecord | None:
-        if not _plausible_id(batch_id):
+        if not plausible_id(batch_id):
             return None
         with self._db.read() as conn:
             row = conn.execute(select(batches).where(batches.c.id == batch_id, _owned_by(owner))).first()
@@ -124,7 +121,7 @@ class BatchStore:
     def request_cancel(self, owner: str | None, batch_id: str) -> BatchRecord | None:
         """validating/in_progress -> cancelling (the runner winds it down); other states are left as they are.
         Returns the batch as it is now; None if there is no such batch."""
-        if not _plausible_id(batch_id):
+        if not plausible_id(batch_id):
             return None
         with self._db.write() as conn:
             conn.execute(update(batches).where(batches.c.id == batch_id, _owned_by(owner),

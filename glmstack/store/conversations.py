@@ -21,6 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from glmstack.store.db import Database
 from glmstack.store.errors import StoreError
+from glmstack.store.ids import plausible_id
 from glmstack.store.tables import conversation_messages as messages_table
 from glmstack.store.tables import conversations
 
@@ -91,11 +92,6 @@ def _owned_by(key_id: str | None) -> ColumnElement[bool]:
     return conversations.c.key_id.is_(None) if key_id is None else conversations.c.key_id == key_id
 
 
-def _plausible_id(conversation_id: str) -> bool:
-    # Checked before a lookup: ids come from URLs, and PostgreSQL refuses some strings (a NUL) outright.
-    return 0 < len(conversation_id) <= MAX_ID_LENGTH and conversation_id.isascii() and conversation_id.isprintable()
-
-
 def _summaries() -> Select[Any]:
     """Conversations with their message counts (no messages). A correlated count, on the (conversation_id,
     position) index, so a page costs its own rows rather than a scan of every conversation's messages."""
@@ -136,7 +132,7 @@ class ConversationStore:
 
     def get(self, key_id: str | None, conversation_id: str) -> Conversation | None:
         """The conversation with its messages in position order; None: missing, or another owner's."""
-        if not _plausible_id(conversation_id):
+        if not plausible_id(conversation_id):
             return None
         with self._db.read() as conn:
             return self._get(conn, key_id, conversation_id)
@@ -209,7 +205,7 @@ class ConversationStore:
         if unknown:
             raise ValueError(f"not updatable: {', '.join(sorted(unknown))}")
         values = {name: _dumps(value) if name == "settings" else value for name, value in changes.items()}
-        if not _plausible_id(conversation_id):
+        if not plausible_id(conversation_id):
             return None
         with self._db.write() as conn:
             done = conn.execute(update(conversations)
@@ -219,7 +215,7 @@ class ConversationStore:
 
     def delete(self, key_id: str | None, conversation_id: str) -> bool:
         """Deletes the conversation and its messages; False: there was none."""
-        if not _plausible_id(conversation_id):
+        if not plausible_id(conversation_id):
             return False
         with self._db.write() as conn:
             owned = conn.execute(select(conversations.c.id)
@@ -237,7 +233,7 @@ class ConversationStore:
         `messages` at the next positions, and bumps updated_at. Raises TooManyMessagesError (and changes
         nothing) if the conversation would then hold more than `max_messages`. Returns the conversation
         with its messages; None: missing."""
-        if not _plausible_id(conversation_id):
+        if not plausible_id(conversation_id):
             return None
         now = datetime.now(UTC)
         with self._db.write() as conn:

@@ -16,6 +16,7 @@ from sqlalchemy import Row, Select, and_, delete, func, insert, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from glmstack.store.db import Database
+from glmstack.store.ids import plausible_id
 from glmstack.store.tables import files
 
 ID_PREFIX = "file-"
@@ -81,11 +82,6 @@ def _count(owner: str | None, purpose: str) -> Select[int]:
         _owned_by(owner), files.c.purpose == purpose, files.c.generated.is_(False))
 
 
-def _plausible_id(file_id: str) -> bool:
-    # Checked before a lookup: ids come from URLs, and PostgreSQL refuses some strings (a NUL) outright.
-    return 0 < len(file_id) <= MAX_ID_LENGTH and file_id.isascii() and file_id.isprintable()
-
-
 class FileStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -119,7 +115,7 @@ class FileStore:
             return conn.execute(_count(owner, purpose)).scalar_one()
 
     def get(self, owner: str | None, file_id: str) -> FileRecord | None:
-        if not _plausible_id(file_id):
+        if not plausible_id(file_id):
             return None
         with self._db.read() as conn:
             row = conn.execute(select(*_COLUMNS).where(files.c.id == file_id, _owned_by(owner))).first()
@@ -127,7 +123,7 @@ class FileStore:
 
     def content(self, owner: str | None, file_id: str) -> str | None:
         """The extracted text of a file-extract file (None: no such file, or no text)."""
-        if not _plausible_id(file_id):
+        if not plausible_id(file_id):
             return None
         with self._db.read() as conn:
             return conn.execute(select(files.c.content)
@@ -163,7 +159,7 @@ class FileStore:
 
     def delete(self, owner: str | None, file_id: str) -> FileRecord | None:
         """Removes the row and returns it (its blob is the caller's to delete); None if there was none."""
-        if not _plausible_id(file_id):
+        if not plausible_id(file_id):
             return None
         with self._db.write() as conn:
             row = conn.execute(select(*_COLUMNS).where(files.c.id == file_id, _owned_by(owner))).first()

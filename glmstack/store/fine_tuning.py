@@ -21,6 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from glmstack.store import leases
 from glmstack.store.db import Database
+from glmstack.store.ids import plausible_id
 from glmstack.store.tables import fine_tuning_events, fine_tuning_jobs
 
 ACTIVE = ("created", "validating_files", "queued", "running")
@@ -77,10 +78,6 @@ def _owned_by(key_id: str | None) -> ColumnElement[bool]:
     return fine_tuning_jobs.c.key_id.is_(None) if key_id is None else fine_tuning_jobs.c.key_id == key_id
 
 
-def _plausible(value: str) -> bool:
-    return 0 < len(value) <= 200 and value.isascii() and value.isprintable()
-
-
 def _random(n: int) -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(n))
 
@@ -93,6 +90,8 @@ def new_job_id() -> str:
 def fine_tuned_model_id(base: str, suffix: str | None) -> str:
     """"ft:<base>:<suffix>:<8 random characters>" (spec §5.5); "glmstack" stands in for an empty suffix."""
     return f"ft:{base}:{suffix or 'glmstack'}:{_random(8)}"
+
+_MAX_NAME = 200  # a job id, or a fine_tuned_model name ("ft:<base>:<suffix>:<id>")
 
 
 class FineTuningStore:
@@ -116,7 +115,7 @@ class FineTuningStore:
             return _job(conn.execute(select(fine_tuning_jobs).where(fine_tuning_jobs.c.id == job_id)).one())
 
     def get(self, owner: str | None, job_id: str) -> FineTuningJob | None:
-        if not _plausible(job_id):
+        if not plausible_id(job_id, _MAX_NAME):
             return None
         with self._db.read() as conn:
             row = conn.execute(select(fine_tuning_jobs).where(fine_tuning_jobs.c.id == job_id,
@@ -129,7 +128,7 @@ class FineTuningStore:
         return _job(row) if row is not None else None
 
     def by_model(self, owner: str | None, fine_tuned_model: str) -> FineTuningJob | None:
-        if not _plausible(fine_tuned_model):
+        if not plausible_id(fine_tuned_model, _MAX_NAME):
             return None
         with self._db.read() as conn:
             row = conn.execute(select(fine_tuning_jobs).where(
@@ -140,7 +139,7 @@ class FineTuningStore:
         """Newest first; `after`: the page after that job id."""
         query = select(fine_tuning_jobs).where(_owned_by(owner))
         if after is not None:
-            if not _plausible(after):
+            if not plausible_id(after, _MAX_NAME):
                 return [], False
             query = query.where(fine_tuning_jobs.c.id < after)
         with self._db.read() as conn:
@@ -150,7 +149,7 @@ class FineTuningStore:
     def request_cancel(self, owner: str | None, job_id: str) -> FineTuningJob | None:
         """A job not yet running is cancelled here; a running one is marked for its runner to stop (the status
         turns `cancelled` once the trainer has stopped). Returns the job as it is now."""
-        if not _plausible(job_id):
+        if not plausible_id(job_id, _MAX_NAME):
             return None
         with self._db.write() as conn:
             row = conn.execute(select(fine_tuning_jobs).where(fine_tuning_jobs.c.id == job_id,

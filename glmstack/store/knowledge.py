@@ -20,7 +20,7 @@ from sqlalchemy import Row, and_, delete, func, insert, select, text, update
 
 from glmstack.store.db import Database
 from glmstack.store.errors import StoreError
-from glmstack.store.files import _plausible_id as plausible_id  # the same check the file store makes
+from glmstack.store.ids import plausible_id
 from glmstack.store.tables import chunks, documents, knowledge_bases
 from glmstack.store.vector_type import pack_float32, vector_literal
 

@@ -26,7 +26,9 @@ class FunctionDefinition(BaseModel):
     name: str = Field(min_length=1, max_length=MAX_TOOL_NAME_CHARS, pattern=FUNCTION_NAME)
     description: Text | None = None
     parameters: JsonObject | None = Field(
-        None, description='JSON Schema of the arguments: an object schema ({"type": "object", ...})'
+        None, description='JSON Schema of the arguments: an object schema ({"type": "object", ...})',
+        # the rule _object_schema enforces, declared so /openapi.json does not call other schemas valid
+        json_schema_extra={"properties": {"type": {"const": "object"}, "properties": {"type": "object"}}},
     )
 
     @model_validator(mode="after")
