@@ -24,7 +24,14 @@ from glmstack.engine import native
 from glmstack.engine.kv_cache import PagedKVCache
 from glmstack.engine.models.layers import RMSNorm
 from glmstack.engine.models.llama import LlamaConfig, LlamaForCausalLM
-from glmstack.engine.quant.int4 import INT4_NATIVE_MAX_ROWS, Int4Linear, pack_int4_native, quantize_int4
+from glmstack.engine.quant.int4 import (
+    INT4_NATIVE_MAX_ROWS,
+    Int4Linear,
+    int4_from_lanes,
+    int4_to_lanes,
+    pack_int4_native,
+    quantize_int4,
+)
 from glmstack.engine.quant.int8 import Int8Linear, quantize_int8
 from glmstack.engine.quant.linear_base import NATIVE_MAX_ROWS
 from glmstack.engine.quant.quantize_model import quantize_model
@@ -209,6 +216,64 @@ def test_vnni_against_fp32_path_and_reference(nk, k, group, m, dtype) -> None:
     assert rel_err(vnni, F.linear(int8_activations(x.float()), w, bias)) < tol(dtype)
     assert int4_close(vnni, exact, x.float(), w, "vnni")
     assert int4_close(vnni, fp32, x.float(), w, "vnni")  # the two paths differ by the activation rounding only
+
+
+# Lane layout (native/int4_lanes.h): what Int4Linear holds on a VNNI CPU. The same bits as the row layout's
+# kernel for any row count, group, scale dtype and fused input/output, on both activation paths.
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 13, 40])
+@pytest.mark.parametrize("k,group", [(576, 32), (576, 64), (160, 32), (640, 128), (576, 192)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_lane_layout_gives_the_row_layouts_bits(nk, activation_path, m, k, group, scale_dtype) -> None:
+    g = torch.Generator().manual_seed(m * 7 + k + group)
+    n = 48
+    weights = quantize_int4(torch.randn(n, k, generator=g), group, scale_dtype)
+    packed, sz = pack_int4_native(weights, scale_dtype)
+    lanes, lane_sz = int4_to_lanes(packed, sz)
+    assert not torch.equal(lanes, packed)  # a real permutation
+    back = int4_from_lanes(lanes, lane_sz)
+    assert torch.equal(back[0], packed) and torch.equal(back[1], sz)
+    bias, norm_w = torch.randn(n, generator=g), torch.rand(k, generator=g) + 0.5
+    x = torch.randn(m, k, generator=g)
+    residual = torch.randn(m, n, generator=g)
+    assert torch.equal(nk.int4_linear_lanes(x, lanes, lane_sz, bias), nk.int4_linear(x, packed, sz, bias))
+    fused = dict(norm_weight=norm_w, eps=1e-5, residual=residual)
+    assert torch.equal(nk.int4_linear_lanes(x, lanes, lane_sz, None, **fused),
+                       nk.int4_linear(x, packed, sz, None, **fused))
+    gate_up = torch.randn(m, 2 * k, generator=g)
+    assert torch.equal(nk.int4_linear_lanes(gate_up, lanes, lane_sz, bias, silu_mul=True),
+                       nk.int4_linear(gate_up, packed, sz, bias, silu_mul=True))
+
+
+def test_int4_linear_holds_lanes_on_vnni_and_saves_rows(nk) -> None:
+    """Int4Linear goes to the lane layout where the kernel reads it (a CPU with VNNI), gives the row layout
+    back for checkpoints, and computes the same on every path: the native kernel with VNNI on and off,
+    and with the native kernels switched off (the module's own fallback)."""
+    if not nk.vnni_supported():
+        pytest.skip("the CPU has no AVX512-VNNI")
+    g = torch.Generator().manual_seed(5)
+    linear = nn.Linear(256, 64, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g))
+    weights = quantize_int4(linear.weight.detach(), 32, torch.bfloat16)
+    packed, sz = pack_int4_native(weights, torch.bfloat16)
+    m = Int4Linear.from_linear(linear, group_size=32)
+    assert m.lanes and m._kernel == "int4_linear_lanes"
+    rows = m.row_layout()
+    assert torch.equal(rows[0], packed) and torch.equal(rows[1], sz)
+    again = Int4Linear.from_native_packed(packed, sz, 32)
+    assert again.lanes and torch.equal(again.weight, m.weight)
+    on_meta = weights.map_rows(lambda t: t.to("meta"))  # how quantize_model counts a model's memory
+    assert not Int4Linear.from_weights(on_meta, device="meta", for_device="cpu").lanes
+    x = torch.randn(3, 256, generator=g)
+    expected = nk.int4_linear(x, packed, sz, m.bias)
+    assert torch.equal(m(x), expected)
+    with kernel_activations(nk, "fp32"):
+        assert torch.equal(m(x), nk.int4_linear(x, packed, sz, m.bias))
+    previous = native.set_enabled(False)
+    try:
+        assert rel_err(m(x), F.linear(x, weights.dequantize(), m.bias)) < 1e-2
+    finally:
+        native.set_enabled(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -457,9 +522,10 @@ def dequantized_copy(model: LlamaForCausalLM) -> LlamaForCausalLM:
         elif isinstance(m, Int4Linear):
             assert m.packed_for == "cpu-native"
             n, k, g = m.out_features, m.in_features, m.group_size
-            b = m.weight.view(n, k // 32, 1, 16)
+            packed, sz = m.row_layout()
+            b = packed.view(n, k // 32, 1, 16)
             codes = torch.cat((b & 15, b >> 4), dim=2).view(n, k // g, g).float()
-            scale, zero = m.scales_and_zeros.float().unbind(1)
+            scale, zero = sz.float().unbind(1)
             w = ((codes - 8) * scale[..., None] + zero[..., None]).view(n, k)
         else:
             continue

@@ -108,8 +108,9 @@ def _portable(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
     assert isinstance(module, Int8Linear | Int4Linear)
     # Int8Linear: weight, weight_scale; Int4Linear: weight is the packed nibbles, stored as qweight
     tensors = {key: tensor.cpu() for key, tensor in module.state_dict().items() if key != "bias"}
-    if isinstance(module, Int4Linear):
-        tensors["qweight"] = tensors.pop("weight")
+    if isinstance(module, Int4Linear):  # in row layout, whatever the module holds
+        del tensors["weight"]
+        tensors["qweight"], tensors["scales_and_zeros"] = (t.cpu() for t in module.row_layout())
     return {f"{name}.{key}": tensor for key, tensor in tensors.items()}
 
 

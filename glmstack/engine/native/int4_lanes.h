@@ -210,3 +210,80 @@ void int4_lanes_linear(const float* x, int64_t M, const uint8_t* w, const void* 
     }
   });
 }
+
+// ---- Weights stored in lane layout (Int4Linear's CPU form where the CPU has VNNI) ------------------------------
+//
+// unpack_tile's transposes cost as much as the multiply-adds when a call has one activation row (decode): at
+// batch 1 the kernel ran at ~16 GiB/s per thread from cache, ~20 GiB/s for two threads from memory, about half
+// of what the memory delivers. So Int4Linear stores its weights already in the order unpack_tile produces
+// (glmstack/engine/quant/int4.py `to_lanes`, a permutation done once at load): per tile of 16 rows, per block,
+// the 4 dwords j as 16-lane vectors (dword j of row n0 + r in lane r: 256 bytes per block, contiguous), and the
+// tile's scales then zeros as [group][16 lanes]. A block is then 4 loads and 12 nibble ops away from its
+// 8 quads, read in one sequential stream per tile. The arithmetic per output is lane_rows' op for op, so the
+// two layouts give the same bits.
+
+template <int MT>
+__attribute__((target("avx512vnni"))) void stored_lane_rows(const QuantizedRows& qx, const uint8_t* wt,
+                                                            const void* szt, bool sz_bf16, int64_t K, int64_t G,
+                                                            int64_t m0, int64_t n0, const Epilogue& ep) {
+  const int64_t blocks = K / QBLOCK, groups = K / G, per_group = G / QBLOCK;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512i* v = reinterpret_cast<const __m512i*>(wt + b * 256);
+    _mm_prefetch(reinterpret_cast<const char*>(v) + 2048, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v) + 2048 + 128, _MM_HINT_T0);
+    __m512i quads[8];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i d = _mm512_loadu_si512(v + j);
+      quads[j] = _mm512_and_si512(d, nibble);
+      quads[4 + j] = _mm512_and_si512(_mm512_srli_epi32(d, 4), nibble);
+    }
+    if (b % per_group == 0) s = load16(szt, (b / per_group) * OT, sz_bf16, 0xFFFF);
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * blocks + b;
+      const int8_t* xq = qx.q + (m0 + m) * K + b * QBLOCK;
+      __m512i d = _mm512_set1_epi32(qx.minus8[i]);
+      for (int j = 0; j < 8; ++j) {
+        int32_t four;
+        std::memcpy(&four, xq + 4 * j, 4);
+        d = _mm512_dpbusd_epi32(d, quads[j], _mm512_set1_epi32(four));
+      }
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_set1_ps(qx.dx[i])), acc[m]);
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 z = load16(szt, (groups + g) * OT, sz_bf16, 0xFFFF);
+    for (int m = 0; m < MT; ++m)
+      acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(qx.xsum[(m0 + m) * groups + g]), acc[m]);
+  }
+  for (int m = 0; m < MT; ++m) {
+    alignas(64) float out[OT];
+    _mm512_store_ps(out, acc[m]);
+    for (int64_t r = 0; r < OT; ++r) ep.store(m0 + m, n0 + r, out[r]);
+  }
+}
+
+// int4_lanes_linear for weights in lane layout (N a multiple of 16): tiles across ATen's threads, nothing
+// unpacked to memory.
+void int4_stored_lanes_linear(const float* x, int64_t M, const uint8_t* w, const void* sz, bool sz_bf16,
+                              int64_t N, int64_t K, int64_t G, const Epilogue& ep) {
+  const QuantizedRows qx = quantize_rows(x, M, K, G);
+  const int64_t tiles = N / OT, groups = K / G, tile_bytes = OT * K / 2;
+  const int64_t sz_bytes = sz_bf16 ? 2 : 4;
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / tile_bytes);  // ~64 KiB of weights per task
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* wt = w + t * tile_bytes;
+      const void* szt = static_cast<const char*>(sz) + t * OT * 2 * groups * sz_bytes;
+      const int64_t n0 = t * OT;
+      int64_t m = 0;
+      for (; m + MT4 <= M; m += MT4) stored_lane_rows<MT4>(qx, wt, szt, sz_bf16, K, G, m, n0, ep);
+      if (M - m >= 4) stored_lane_rows<4>(qx, wt, szt, sz_bf16, K, G, m, n0, ep), m += 4;
+      if (M - m >= 2) stored_lane_rows<2>(qx, wt, szt, sz_bf16, K, G, m, n0, ep), m += 2;
+      if (M - m >= 1) stored_lane_rows<1>(qx, wt, szt, sz_bf16, K, G, m, n0, ep);
+    }
+  });
+}

@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -578,6 +579,44 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out;
 }
 
+// Lane layout (int4_lanes.h; made by glmstack/engine/quant/int4.py `int4_to_lanes`): per tile of 16 rows,
+// block b, dword j, row r, byte c at ((t * blocks + b) * 4 + j) * 64 + r * 4 + c; scales and zeros as
+// [tile][2][group][16 rows]. Back to row layout:
+std::tuple<at::Tensor, at::Tensor> int4_from_lanes(const at::Tensor& w, const at::Tensor& sz) {
+  const int64_t N = w.size(0), half = w.size(1), groups = sz.size(2);
+  TORCH_CHECK(N % OT == 0 && half % 16 == 0, "lane layout needs N % 16 == 0 and K % 32 == 0");
+  return {w.view({N / OT, half / 16, 4, OT, 4}).permute({0, 3, 1, 2, 4}).contiguous().view({N, half}),
+          sz.view({N / OT, 2, groups, OT}).permute({0, 3, 1, 2}).contiguous().view({N, 2, groups})};
+}
+
+// int4_linear for weights in lane layout; without the VNNI path (switched off) they are put back in row
+// layout for the call (slow: that path is for comparisons).
+at::Tensor int4_linear_lanes(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& norm_weight,
+                             double eps, bool silu_mul, const std::optional<at::Tensor>& residual) {
+  if (!use_vnni.load(std::memory_order_relaxed)) {
+    const auto [rows, sz_rows] = int4_from_lanes(w, scales_and_zeros);
+    return int4_linear(x, rows, sz_rows, bias, norm_weight, eps, silu_mul, residual);
+  }
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w must be uint8 [N, K/2]");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
+  const at::Tensor& sz = scales_and_zeros;
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(N % OT == 0, "lane layout needs N % 16 == 0");
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == N && sz.size(1) == 2 && sz.size(2) > 0 && sz.is_contiguous(),
+              "scales_and_zeros must be [N, 2, K/G]");
+  const int64_t G = K / sz.size(2);
+  TORCH_CHECK(G % 32 == 0 && K == G * sz.size(2), "group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, "fp32 or bf16 scales");
+  at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
+  const int64_t M = xf.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  Epilogue ep = make_epilogue(std::nullopt, bias, residual, out, M, N);
+  int4_stored_lanes_linear(xf.data_ptr<float>(), M, w.data_ptr<uint8_t>(), sz.data_ptr(),
+                           sz.scalar_type() == at::kBFloat16, N, K, G, ep);
+  return out;
+}
+
 // Turn the VNNI paths of int8_linear and int4_linear on or off (off: fp32 activations); on has no effect on a
 // CPU without AVX512-VNNI.
 // Returns the previous setting.
@@ -1093,6 +1132,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("silu_mul") = false, py::arg("residual") = py::none());
   m.def("int4_linear", &int4_linear, no_gil, "group-wise int4 weight-only linear", py::arg("x"), py::arg("w"),
         py::arg("scales_and_zeros"), py::arg("bias") = py::none(),
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("silu_mul") = false,
+        py::arg("residual") = py::none());
+  m.def("int4_linear_lanes", &int4_linear_lanes, no_gil, "int4_linear for weights in lane layout (int4_to_lanes)",
+        py::arg("x"), py::arg("w"), py::arg("scales_and_zeros"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("silu_mul") = false,
         py::arg("residual") = py::none());
   m.def("set_vnni", &set_vnni, "int8_linear and int4_linear on int8 activations + AVX512-VNNI (true, the default "
