@@ -240,7 +240,8 @@ class Int4Linear(NativeLinear, nn.Module):
         if (self.lanes or self.packed_for != "cpu-native" or self.weight.device.type != "cpu" or nk is None
                 or not nk.vnni_supported() or self.out_features % LANE_TILE):
             return
-        self.weight, self.scales_and_zeros = int4_to_lanes(self.weight, self.scales_and_zeros)
+        sz: torch.Tensor = self.scales_and_zeros
+        self.weight, self.scales_and_zeros = int4_to_lanes(self.weight, sz)
         self.lanes, self._kernel = True, "int4_linear_lanes"
 
     def row_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
