@@ -159,6 +159,7 @@ class Int4Linear(NativeLinear, nn.Module):
     """Group-wise int4 linear on PyTorch's tinygemm kernels; `weight` is in the kernel's packed layout."""
 
     _kernel, _scales = "int4_linear", "scales_and_zeros"
+    scales_and_zeros: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, group_size: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
@@ -240,8 +241,7 @@ class Int4Linear(NativeLinear, nn.Module):
         if (self.lanes or self.packed_for != "cpu-native" or self.weight.device.type != "cpu" or nk is None
                 or not nk.vnni_supported() or self.out_features % LANE_TILE):
             return
-        sz: torch.Tensor = self.scales_and_zeros
-        self.weight, self.scales_and_zeros = int4_to_lanes(self.weight, sz)
+        self.weight, self.scales_and_zeros = int4_to_lanes(self.weight, self.scales_and_zeros)
         self.lanes, self._kernel = True, "int4_linear_lanes"
 
     def row_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
