@@ -216,11 +216,7 @@ function titleOf(text) {
   return `${cut.slice(0, cut.lastIndexOf(' ') > 30 ? cut.lastIndexOf(' ') : 60)}\u2026`;
 }
 
-function showConversation(conversation) {
-  state.conversation = conversation;
-  state.messages = conversation?.messages || [];
-  ui.title.textContent = conversation?.title || 'New chat';
-  document.title = conversation?.title ? `${conversation.title} - glmstack` : 'glmstack chat';
+function applyConversationSettings(conversation) {
   const fallback = savedSettings();
   if (conversation) {
     // a conversation made elsewhere (the API) may carry no settings: the ones last used fill the gaps
@@ -229,6 +225,14 @@ function showConversation(conversation) {
   } else {
     applySettings(fallback, fallback.system_prompt);
   }
+}
+
+function showConversation(conversation) {
+  state.conversation = conversation;
+  state.messages = conversation?.messages || [];
+  ui.title.textContent = conversation?.title || 'New chat';
+  document.title = conversation?.title ? `${conversation.title} - glmstack` : 'glmstack chat';
+  applyConversationSettings(conversation);
   const hash = conversation ? `#c=${encodeURIComponent(conversation.id)}` : '';
   if (location.hash !== hash) history.replaceState(null, '', hash || location.pathname);
   renderMessages();
@@ -521,7 +525,10 @@ async function start(models) {
   if (!hashId() && !state.conversation) showConversation(null);
   await sidebar.refresh();
   const id = hashId();
-  if (id) await openConversation(id); // again if already open: its model is in the picker only now
+  // Already open (a link followed while loading): its model is in the picker only now, so its settings are
+  // applied again - but not reopened, which would abort a reply the user may have started (Regenerate).
+  if (id && state.conversation?.id === id) applyConversationSettings(state.conversation);
+  else if (id) await openConversation(id);
   else if (!state.conversation) showConversation(null);
   state.ready = true; // sending waits for this: a message sent earlier would land in a chat about to be replaced
   ui.send.disabled = false;

@@ -211,6 +211,36 @@ def test_regenerate_replaces_the_last_reply(server, open_page) -> None:
     assert messages[1]["content"] != "SEEDED REPLY" and messages[1]["meta"]["usage"]["completion_tokens"] > 0
 
 
+def test_a_reply_started_while_the_page_loads_is_kept(server, open_page) -> None:
+    """A conversation opened by a link while the page is still starting shows its Regenerate button at once;
+    the start-up's own opening of that conversation must not then abort the reply the user began (it did:
+    the reply was cut off, or never stored)."""
+    long = {"max_tokens": 120, "temperature": 0}
+    conversation_id = server.seed("While loading", [
+        {"role": "user", "content": "Count from 1 to 100, one number per line."},
+        {"role": "assistant", "content": "SEEDED REPLY"}], settings=long)
+    page = open_page(server, settings=long)
+    held: list = []
+    page.route("**/api/paas/v4/knowledge*", lambda route: held.append(route))  # start-up waits on these
+    page.goto(server.url + "/")
+    while not held:
+        page.wait_for_timeout(20)
+    page.evaluate(f"location.hash = '#c={conversation_id}'")  # the link, followed mid-start
+    page.click("article.assistant .regenerate")
+    page.wait_for_function("() => document.querySelector('article.assistant:last-of-type .content')"
+                           "?.innerText.trim().length > 0")
+    for route in held:  # start-up goes on while the reply streams
+        route.fallback()
+    deadline = time.monotonic() + 180
+    while True:
+        reply = server.conversation(conversation_id)["messages"][-1]
+        if reply["content"] != "SEEDED REPLY" or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(100)
+    assert reply["content"] != "SEEDED REPLY", "the reply was never stored"
+    assert reply["meta"]["finish_reason"] in ("stop", "length"), reply["meta"]
+
+
 def test_the_settings_reach_the_model(server, open_page) -> None:
     page = open_page(server)
     page.wait_for_selector("#model option", state="attached")
