@@ -1,8 +1,9 @@
 """Where a 16-stream step goes, against what this CPU allows (issue 14's profile).
 
-    python benchmarks/bench_step_profile.py [--quantize int4|int8] [--streams 16] [--tokens 128]
+    python benchmarks/bench_step_profile.py [--quantize int4|int8|auto] [--streams 16] [--tokens 128] [--model M]
 
-One process, the bundled model, `EngineCore` (the server's engine without HTTP), 2 threads:
+One process, the bundled model (or --model: a path or name, e.g. a real-size GGUF with --quantize auto),
+`EngineCore` (the server's engine without HTTP), 2 threads:
 
 1. the streams' run end to end (prefill included): seconds, tok/s, and the seconds spent inside each native
    kernel (timed around every call) - the linears, the head (int8), paged attention - and the rest (Python);
@@ -56,7 +57,7 @@ def timed_kernels() -> collections.Counter:
     nk = native.kernels()
     assert nk is not None, "the native kernels did not build"
     spent: collections.Counter = collections.Counter()
-    for name in ("int8_linear", "int4_linear", "paged_attention"):
+    for name in ("int8_linear", "int4_linear", "int4_linear_lanes", "paged_attention"):
         kernel = getattr(nk, name)
 
         def wrapper(*args, _kernel=kernel, _name=name, **kwargs):  # type: ignore[no-untyped-def]
@@ -72,7 +73,7 @@ def timed_kernels() -> collections.Counter:
 
 def streams(args: argparse.Namespace) -> None:
     spent = timed_kernels()  # before loading: the model's native plan keeps the functions it finds
-    model, _ = load(device="cpu", quantize=args.quantize)
+    model, _ = load(args.model, device="cpu", quantize=args.quantize)
     core = EngineCore(model)
     for i in range(args.streams):
         ids = model.chat_format.render([{"role": "user", "content": f"Write a short essay about "
@@ -145,7 +146,9 @@ def attention_per_pair() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quantize", default="int4", choices=["int4", "int8"])
+    parser.add_argument("--quantize", default="int4", choices=["int4", "int8", "auto"],
+                        help="auto: the checkpoint's own (a GGUF's types) or the default")
+    parser.add_argument("--model", default=None, help="a path or name (default: the bundled model)")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()

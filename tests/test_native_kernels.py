@@ -32,7 +32,7 @@ from glmstack.engine.quant.int4 import (
     pack_int4_native,
     quantize_int4,
 )
-from glmstack.engine.quant.int8 import Int8Linear, quantize_int8
+from glmstack.engine.quant.int8 import Int8Linear, int8_from_lanes, int8_to_lanes, quantize_int8
 from glmstack.engine.quant.linear_base import NATIVE_MAX_ROWS
 from glmstack.engine.quant.quantize_model import quantize_model
 from glmstack.engine.serving.runner import ModelRunner
@@ -260,7 +260,7 @@ def test_int4_linear_holds_lanes_on_vnni_and_saves_rows(nk) -> None:
     assert m.lanes and m._kernel == "int4_linear_lanes"
     rows = m.row_layout()
     assert torch.equal(rows[0], packed) and torch.equal(rows[1], sz)
-    again = Int4Linear.from_native_packed(packed, sz, 32)
+    again = Int4Linear.from_native_packed(packed.clone(), sz.clone(), 32)  # takes them over
     assert again.lanes and torch.equal(again.weight, m.weight)
     on_meta = weights.map_rows(lambda t: t.to("meta"))  # how quantize_model counts a model's memory
     assert not Int4Linear.from_weights(on_meta, device="meta", for_device="cpu").lanes
@@ -274,6 +274,64 @@ def test_int4_linear_holds_lanes_on_vnni_and_saves_rows(nk) -> None:
         assert rel_err(m(x), F.linear(x, weights.dequantize(), m.bias)) < 1e-2
     finally:
         native.set_enabled(previous)
+
+
+@pytest.mark.parametrize("k", [64, 576, 2048])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int8_lane_layout_computes_w_dot_quantized_x_row_by_row(nk, k, scale_dtype) -> None:
+    """int8 weights in lane layout (what Int8Linear holds on a VNNI CPU): w . x^ (x as int8 blocks) to fp32
+    rounding, with the fused norm / silu / residual; each row's result the same bits whatever else the call
+    holds; and with the VNNI path off, exactly int8_linear's fp32 path."""
+    if not nk.vnni_supported():
+        pytest.skip("the CPU has no AVX512-VNNI")
+    g = torch.Generator().manual_seed(k)
+    n, m = 48, 13
+    weight, scale = quantize_int8(torch.randn(n, k, generator=g), scale_dtype)
+    lanes = int8_to_lanes(weight)
+    assert lanes.dtype == torch.int8 and not torch.equal(lanes, weight)
+    assert torch.equal(int8_from_lanes(lanes), weight)
+    w = weight.float() * scale.float()[:, None]
+    bias, residual = torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    y = nk.int8_linear_lanes(x, lanes, scale, bias)
+    assert rel_err(y, F.linear(int8_activations(x), w, bias)) < 1e-5
+    rows = torch.cat([nk.int8_linear_lanes(x[i : i + 1], lanes, scale, bias) for i in range(m)])
+    assert torch.equal(rows, y)
+    norm_w = torch.rand(k, generator=g) + 0.5
+    fused = nk.int8_linear_lanes(x, lanes, scale, bias, norm_w, 1e-5, False, residual)
+    normed = ref_input(x, norm_w, False, 1e-5)
+    assert rel_err(fused, F.linear(int8_activations(normed), w, bias) + residual) < 1e-5
+    with kernel_activations(nk, "fp32"):
+        assert torch.equal(nk.int8_linear_lanes(x, lanes, scale, bias), nk.int8_linear(x, weight, scale, bias))
+
+
+def test_int8_linear_holds_lanes_and_a_tied_head_keeps_rows(nk, tmp_path) -> None:
+    """quantize_model puts int8 linears in lane layout (VNNI CPUs), in place a slice at a time (the same bytes
+    as converting whole), except a head whose rows the embedding shares; checkpoints get row layout back."""
+    if not nk.vnni_supported():
+        pytest.skip("the CPU has no AVX512-VNNI")
+    g = torch.Generator().manual_seed(3)
+    linear = nn.Linear(512, 96, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g))
+    module = Int8Linear.from_linear(linear)
+    rows = module.weight.clone()
+    module.use_lanes()
+    assert module.lanes and torch.equal(module.weight, int8_to_lanes(rows)) and torch.equal(module.row_weight(), rows)
+    x = torch.randn(2, 512, generator=g)
+    assert torch.equal(module(x), nk.int8_linear_lanes(x, int8_to_lanes(rows), module.weight_scale))
+    previous = native.set_enabled(False)
+    try:  # the module's own fallback reads the row layout back
+        assert rel_err(module(x), F.linear(x, rows.float() * module.weight_scale.float()[:, None])) < 1e-2
+    finally:
+        native.set_enabled(previous)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.tie_weights()
+    quantize_model(model, 8)
+    assert not model.lm_head.lanes  # its rows are the embedding's
+    assert model.model.layers[0].self_attn.o_proj.lanes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -518,7 +576,7 @@ def dequantized_copy(model: LlamaForCausalLM) -> LlamaForCausalLM:
     ref.__dict__.pop("_native_plan_cache", None)  # the copy must not run the quantized model's native plan
     for name, m in list(ref.named_modules()):
         if isinstance(m, Int8Linear):
-            w = m.weight.float() * m.weight_scale.float()[:, None]
+            w = m.row_weight().float() * m.weight_scale.float()[:, None]
         elif isinstance(m, Int4Linear):
             assert m.packed_for == "cpu-native"
             n, k, g = m.out_features, m.in_features, m.group_size

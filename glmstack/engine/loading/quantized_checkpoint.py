@@ -111,6 +111,8 @@ def _portable(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(module, Int4Linear):  # in row layout, whatever the module holds
         del tensors["weight"]
         tensors["qweight"], tensors["scales_and_zeros"] = (t.cpu() for t in module.row_layout())
+    else:
+        tensors["weight"] = module.row_weight().cpu()
     return {f"{name}.{key}": tensor for key, tensor in tensors.items()}
 
 

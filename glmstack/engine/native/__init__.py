@@ -38,7 +38,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("kernels.cpp")  # compiled; it includes the headers beside it
-_HEADERS = ("int4_lanes.h",)
+_HEADERS = ("int4_lanes.h", "int8_lanes.h")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fno-math-errno",
           # at::parallel_for is inline: without -fopenmp its `#pragma omp parallel` compiles to nothing. The
           # module then links libgomp.so.1, which resolves to the copy torch has already loaded (one pool).

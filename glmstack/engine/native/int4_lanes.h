@@ -233,8 +233,8 @@ __attribute__((target("avx512vnni"))) void stored_lane_rows(const QuantizedRows&
   __m512 s = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512i* v = reinterpret_cast<const __m512i*>(wt + b * 256);
-    _mm_prefetch(reinterpret_cast<const char*>(v) + 2048, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(v) + 2048 + 128, _MM_HINT_T0);
+    const char* ahead = reinterpret_cast<const char*>(v) + 8192;
+    for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     __m512i quads[8];
     for (int j = 0; j < 4; ++j) {
       const __m512i d = _mm512_loadu_si512(v + j);

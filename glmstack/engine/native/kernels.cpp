@@ -538,6 +538,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }
 
 #include "int4_lanes.h"
+#include "int8_lanes.h"
 
 // Same arguments as int8_linear; the group size is K / scales_and_zeros.size(-1).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros,
@@ -614,6 +615,29 @@ at::Tensor int4_linear_lanes(const at::Tensor& x, const at::Tensor& w, const at:
   Epilogue ep = make_epilogue(std::nullopt, bias, residual, out, M, N);
   int4_stored_lanes_linear(xf.data_ptr<float>(), M, w.data_ptr<uint8_t>(), sz.data_ptr(),
                            sz.scalar_type() == at::kBFloat16, N, K, G, ep);
+  return out;
+}
+
+// int8_linear for weights in lane layout (int8_lanes.h; made by glmstack/engine/quant/int8.py `int8_to_lanes`):
+// per tile of 16 rows, block b, dword j, row r, byte c at ((t * blocks + b) * 8 + j) * 64 + r * 4 + c, each byte
+// w + 128 (in an int8 tensor). Without the VNNI path (switched off) they are put back in row layout for the call.
+at::Tensor int8_linear_lanes(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& norm_weight,
+                             double eps, bool silu_mul, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "w must be int8 [N, K] lanes");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(N % OT == 0 && K % QBLOCK == 0, "lane layout needs N % 16 == 0 and K % 32 == 0");
+  if (!use_vnni.load(std::memory_order_relaxed)) {
+    const at::Tensor rows = w.view({N / OT, K / QBLOCK, 8, OT, 4}).permute({0, 3, 1, 2, 4}).contiguous()
+                                .view({N, K}).view(at::kByte).bitwise_xor(0x80).view(at::kChar);
+    return int8_linear(x, rows, scale, bias, norm_weight, eps, silu_mul, residual);
+  }
+  at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
+  const int64_t M = xf.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  Epilogue ep = make_epilogue(scale, bias, residual, out, M, N);
+  int8_stored_lanes_linear(xf.data_ptr<float>(), M, reinterpret_cast<const uint8_t*>(w.data_ptr<int8_t>()), N, K, ep);
   return out;
 }
 
@@ -1132,6 +1156,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("silu_mul") = false, py::arg("residual") = py::none());
   m.def("int4_linear", &int4_linear, no_gil, "group-wise int4 weight-only linear", py::arg("x"), py::arg("w"),
         py::arg("scales_and_zeros"), py::arg("bias") = py::none(),
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("silu_mul") = false,
+        py::arg("residual") = py::none());
+  m.def("int8_linear_lanes", &int8_linear_lanes, no_gil, "int8_linear for weights in lane layout (int8_to_lanes)",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("silu_mul") = false,
         py::arg("residual") = py::none());
   m.def("int4_linear_lanes", &int4_linear_lanes, no_gil, "int4_linear for weights in lane layout (int4_to_lanes)",

@@ -26,6 +26,7 @@ from glmstack.engine.quant.linear_base import (
     NativeLinear,
     bias_parameter,
     kernel_dtype,
+    permute_tiles_in_place,
     row_slices,
     scratch_buffer,
 )
@@ -225,7 +226,8 @@ class Int4Linear(NativeLinear, nn.Module):
     @classmethod
     def from_native_packed(cls, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> Int4Linear:
         """A CPU module from weights already in the native kernel's layout (`pack_int4_native`'s output, as a
-        quantized checkpoint stores them), without unpacking: no bias (the caller sets one)."""
+        quantized checkpoint stores them), without unpacking: no bias (the caller sets one). The module takes
+        the tensors over (`use_lanes` rearranges them in place)."""
         n, half = packed.shape
         module = cls(2 * half, n, False, group_size=group_size, dtype=scales_and_zeros.dtype, device="cpu")
         module.packed_for = "cpu-native"
@@ -241,7 +243,8 @@ class Int4Linear(NativeLinear, nn.Module):
         if (self.lanes or self.packed_for != "cpu-native" or self.weight.device.type != "cpu" or nk is None
                 or not nk.vnni_supported() or self.out_features % LANE_TILE):
             return
-        self.weight, self.scales_and_zeros = int4_to_lanes(self.weight, self.scales_and_zeros)
+        self.weight, self.scales_and_zeros = self.weight.contiguous(), self.scales_and_zeros.contiguous()
+        permute_tiles_in_place((self.weight, self.scales_and_zeros), int4_to_lanes, LANE_TILE)
         self.lanes, self._kernel = True, "int4_linear_lanes"
 
     def row_layout(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,6 +150,7 @@ def quantize_model(
         report.quantized.append(name)
     if quantize_embedding:
         _quantize_embedding(model, bits, plan, prequantized, device, where, report)
+    _int8_to_lanes(model)
     if prequantized:
         raise ValueError(f"prequantized weights for modules that are not quantized linears: "
                          f"{sorted(prequantized)}")
@@ -157,6 +158,15 @@ def quantize_model(
     report.bytes_after = model_bytes(model)
     log.info("%s", report)
     return report
+
+
+def _int8_to_lanes(model: nn.Module) -> None:
+    """Int8 linears into the VNNI kernel's lane layout (`Int8Linear.use_lanes`), all but a head tied to the
+    embedding: the embedding looks its rows up in row layout."""
+    shared = {t.data_ptr() for m in model.modules() if isinstance(m, QuantizedEmbedding) for t in m.buffers()}
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.weight.data_ptr() not in shared:
+            module.use_lanes()
 
 
 def plan_quantization(model: nn.Module, bits: int, group_size: int, device: torch.device, *,
