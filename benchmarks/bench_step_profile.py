@@ -57,7 +57,7 @@ def timed_kernels() -> collections.Counter:
     nk = native.kernels()
     assert nk is not None, "the native kernels did not build"
     spent: collections.Counter = collections.Counter()
-    for name in ("int8_linear", "int4_linear", "int4_linear_lanes", "paged_attention"):
+    for name in ("int8_linear", "int8_linear_lanes", "int4_linear", "int4_linear_lanes", "paged_attention"):
         kernel = getattr(nk, name)
 
         def wrapper(*args, _kernel=kernel, _name=name, **kwargs):  # type: ignore[no-untyped-def]
