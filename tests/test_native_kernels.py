@@ -263,6 +263,8 @@ def test_int4_linear_holds_lanes_on_vnni_and_saves_rows(nk) -> None:
     again = Int4Linear.from_native_packed(packed.clone(), sz.clone(), 32)  # takes them over
     assert again.lanes and torch.equal(again.weight, m.weight)
     on_meta = weights.map_rows(lambda t: t.to("meta"))  # how quantize_model counts a model's memory
+    with kernel_activations(nk, "fp32"):  # GLMSTACK_VNNI=0: the fp32 path reads the row layout
+        assert not Int4Linear.from_linear(linear, group_size=32).lanes
     assert not Int4Linear.from_weights(on_meta, device="meta", for_device="cpu").lanes
     x = torch.randn(3, 256, generator=g)
     expected = nk.int4_linear(x, packed, sz, m.bias)
@@ -316,6 +318,9 @@ def test_int8_linear_holds_lanes_and_a_tied_head_keeps_rows(nk, tmp_path) -> Non
         linear.weight.copy_(torch.randn(linear.weight.shape, generator=g))
     module = Int8Linear.from_linear(linear)
     rows = module.weight.clone()
+    with kernel_activations(nk, "fp32"):  # GLMSTACK_VNNI=0: the fp32 path reads the row layout
+        module.use_lanes()
+        assert not module.lanes
     module.use_lanes()
     assert module.lanes and torch.equal(module.weight, int8_to_lanes(rows)) and torch.equal(module.row_weight(), rows)
     x = torch.randn(2, 512, generator=g)

@@ -236,12 +236,12 @@ class Int4Linear(NativeLinear, nn.Module):
         return module
 
     def use_lanes(self) -> None:
-        """Native-layout weights on a CPU with AVX512-VNNI go to the lane layout, which that kernel reads
-        without unpacking: ~2x faster at one row (decode), the same bits. Kept in row layout elsewhere (no
-        VNNI, N not a multiple of 16, shapes only on the meta device)."""
+        """Native-layout weights go to the lane layout where the VNNI path is on (a CPU with AVX512-VNNI, and
+        not GLMSTACK_VNNI=0), which reads it without unpacking: ~2x faster at one row (decode), the same bits.
+        Kept in row layout elsewhere (the fp32 path, N not a multiple of 16, shapes only on the meta device)."""
         nk = native.kernels()
         if (self.lanes or self.packed_for != "cpu-native" or self.weight.device.type != "cpu" or nk is None
-                or not nk.vnni_supported() or self.out_features % LANE_TILE):
+                or nk.activation_path() != "vnni" or self.out_features % LANE_TILE):
             return
         self.weight, self.scales_and_zeros = self.weight.contiguous(), self.scales_and_zeros.contiguous()
         permute_tiles_in_place((self.weight, self.scales_and_zeros), int4_to_lanes, LANE_TILE)
