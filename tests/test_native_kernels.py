@@ -33,7 +33,7 @@ from glmstack.engine.quant.int4 import (
     quantize_int4,
 )
 from glmstack.engine.quant.int8 import Int8Linear, int8_from_lanes, int8_to_lanes, quantize_int8
-from glmstack.engine.quant.linear_base import NATIVE_MAX_ROWS
+from glmstack.engine.quant.linear_base import NATIVE_MAX_ROWS, permute_tiles_in_place
 from glmstack.engine.quant.quantize_model import quantize_model
 from glmstack.engine.serving.runner import ModelRunner
 from glmstack.engine.serving.scheduler import ScheduledChunk, Sequence, StepPlan
@@ -47,6 +47,14 @@ def nk():
     module = native.kernels()
     assert module is not None, "AVX-512 CPU but the native kernels did not build (see the log)"
     return module
+
+
+@pytest.fixture
+def vnni_nk(nk):
+    """The kernels, on a CPU with AVX512-VNNI (the lane layouts' tests are skipped elsewhere)."""
+    if not nk.vnni_supported():
+        pytest.skip("the CPU has no AVX512-VNNI")
+    return nk
 
 
 @pytest.fixture
@@ -244,12 +252,11 @@ def test_lane_layout_gives_the_row_layouts_bits(nk, activation_path, m, k, group
                        nk.int4_linear(gate_up, packed, sz, bias, silu_mul=True))
 
 
-def test_int4_linear_holds_lanes_on_vnni_and_saves_rows(nk) -> None:
+def test_int4_linear_holds_lanes_on_vnni_and_saves_rows(vnni_nk) -> None:
     """Int4Linear goes to the lane layout where the kernel reads it (a CPU with VNNI), gives the row layout
     back for checkpoints, and computes the same on every path: the native kernel with VNNI on and off,
     and with the native kernels switched off (the module's own fallback)."""
-    if not nk.vnni_supported():
-        pytest.skip("the CPU has no AVX512-VNNI")
+    nk = vnni_nk
     g = torch.Generator().manual_seed(5)
     linear = nn.Linear(256, 64, bias=True)
     with torch.no_grad():
@@ -280,12 +287,11 @@ def test_int4_linear_holds_lanes_on_vnni_and_saves_rows(nk) -> None:
 
 @pytest.mark.parametrize("k", [64, 576, 2048])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
-def test_int8_lane_layout_computes_w_dot_quantized_x_row_by_row(nk, k, scale_dtype) -> None:
+def test_int8_lane_layout_computes_w_dot_quantized_x_row_by_row(vnni_nk, k, scale_dtype) -> None:
     """int8 weights in lane layout (what Int8Linear holds on a VNNI CPU): w . x^ (x as int8 blocks) to fp32
     rounding, with the fused norm / silu / residual; each row's result the same bits whatever else the call
     holds; and with the VNNI path off, exactly int8_linear's fp32 path."""
-    if not nk.vnni_supported():
-        pytest.skip("the CPU has no AVX512-VNNI")
+    nk = vnni_nk
     g = torch.Generator().manual_seed(k)
     n, m = 48, 13
     weight, scale = quantize_int8(torch.randn(n, k, generator=g), scale_dtype)
@@ -307,11 +313,10 @@ def test_int8_lane_layout_computes_w_dot_quantized_x_row_by_row(nk, k, scale_dty
         assert torch.equal(nk.int8_linear_lanes(x, lanes, scale, bias), nk.int8_linear(x, weight, scale, bias))
 
 
-def test_int8_linear_holds_lanes_and_a_tied_head_keeps_rows(nk, tmp_path) -> None:
+def test_int8_linear_holds_lanes_and_a_tied_head_keeps_rows(vnni_nk) -> None:
     """quantize_model puts int8 linears in lane layout (VNNI CPUs), in place a slice at a time (the same bytes
     as converting whole), except a head whose rows the embedding shares; checkpoints get row layout back."""
-    if not nk.vnni_supported():
-        pytest.skip("the CPU has no AVX512-VNNI")
+    nk = vnni_nk
     g = torch.Generator().manual_seed(3)
     linear = nn.Linear(512, 96, bias=False)
     with torch.no_grad():
@@ -330,6 +335,10 @@ def test_int8_linear_holds_lanes_and_a_tied_head_keeps_rows(nk, tmp_path) -> Non
         assert rel_err(module(x), F.linear(x, rows.float() * module.weight_scale.float()[:, None])) < 1e-2
     finally:
         native.set_enabled(previous)
+    big = torch.randint(-127, 128, (4112, 4096), dtype=torch.int8, generator=g)  # two slices of rows
+    expected = int8_to_lanes(big)
+    permute_tiles_in_place((big,), lambda w: (int8_to_lanes(w),), 16)
+    assert torch.equal(big, expected)
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
                       num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)

@@ -106,21 +106,19 @@ inline void transpose16x16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// One tile's weights in lane layout: per block 8 quads, per group a scale and a zero vector.
+// One tile of the row layout rearranged into the lane layout below (what glmstack/engine/quant/int4.py
+// `int4_to_lanes` stores): per block its 4 dwords as 16-lane vectors; scales then zeros as [group][16], fp32.
 struct LaneTile {
-  std::vector<__m512i> quads;  // [blocks * 8]
-  std::vector<__m512> scales;  // [groups]
-  std::vector<__m512> zeros;   // [groups]
+  std::vector<__m512i> dwords;  // [blocks * 4]
+  std::vector<float> sz;        // [2 * groups * 16]
 };
 
 // Rows n0..n0+15 of the packed weights (rows past N repeat the last one; their outputs are not stored).
 void unpack_tile(const uint8_t* w, const void* sz, bool sz_bf16, int64_t N, int64_t K, int64_t G, int64_t n0,
                  LaneTile& tile) {
   const int64_t row_bytes = K / 2, blocks = K / QBLOCK, groups = K / G;
-  tile.quads.resize(blocks * 8);
-  tile.scales.resize(groups);
-  tile.zeros.resize(groups);
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  tile.dwords.resize(blocks * 4);
+  tile.sz.resize(2 * groups * OT);
   for (int64_t c = 0; c * 64 < row_bytes; ++c) {  // 64 bytes = 4 blocks of each row
     const int64_t bytes = std::min<int64_t>(64, row_bytes - c * 64);
     const __mmask64 mask = bytes == 64 ? ~__mmask64{0} : (uint64_t{1} << bytes) - 1;
@@ -131,14 +129,7 @@ void unpack_tile(const uint8_t* w, const void* sz, bool sz_bf16, int64_t N, int6
       r[i] = _mm512_maskz_loadu_epi8(mask, p);
     }
     transpose16x16(r);  // r[4 blk + j]: dword j of block blk, all 16 rows
-    for (int64_t blk = 0; blk < bytes / 16; ++blk) {
-      __m512i* quads = tile.quads.data() + (c * 4 + blk) * 8;
-      for (int j = 0; j < 4; ++j) {
-        const __m512i v = r[4 * blk + j];
-        quads[j] = _mm512_and_si512(v, nibble);
-        quads[4 + j] = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
-      }
-    }
+    for (int64_t k = 0; k < bytes / 4; ++k) tile.dwords[c * 16 + k] = r[k];
   }
   for (int64_t g0 = 0; g0 < groups; g0 += 16) {  // scales and zeros of 16 groups: 16 loads + a transpose each
     const int64_t count = std::min<int64_t>(16, groups - g0);
@@ -152,80 +143,27 @@ void unpack_tile(const uint8_t* w, const void* sz, bool sz_bf16, int64_t N, int6
     transpose16x16(s);
     transpose16x16(z);
     for (int64_t k = 0; k < count; ++k) {
-      tile.scales[g0 + k] = _mm512_castsi512_ps(s[k]);
-      tile.zeros[g0 + k] = _mm512_castsi512_ps(z[k]);
+      _mm512_storeu_si512(tile.sz.data() + (g0 + k) * OT, s[k]);
+      _mm512_storeu_si512(tile.sz.data() + (groups + g0 + k) * OT, z[k]);
     }
   }
 }
 
-// y[m0 .. m0 + MT) x [n0, n0 + valid) from an unpacked tile.
-template <int MT>
-__attribute__((target("avx512vnni"))) void lane_rows(const QuantizedRows& qx, const LaneTile& tile, int64_t K,
-                                                     int64_t G, int64_t m0, int64_t n0, int64_t valid,
-                                                     const Epilogue& ep) {
-  const int64_t blocks = K / QBLOCK, groups = K / G;
-  __m512 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const __m512i* quads = tile.quads.data() + b * 8;
-    const __m512 s = tile.scales[b * QBLOCK / G];
-    for (int m = 0; m < MT; ++m) {
-      const int64_t i = (m0 + m) * blocks + b;
-      const int8_t* xq = qx.q + (m0 + m) * K + b * QBLOCK;
-      __m512i d = _mm512_set1_epi32(qx.minus8[i]);
-      for (int j = 0; j < 8; ++j) {
-        int32_t four;
-        std::memcpy(&four, xq + 4 * j, 4);
-        d = _mm512_dpbusd_epi32(d, quads[j], _mm512_set1_epi32(four));
-      }
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_set1_ps(qx.dx[i])), acc[m]);
-    }
-  }
-  for (int64_t g = 0; g < groups; ++g)
-    for (int m = 0; m < MT; ++m)
-      acc[m] = _mm512_fmadd_ps(tile.zeros[g], _mm512_set1_ps(qx.xsum[(m0 + m) * groups + g]), acc[m]);
-  for (int m = 0; m < MT; ++m) {
-    alignas(64) float out[OT];
-    _mm512_store_ps(out, acc[m]);
-    for (int64_t r = 0; r < valid; ++r) ep.store(m0 + m, n0 + r, out[r]);
-  }
-}
-
-// The VNNI int4 linear: tiles of 16 weight rows across ATen's threads, each unpacked once for every row of x.
-void int4_lanes_linear(const float* x, int64_t M, const uint8_t* w, const void* sz, bool sz_bf16, int64_t N,
-                       int64_t K, int64_t G, const Epilogue& ep) {
-  const QuantizedRows qx = quantize_rows(x, M, K, G);
-  const int64_t tiles = (N + OT - 1) / OT;
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (OT * K / 2));  // ~64 KiB of weights per task
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    thread_local LaneTile tile;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * OT, valid = std::min(OT, N - n0);
-      unpack_tile(w, sz, sz_bf16, N, K, G, n0, tile);
-      int64_t m = 0;
-      for (; m + MT4 <= M; m += MT4) lane_rows<MT4>(qx, tile, K, G, m, n0, valid, ep);
-      if (M - m >= 4) lane_rows<4>(qx, tile, K, G, m, n0, valid, ep), m += 4;
-      if (M - m >= 2) lane_rows<2>(qx, tile, K, G, m, n0, valid, ep), m += 2;
-      if (M - m >= 1) lane_rows<1>(qx, tile, K, G, m, n0, valid, ep);
-    }
-  });
-}
-
-// ---- Weights stored in lane layout (Int4Linear's CPU form where the CPU has VNNI) ------------------------------
+// ---- The lane layout, and the kernel on it ------------------------------------------------------------------
 //
-// unpack_tile's transposes cost as much as the multiply-adds when a call has one activation row (decode): at
-// batch 1 the kernel ran at ~16 GiB/s per thread from cache, ~20 GiB/s for two threads from memory, about half
-// of what the memory delivers. So Int4Linear stores its weights already in the order unpack_tile produces
-// (glmstack/engine/quant/int4.py `to_lanes`, a permutation done once at load): per tile of 16 rows, per block,
-// the 4 dwords j as 16-lane vectors (dword j of row n0 + r in lane r: 256 bytes per block, contiguous), and the
-// tile's scales then zeros as [group][16 lanes]. A block is then 4 loads and 12 nibble ops away from its
-// 8 quads, read in one sequential stream per tile. The arithmetic per output is lane_rows' op for op, so the
-// two layouts give the same bits.
+// Per tile of 16 rows, per block, the 4 dwords j as 16-lane vectors (dword j of row n0 + r in lane r: 256 bytes
+// per block, contiguous), and the tile's scales then zeros as [group][16 lanes]. A block is 4 loads and 12 nibble
+// ops away from its 8 quads. Int4Linear stores its weights this way where the VNNI path is on (glmstack/engine/
+// quant/int4.py `int4_to_lanes`, a permutation done once at load), read in one sequential stream per tile: with
+// the 16 x 16 transposes paid per call instead (unpack_tile, for weights in row layout), decode ran at ~16 GiB/s
+// per thread from cache, ~20 GiB/s for two threads from memory, about half of what the memory delivers. Both
+// layouts go through lane_rows, so they give the same bits.
 
+// y[m0 .. m0 + MT) x [n0, n0 + valid) from one tile in lane layout (wt: its weights, szt: its scales and zeros).
 template <int MT>
-__attribute__((target("avx512vnni"))) void stored_lane_rows(const QuantizedRows& qx, const uint8_t* wt,
-                                                            const void* szt, bool sz_bf16, int64_t K, int64_t G,
-                                                            int64_t m0, int64_t n0, const Epilogue& ep) {
+__attribute__((target("avx512vnni"))) void lane_rows(const QuantizedRows& qx, const uint8_t* wt, const void* szt,
+                                                     bool sz_bf16, int64_t K, int64_t G, int64_t m0, int64_t n0,
+                                                     int64_t valid, const Epilogue& ep) {
   const int64_t blocks = K / QBLOCK, groups = K / G, per_group = G / QBLOCK;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[MT];
@@ -262,12 +200,39 @@ __attribute__((target("avx512vnni"))) void stored_lane_rows(const QuantizedRows&
   for (int m = 0; m < MT; ++m) {
     alignas(64) float out[OT];
     _mm512_store_ps(out, acc[m]);
-    for (int64_t r = 0; r < OT; ++r) ep.store(m0 + m, n0 + r, out[r]);
+    for (int64_t r = 0; r < valid; ++r) ep.store(m0 + m, n0 + r, out[r]);
   }
 }
 
-// int4_lanes_linear for weights in lane layout (N a multiple of 16): tiles across ATen's threads, nothing
-// unpacked to memory.
+// Every activation row of the call against one tile.
+void tile_rows(const QuantizedRows& qx, const uint8_t* wt, const void* szt, bool sz_bf16, int64_t M, int64_t K,
+               int64_t G, int64_t n0, int64_t valid, const Epilogue& ep) {
+  int64_t m = 0;
+  for (; m + MT4 <= M; m += MT4) lane_rows<MT4>(qx, wt, szt, sz_bf16, K, G, m, n0, valid, ep);
+  if (M - m >= 4) lane_rows<4>(qx, wt, szt, sz_bf16, K, G, m, n0, valid, ep), m += 4;
+  if (M - m >= 2) lane_rows<2>(qx, wt, szt, sz_bf16, K, G, m, n0, valid, ep), m += 2;
+  if (M - m >= 1) lane_rows<1>(qx, wt, szt, sz_bf16, K, G, m, n0, valid, ep);
+}
+
+// The VNNI int4 linear on weights in row layout: tiles of 16 weight rows across ATen's threads, each put in
+// lane layout once per call for every row of x.
+void int4_lanes_linear(const float* x, int64_t M, const uint8_t* w, const void* sz, bool sz_bf16, int64_t N,
+                       int64_t K, int64_t G, const Epilogue& ep) {
+  const QuantizedRows qx = quantize_rows(x, M, K, G);
+  const int64_t tiles = (N + OT - 1) / OT;
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (OT * K / 2));  // ~64 KiB of weights per task
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    thread_local LaneTile tile;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * OT;
+      unpack_tile(w, sz, sz_bf16, N, K, G, n0, tile);
+      tile_rows(qx, reinterpret_cast<const uint8_t*>(tile.dwords.data()), tile.sz.data(), false, M, K, G, n0,
+                std::min(OT, N - n0), ep);
+    }
+  });
+}
+
+// The same for weights stored in lane layout (N a multiple of 16): nothing rearranged per call.
 void int4_stored_lanes_linear(const float* x, int64_t M, const uint8_t* w, const void* sz, bool sz_bf16,
                               int64_t N, int64_t K, int64_t G, const Epilogue& ep) {
   const QuantizedRows qx = quantize_rows(x, M, K, G);
@@ -276,14 +241,8 @@ void int4_stored_lanes_linear(const float* x, int64_t M, const uint8_t* w, const
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / tile_bytes);  // ~64 KiB of weights per task
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* wt = w + t * tile_bytes;
       const void* szt = static_cast<const char*>(sz) + t * OT * 2 * groups * sz_bytes;
-      const int64_t n0 = t * OT;
-      int64_t m = 0;
-      for (; m + MT4 <= M; m += MT4) stored_lane_rows<MT4>(qx, wt, szt, sz_bf16, K, G, m, n0, ep);
-      if (M - m >= 4) stored_lane_rows<4>(qx, wt, szt, sz_bf16, K, G, m, n0, ep), m += 4;
-      if (M - m >= 2) stored_lane_rows<2>(qx, wt, szt, sz_bf16, K, G, m, n0, ep), m += 2;
-      if (M - m >= 1) stored_lane_rows<1>(qx, wt, szt, sz_bf16, K, G, m, n0, ep);
+      tile_rows(qx, w + t * tile_bytes, szt, sz_bf16, M, K, G, t * OT, OT, ep);
     }
   });
 }

@@ -540,20 +540,26 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 #include "int4_lanes.h"
 #include "int8_lanes.h"
 
-// Same arguments as int8_linear; the group size is K / scales_and_zeros.size(-1).
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros,
-                       const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& norm_weight, double eps, bool silu_mul,
-                       const std::optional<at::Tensor>& residual) {
+// The group size of int4 weights w ([N, K/2] uint8) with scales_and_zeros sz ([N, 2, K/G]), checked with x.
+int64_t int4_group_size(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w must be uint8 [N, K/2]");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
-  const at::Tensor& sz = scales_and_zeros;
   const int64_t N = w.size(0), K = w.size(1) * 2;
   TORCH_CHECK(sz.dim() == 3 && sz.size(0) == N && sz.size(1) == 2 && sz.size(2) > 0 && sz.is_contiguous(),
               "scales_and_zeros must be [N, 2, K/G]");
   const int64_t G = K / sz.size(2);
   TORCH_CHECK(G % 32 == 0 && K == G * sz.size(2), "group size must be a multiple of 32 dividing K");
   TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, "fp32 or bf16 scales");
+  return G;
+}
+
+// Same arguments as int8_linear; the group size is K / scales_and_zeros.size(-1).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& norm_weight, double eps, bool silu_mul,
+                       const std::optional<at::Tensor>& residual) {
+  const at::Tensor& sz = scales_and_zeros;
+  const int64_t G = int4_group_size(x, w, sz), N = w.size(0), K = w.size(1) * 2;
   at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
   const int64_t M = xf.size(0), groups = K / G;
   at::Tensor out = at::empty({M, N}, x.options());
@@ -599,16 +605,9 @@ at::Tensor int4_linear_lanes(const at::Tensor& x, const at::Tensor& w, const at:
     const auto [rows, sz_rows] = int4_from_lanes(w, scales_and_zeros);
     return int4_linear(x, rows, sz_rows, bias, norm_weight, eps, silu_mul, residual);
   }
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w must be uint8 [N, K/2]");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
   const at::Tensor& sz = scales_and_zeros;
-  const int64_t N = w.size(0), K = w.size(1) * 2;
+  const int64_t G = int4_group_size(x, w, sz), N = w.size(0), K = w.size(1) * 2;
   TORCH_CHECK(N % OT == 0, "lane layout needs N % 16 == 0");
-  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == N && sz.size(1) == 2 && sz.size(2) > 0 && sz.is_contiguous(),
-              "scales_and_zeros must be [N, 2, K/G]");
-  const int64_t G = K / sz.size(2);
-  TORCH_CHECK(G % 32 == 0 && K == G * sz.size(2), "group size must be a multiple of 32 dividing K");
-  TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, "fp32 or bf16 scales");
   at::Tensor xf = prepare(x, K, silu_mul, norm_weight, eps);
   const int64_t M = xf.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
