@@ -22,6 +22,7 @@ from torch import nn
 
 from glmstack.engine import native
 from glmstack.engine.quant.linear_base import (
+    LANE_TILE,
     NATIVE_DTYPES,
     NativeLinear,
     bias_parameter,
@@ -131,9 +132,6 @@ def pack_int4_native(weights: Int4Weights, dtype: torch.dtype) -> tuple[torch.Te
     packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
     sz = torch.stack([weights.scales, weights.zeros], dim=1).to(dtype=dtype, device=packed.device)
     return packed, sz.contiguous()
-
-
-LANE_TILE = 16  # output rows per tile of the lane layout (native/int4_lanes.h)
 
 
 def int4_to_lanes(packed: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from glmstack.engine import native
 from glmstack.engine.quant.linear_base import (
+    LANE_TILE,
     NATIVE_DTYPES,
     NATIVE_MAX_ROWS,
     NativeLinear,
@@ -72,7 +73,7 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
     return q, scale
 
 
-LANE_TILE, LANE_BLOCK = 16, 32  # output rows per tile, inputs per block of the lane layout (native/int8_lanes.h)
+LANE_BLOCK = 32  # inputs per block of the int8 lane layout (native/int8_lanes.h)
 
 
 def int8_to_lanes(weight: torch.Tensor) -> torch.Tensor:

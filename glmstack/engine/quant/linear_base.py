@@ -29,6 +29,9 @@ def row_slices(rows: int, row_length: int, multiple: int = 1) -> Iterator[slice]
         yield slice(start, min(rows, start + step))
 
 
+LANE_TILE = 16  # output rows per tile of the kernels' lane layouts (native/int4_lanes.h, native/int8_lanes.h)
+
+
 def permute_tiles_in_place(tensors: tuple[torch.Tensor, ...],
                            convert: Callable[..., tuple[torch.Tensor, ...]], tile_rows: int) -> None:
     """`tensors` (row-indexed alike) <- `convert(*tensors)`, a slice of rows at a time, for a `convert` that
